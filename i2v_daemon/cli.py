@@ -1,0 +1,262 @@
+"""`i2v-daemon`: argument parsing and printing. Exit 0 done, 1 failed/not found, 2 usage, 78 config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from i2v_daemon import __version__
+from i2v_daemon.errors import ConfigError, InputError
+from i2v_daemon.jobs import Job, JobStatus
+
+EX_OK, EX_FAILED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML config file (else $I2V_CONFIG, /etc/i2v-daemon/config.toml)")
+    common.add_argument("--data-dir", metavar="DIR", help="data folder (inbox/, output/, failed/, jobs.db)")
+    common.add_argument("--database-url", metavar="URL", help="SQLAlchemy URL of the job database")
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-format", choices=["auto", "console", "json"])
+
+    p = argparse.ArgumentParser(prog="i2v-daemon", description="Turn images and prompts dropped in a folder into videos.")
+    p.add_argument("--version", action="version", version=f"i2v-daemon {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="the daemon")
+    run.add_argument("--once", action="store_true", help="take what is in the inbox now, process every queued job, exit")
+    run.add_argument("--model", help="Hugging Face repo id or local diffusers folder")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"])
+
+    st = sub.add_parser("status", parents=[common], help="counts by status and the newest jobs")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--limit", type=int, default=20, metavar="N")
+
+    show = sub.add_parser("show", parents=[common], help="one job in full, with its attempts")
+    show.add_argument("job_id", type=int, metavar="JOB_ID")
+    show.add_argument("--json", action="store_true")
+
+    retry = sub.add_parser("retry", parents=[common], help="requeue a failed or canceled job")
+    retry.add_argument("job_id", type=int, metavar="JOB_ID")
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    cancel.add_argument("job_id", type=int, metavar="JOB_ID")
+
+    val = sub.add_parser("validate", parents=[common], help="check sidecars and images without queueing them")
+    val.add_argument("paths", nargs="+", metavar="PATH")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"i2v-daemon: {err}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from i2v_daemon.settings import load_settings
+
+    flags = {
+        "data_dir": args.data_dir, "database_url": args.database_url, "log_level": args.log_level,
+        "log_format": args.log_format, "model": getattr(args, "model", None),
+        "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None),
+    }
+    return load_settings(args.config, **flags)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from i2v_daemon import logs
+
+    settings = _settings(args)
+    logs.configure(settings.log_level, settings.log_format)
+    if args.command == "run":
+        from i2v_daemon.daemon import Daemon
+
+        daemon = Daemon(settings)
+        daemon.install_signal_handlers()
+        return daemon.run_once() if args.once else daemon.run_forever()
+    if args.command == "validate":
+        return _validate(settings, args.paths)
+    from i2v_daemon.daemon import open_store
+
+    store = open_store(settings)
+    if args.command == "status":
+        return _status(store, args.limit, args.json)
+    job = store.get(args.job_id)
+    if job is None:
+        print(f"i2v-daemon: no job {args.job_id}", file=sys.stderr)
+        return EX_FAILED
+    if args.command == "show":
+        print(json.dumps(job_detail(job), indent=2, ensure_ascii=False) if args.json else _show_text(job))
+        return EX_OK
+    if args.command == "retry":
+        return _retry(store, job)
+    return _cancel(settings, store, job)
+
+
+# ---- status ---------------------------------------------------------------------------------
+
+
+def _iso(dt: Any) -> str | None:
+    return dt.isoformat().replace("+00:00", "Z") if dt else None
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """One entry of `status --json` (INTERFACE.md §4)."""
+    return {
+        "id": job.id,
+        "name": job.name,
+        "status": job.status.value,
+        "progress": round(job.progress, 4),
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "width": job.width,
+        "height": job.height,
+        "num_frames": job.num_frames,
+        "output": job.output,
+        "error": (job.error or {}).get("message") if job.status is not JobStatus.SUCCEEDED else None,
+        "priority": job.priority,
+        "folder": job.final_dir,
+        "host": job.host,
+        "device": job.device,
+    }
+
+
+def job_detail(job: Job) -> dict[str, Any]:
+    return {
+        **job_summary(job),
+        "inputs": list(job.inputs),
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "requested": job.params.as_dict() if job.params else None,
+        "effective": job.effective,
+        "attempts_detail": list(job.tries),
+        "max_attempts": job.max_attempts,
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "worker_id": job.worker_id,
+        "lease_until": _iso(job.lease_until),
+        "cancel_requested": job.cancel_requested,
+        "model": job.model,
+        "error_detail": job.error,
+    }
+
+
+def _status(store: Any, limit: int, as_json: bool) -> int:
+    counts = store.counts()
+    jobs = store.list_jobs(max(0, limit))
+    if as_json:
+        print(json.dumps({"counts": counts, "jobs": [job_summary(j) for j in jobs]}, ensure_ascii=False))
+        return EX_OK
+    print("  ".join(f"{k} {v}" for k, v in counts.items()))
+    if jobs:
+        print(f"{'ID':>6}  {'STATUS':9}  {'PROGRESS':>8}  {'TRIES':>5}  {'SIZE':>13}  {'CREATED':20}  NAME / RESULT")
+    for j in jobs:
+        size = f"{j.width}x{j.height}x{j.num_frames}" if j.width else "-"
+        result = j.output or ((j.error or {}).get("message") if j.status is not JobStatus.SUCCEEDED else "") or ""
+        created = _iso(j.created_at)[:19].replace("T", " ") if j.created_at else ""
+        print(
+            f"{j.id:>6}  {j.status.value:9}  {j.progress * 100:7.0f}%  {j.attempts:>5}  {size:>13}  {created:20}  "
+            f"{j.name}{'  ' + result if result else ''}"
+        )
+    return EX_OK
+
+
+def _show_text(job: Job) -> str:
+    d = job_detail(job)
+    lines = [f"job {job.id}: {job.name} ({job.status.value})"]
+    for key in ("inputs", "prompt", "negative_prompt", "requested", "effective", "output", "folder", "created_at",
+                "started_at", "finished_at", "attempts", "max_attempts", "host", "device", "model"):
+        value = d.get(key)
+        if value not in (None, "", [], {}):
+            lines.append(f"  {key}: {json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}")
+    if job.status is JobStatus.RUNNING:
+        lines.append(f"  progress: step {job.step} of {job.total_steps}")
+    if job.error:
+        lines.append(f"  error: [{job.error.get('type')}] {job.error.get('message')}")
+    for t in job.tries:
+        lines.append(
+            f"  try {t.get('try')}: {t.get('width')}x{t.get('height')} savers={t.get('savers')} "
+            f"{t.get('outcome')} in {t.get('seconds')} s"
+            + (f" peak {t['peak_vram_bytes'] / 2**30:.2f} GiB" if t.get("peak_vram_bytes") else "")
+            + (f" — {t['error']}" if t.get("error") else "")
+        )
+    return "\n".join(lines)
+
+
+# ---- commands that change a job -------------------------------------------------------------
+
+
+def _retry(store: Any, job: Job) -> int:
+    if job.rejection:
+        print(
+            f"i2v-daemon: job {job.id} was rejected for its input ({job.rejection['message']}); "
+            "fix the files and drop them in the inbox again", file=sys.stderr,
+        )
+        return EX_FAILED
+    if not store.retry(job.id):
+        print(f"i2v-daemon: job {job.id} is {job.status.value}; only failed or canceled jobs can be retried",
+              file=sys.stderr)
+        return EX_FAILED
+    print(f"job {job.id} queued again; its files come back from {job.final_dir} when a worker takes it")
+    return EX_OK
+
+
+def _cancel(settings: Any, store: Any, job: Job) -> int:
+    if job.status.is_terminal:
+        print(f"i2v-daemon: job {job.id} is already {job.status.value}; nothing to cancel", file=sys.stderr)
+        return EX_FAILED
+    store.request_cancel(job.id)
+    if job.status is JobStatus.QUEUED:
+        from i2v_daemon.worker import Worker, make_worker_id
+
+        dest = Worker(settings, store, worker_id=make_worker_id("cli")).cancel_queued(job.id)
+        if dest is not None:
+            print(f"job {job.id} canceled; its files are in {dest}")
+            return EX_OK
+    print(f"job {job.id} is running; cancel requested, it stops at its next step")
+    return EX_OK
+
+
+def _validate(settings: Any, paths: list[str]) -> int:
+    from i2v_daemon.images import IMAGE_SUFFIXES, inspect_image
+    from i2v_daemon.sidecar import SIDECAR_SUFFIXES, parse_sidecar
+
+    bad = 0
+    presets = settings.all_presets()
+    for raw in paths:
+        path = Path(raw)
+        suffix = path.suffix.lower()
+        try:
+            if suffix in SIDECAR_SUFFIXES:
+                side = parse_sidecar(path, max_bytes=settings.max_sidecar_bytes)
+                preset = side.values.get("preset")
+                if preset is not None and preset not in presets:
+                    raise InputError(f"{path.name}: unknown preset {preset!r}; use one of {', '.join(sorted(presets))}")
+                notes = side.notes
+            elif suffix in IMAGE_SUFFIXES:
+                info = inspect_image(path, max_pixels=settings.max_image_pixels)
+                notes = (f"{info.format} {info.width}x{info.height}", *info.notes)
+            else:
+                raise InputError(f"{path.name}: not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
+        except InputError as err:
+            bad += 1
+            print(f"invalid {raw}: {err}")
+            continue
+        print(f"ok {raw}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return EX_FAILED if bad else EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

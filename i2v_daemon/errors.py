@@ -1,0 +1,48 @@
+"""Errors that carry a message a person can act on."""
+
+from __future__ import annotations
+
+
+class I2VError(Exception):
+    """Base class: `str(err)` is a complete, actionable sentence."""
+
+    kind = "error"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"type": self.kind, "message": str(self)}
+
+
+class InputError(I2VError):
+    """Something the user dropped is invalid; retrying will not help until they fix it."""
+
+    kind = "invalid_input"
+
+
+class ConfigError(I2VError):
+    """The configuration is invalid; the message names the key."""
+
+    kind = "config"
+
+
+class GenerationError(I2VError):
+    """The model could not produce a video for this request (permanent)."""
+
+    kind = "generation"
+
+
+class OutOfMemory(GenerationError):
+    """Even the lowest rung of the resolution ladder did not fit in GPU memory."""
+
+    kind = "out_of_memory"
+
+
+class TransientError(I2VError):
+    """A failure that may pass (database locked, disk full, encoder killed): retry with backoff."""
+
+    kind = "transient"
+
+
+class JobCanceled(I2VError):
+    """The job was canceled (by `i2v-daemon cancel` or a shutdown) at a step boundary."""
+
+    kind = "canceled"

@@ -1,0 +1,138 @@
+"""Moving files without ever losing one: staging into work/, atomic writes, publishing to output/.
+
+A job's files live in `<work_dir>/<job id>/` (input/, job.log, the video) until the job ends;
+then that folder is renamed, whole, to `<output_dir>/S` or `<failed_dir>/S`. The destination
+is recorded in the database (a unique column, so two daemons never pick the same S-2) before
+the rename, so a crash at any point is finished by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp name, fsync, rename, fsync the folder: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+
+
+def move_file(src: Path, dst: Path) -> None:
+    """Move one file; `os.replace` on one filesystem, copy + fsync + rename + unlink across two."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dst)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.part")
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+        os.unlink(src)
+    fsync_dir(dst.parent)
+    with contextlib.suppress(FileNotFoundError):
+        fsync_dir(src.parent)
+
+
+def stage_inputs(names: tuple[str, ...], inbox: Path, job_dir: Path, previous_dir: Path | None = None) -> list[str]:
+    """Bring a job's inputs into `job_dir/input/`; idempotent. Returns the names still missing.
+
+    Looks in the inbox (a fresh job, or one whose intake was interrupted) and in `previous_dir`
+    (a retried job whose files are still in failed/).
+    """
+    if previous_dir is not None and previous_dir.is_dir() and not job_dir.exists():
+        # A retry: the whole failed/S folder comes back to work/ (one rename), old log included.
+        job_dir.parent.mkdir(parents=True, exist_ok=True)
+        move_tree(previous_dir, job_dir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(job_dir / "job.json")
+    missing = []
+    for name in names:
+        dst = job_dir / "input" / name
+        if dst.exists():
+            continue
+        for src in (inbox / name, *([previous_dir / "input" / name] if previous_dir else [])):
+            try:
+                move_file(src, dst)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            missing.append(name)
+    return missing
+
+
+def free_name(root: Path, name: str, taken: set[str] | frozenset[str] = frozenset()) -> Path:
+    """`root/name`, or `name-2`, `name-3`, … : the first that is neither on disk nor in `taken`.
+
+    The database's unique index on the chosen folder arbitrates between daemons; the folder
+    itself appears only when the finished job folder is renamed onto it.
+    """
+    n = 1
+    while True:
+        candidate = root / (name if n == 1 else f"{name}-{n}")
+        if not candidate.exists() and str(candidate) not in taken:
+            return candidate
+        n += 1
+
+
+def move_tree(src: Path, dst: Path) -> None:
+    """Move a folder onto `dst` (absent or an empty reserved folder); survives a crash midway."""
+    try:
+        os.replace(src, dst)  # rename(2) replaces an empty directory atomically
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        # Another filesystem (or a half-done earlier copy): copy file by file, then drop the source.
+        for path in sorted(src.rglob("*")):
+            target = dst / path.relative_to(src)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.part")
+                shutil.copy2(path, tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, target)
+        for d in sorted({p.parent for p in dst.rglob("*")} | {dst}):
+            fsync_dir(d)
+        shutil.rmtree(src)
+    fsync_dir(dst.parent)
+    fsync_dir(src.parent)
+
+
+def publish(job_dir: Path, destination: Path) -> None:
+    """Move the finished job folder into its reserved place; safe to call again after a crash."""
+    if job_dir.exists():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        move_tree(job_dir, destination)

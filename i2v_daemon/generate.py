@@ -1,0 +1,171 @@
+"""One job through a model: size and seed decided once, the OOM ladder, every try recorded.
+
+This module and `models/` are the only ones that import torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from i2v_daemon.errors import OutOfMemory
+from i2v_daemon.jobs import Params
+from i2v_daemon.models.base import SAVERS, GenerationRequest, StepCallback, VideoModel
+
+#: Cheapest first: slicing/tiling only touch the VAE decode, chunking costs a little speed,
+#: offload costs a lot of speed. (Issue 4's benchmark refines this order on real cards.)
+SAVER_STEPS: tuple[tuple[str, ...], ...] = (
+    ("vae_slicing", "vae_tiling"),
+    ("vae_slicing", "vae_tiling", "forward_chunking"),
+    ("vae_slicing", "vae_tiling", "forward_chunking", "cpu_offload"),
+)
+
+
+@dataclass
+class Outcome:
+    frames: np.ndarray
+    effective: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Rung:
+    width: int
+    height: int
+    savers: tuple[str, ...]
+
+
+def plan_rungs(model: VideoModel, plan_w: int, plan_h: int, ladder: list[int]) -> list[Rung]:
+    """The tries in order: the planned size with ever more savers, then smaller sizes with all of them."""
+    supported = set(model.info.savers)
+    if not model.device.startswith("cuda"):
+        supported.discard("cpu_offload")
+    steps = [()]
+    for s in SAVER_STEPS:
+        kept = tuple(x for x in s if x in supported)
+        if kept and kept != steps[-1]:
+            steps.append(kept)
+    rungs = [Rung(plan_w, plan_h, s) for s in steps]
+    short = min(plan_w, plan_h)
+    for r in ladder:
+        if r < short:
+            smaller = model.plan_size((plan_w, plan_h), r, None, None)
+            if min(smaller.width, smaller.height) < short:
+                rungs.append(Rung(smaller.width, smaller.height, steps[-1]))
+    return rungs
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(err, oom | torch.cuda.OutOfMemoryError)
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _peak_reset(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def _peak(device: str) -> int | None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    return None
+
+
+def _card(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{props.name} with {props.total_memory / 2**30:.1f} GiB"
+    return device
+
+
+def generate(
+    model: VideoModel,
+    image: Image.Image,
+    prompt: str,
+    negative_prompt: str,
+    params: Params,
+    *,
+    ladder: list[int],
+    on_step: StepCallback,
+    on_try: Callable[[dict[str, Any]], None],
+    seed: int | None = None,
+) -> Outcome:
+    """Run the job, stepping down the ladder on out-of-memory; raises OutOfMemory past the last rung."""
+    notes: list[str] = []
+    plan = model.plan_size(image.size, params.resolution, params.width, params.height)
+    notes.extend(plan.notes)
+    seed = params.seed if params.seed is not None else (seed if seed is not None else secrets.randbelow(2**32))
+    limit = model.info.max_prompt_tokens
+    if model.info.takes_prompt and limit:
+        for label, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            n = model.prompt_tokens(text)
+            if n > limit:
+                notes.append(
+                    f"{label} is {n} tokens; {model.info.family} reads only the first {limit}, the rest is ignored"
+                )
+    rungs = plan_rungs(model, plan.width, plan.height, ladder)
+    last_err: BaseException | None = None
+    for n, rung in enumerate(rungs, 1):
+        req = GenerationRequest(
+            image=image, prompt=prompt, negative_prompt=negative_prompt, width=rung.width, height=rung.height,
+            num_frames=params.num_frames, steps=params.steps, guidance_scale=params.guidance_scale,
+            fps=params.fps, seed=seed, savers=rung.savers,
+        )
+        entry: dict[str, Any] = {
+            "try": n, "width": rung.width, "height": rung.height, "num_frames": params.num_frames,
+            "savers": list(rung.savers),
+        }
+        _peak_reset(model.device)
+        t0 = time.monotonic()
+        try:
+            frames = model.generate(req, on_step)
+        except BaseException as err:
+            entry.update(seconds=round(time.monotonic() - t0, 3), peak_vram_bytes=_peak(model.device))
+            if _is_oom(err):
+                entry.update(outcome="out_of_memory", error=str(err).splitlines()[0][:300])
+                on_try(entry)
+                last_err = err
+                del err  # the traceback holds the frames that hold the tensors
+                free_memory(model.device)
+                continue
+            entry.update(outcome=getattr(err, "kind", "error"), error=f"{type(err).__name__}: {err}"[:500])
+            on_try(entry)
+            raise
+        entry.update(
+            outcome="succeeded", error=None, seconds=round(time.monotonic() - t0, 3),
+            peak_vram_bytes=_peak(model.device),
+        )
+        on_try(entry)
+        if n > 1:
+            notes.append(
+                f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}; "
+                f"made it at {rung.width}x{rung.height} with savers {list(rung.savers) or 'none'}"
+            )
+        effective = {
+            "width": rung.width, "height": rung.height, "num_frames": params.num_frames, "steps": params.steps,
+            "guidance_scale": params.guidance_scale, "fps": params.fps, "seed": seed, "savers": list(rung.savers),
+        }
+        return Outcome(frames=frames, effective=effective, notes=notes)
+    smallest = rungs[-1]
+    raise OutOfMemory(
+        f"out of GPU memory even at {smallest.width}x{smallest.height}, {params.num_frames} frames, with "
+        f"savers {list(smallest.savers) or 'none'} on {_card(model.device)}; ask for fewer frames or a lower "
+        f"resolution, or free the GPU of other programs ({str(last_err).splitlines()[0][:160]})"
+    )
+
+
+__all__ = ["SAVERS", "Outcome", "Rung", "free_memory", "generate", "plan_rungs"]

@@ -1,0 +1,232 @@
+"""Settings: command-line flags > `I2V_*` environment > TOML file > defaults, validated once.
+
+Every mistake becomes a `ConfigError` whose message is one line naming the key; the CLI prints
+it and exits 78 (EX_CONFIG), which systemd treats as "do not restart in a loop".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from i2v_daemon.errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/i2v-daemon/config.toml")
+
+
+class Preset(BaseModel):
+    """The defaults a sidecar's `preset` brings; every key may be overridden per job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resolution: int = Field(ge=64, le=2048)
+    num_frames: int = Field(ge=1, le=512)
+    steps: int = Field(ge=1, le=1000)
+    guidance_scale: float = Field(ge=0, le=50, allow_inf_nan=False)
+    fps: int = Field(ge=1, le=120)
+
+
+class PresetOverride(BaseModel):
+    """A `[presets.NAME]` table: any subset of a preset's keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resolution: int | None = None
+    num_frames: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    fps: int | None = None
+
+
+#: From the reference measurements this project started from (INTERFACE.md).
+BUILTIN_PRESETS: dict[str, Preset] = {
+    "fast": Preset(resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8),
+    "standard": Preset(resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8),
+    "high": Preset(resolution=768, num_frames=24, steps=80, guidance_scale=10.0, fps=8),
+}
+
+_toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The already-parsed TOML file, ranked below the environment."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        data = _toml_data.get() or {}
+        return data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_data.get() or {})
+
+
+def default_data_dir() -> Path:
+    """`$STATE_DIRECTORY` under systemd, else `$XDG_DATA_HOME/i2v-daemon`."""
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "i2v-daemon"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="I2V_", extra="forbid", validate_default=True)
+
+    # folders (INTERFACE.md §1)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    inbox_dir: Path | None = None
+    output_dir: Path | None = None
+    failed_dir: Path | None = None
+    work_dir: Path | None = None  # jobs in flight: <work_dir>/<job id>/ (inputs, log, partial video)
+    database_url: str | None = None
+
+    # the model
+    model: str = "ali-vilab/i2vgen-xl"
+    device: str = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    default_preset: str = "standard"
+    presets: dict[str, PresetOverride] = Field(default_factory=dict)
+    resolution_ladder: list[int] = Field(default_factory=lambda: [1024, 768, 640, 512, 384, 256])
+
+    # intake
+    stable_seconds: float = Field(default=2.0, ge=0, le=3600)
+    sidecar_wait_seconds: float = Field(default=10.0, ge=0, le=86400)
+    rescan_seconds: float = Field(default=30.0, ge=1, le=86400)
+    observer: Literal["auto", "native", "polling"] = "auto"
+    poll_seconds: float = Field(default=2.0, ge=0.1, le=3600)
+    max_image_pixels: int = Field(default=40_000_000, ge=1024)
+    max_sidecar_bytes: int = Field(default=65536, ge=64, le=16 * 2**20)
+
+    # the queue
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    lease_seconds: float = Field(default=60.0, ge=5, le=86400)
+    retry_backoff_seconds: float = Field(default=30.0, ge=0, le=86400)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=86400)
+
+    # logging
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = "auto"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlSource(settings_cls)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("resolution_ladder")
+    @classmethod
+    def _ladder(cls, v: list[int]) -> list[int]:
+        if not v or any(r < 64 for r in v):
+            raise ValueError("must be a non-empty list of short sides of at least 64 pixels")
+        return sorted(set(v), reverse=True)
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        self.inbox_dir = (self.inbox_dir or self.data_dir / "inbox").expanduser()
+        self.output_dir = (self.output_dir or self.data_dir / "output").expanduser()
+        self.failed_dir = (self.failed_dir or self.data_dir / "failed").expanduser()
+        self.work_dir = (self.work_dir or self.data_dir / "work").expanduser()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'jobs.db'}"
+        for name, override in self.presets.items():
+            merged = {**(BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {})}
+            merged.update(override.model_dump(exclude_none=True))
+            try:
+                Preset(**merged)
+            except ValidationError as err:
+                raise ValueError(_first_error(err, prefix=f"presets.{name}")) from None
+        if self.default_preset not in self.all_presets():
+            raise ValueError(
+                f"default_preset: {self.default_preset!r} is not a preset "
+                f"(known: {', '.join(sorted(self.all_presets()))})"
+            )
+        return self
+
+    def all_presets(self) -> dict[str, Preset]:
+        """Built-in presets with the TOML's `[presets.*]` tables merged over them."""
+        out = dict(BUILTIN_PRESETS)
+        for name, override in self.presets.items():
+            base = BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {}
+            out[name] = Preset(**{**base, **override.model_dump(exclude_none=True)})
+        return out
+
+    def folders(self) -> dict[str, Path]:
+        return {
+            "inbox_dir": self.inbox_dir,
+            "output_dir": self.output_dir,
+            "failed_dir": self.failed_dir,
+            "work_dir": self.work_dir,
+        }  # type: ignore[dict-item]
+
+
+def config_path(flag: str | None) -> Path | None:
+    """`--config FILE`, else `$I2V_CONFIG`, else /etc/i2v-daemon/config.toml if it exists."""
+    if flag:
+        return Path(flag)
+    env = os.environ.get("I2V_CONFIG")
+    if env:
+        return Path(env)
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config: the file {path} does not exist (--config / I2V_CONFIG)") from None
+    except PermissionError:
+        raise ConfigError(f"config: the file {path} cannot be read (permission denied)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config: {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not UTF-8 text") from None
+
+
+def load_settings(config: str | None = None, **overrides: Any) -> Settings:
+    """Build the settings once; raises ConfigError with one line naming the offending key."""
+    path = config_path(config)
+    data = read_toml(path) if path else {}
+    token = _toml_data.set(data)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"config: {_first_error(err)}{where}") from None
+    finally:
+        _toml_data.reset(token)
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"]) or prefix
+    if prefix and not key.startswith(prefix):
+        key = f"{prefix}.{key}" if key else prefix
+    if e["type"] == "extra_forbidden":
+        return f"{key}: unknown setting (check the spelling; config/config.toml lists every key)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if not e["loc"] and not prefix:
+        return msg  # a model-level check already names its key
+    env = f" / I2V_{key.upper()}" if key and "." not in key else ""
+    got = e.get("input")
+    shown = f", got {got!r}" if got is not None and not isinstance(got, dict | list) else ""
+    return f"{key or 'settings'}{env}: {msg}{shown}"

@@ -1,0 +1,424 @@
+"""The job table and every transaction on it, named for what it means.
+
+SQLAlchemy sessions never leave this module; callers get frozen `Job` values. Every status
+change goes through `_transition`, which refuses what `jobs.TRANSITIONS` does not allow and
+guards the UPDATE with the expected current status (and, for a worker, its lease), so a lost
+race shows up as a row count of 0 rather than a double write.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError
+
+from i2v_daemon.jobs import TRANSITIONS, Job, JobRequest, JobStatus, Params
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(255), nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("intake_key", String(128), nullable=False, unique=True),
+    Column("inputs", JSON(none_as_null=True), nullable=False),
+    Column("prompt", Text, nullable=False, default=""),
+    Column("negative_prompt", Text, nullable=False, default=""),
+    Column("params", JSON(none_as_null=True)),
+    Column("rejection", JSON(none_as_null=True)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+    Column("not_before", DateTime),  # backoff after a transient error
+    Column("worker_id", String(255)),
+    Column("lease_until", DateTime),
+    Column("progress", Float, nullable=False, default=0.0),
+    Column("step", Integer, nullable=False, default=0),
+    Column("total_steps", Integer, nullable=False, default=0),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("effective", JSON(none_as_null=True)),
+    Column("tries", JSON(none_as_null=True)),
+    Column("error", JSON(none_as_null=True)),
+    Column("final_dir", String(1024), unique=True),  # output/S or failed/S once chosen (set before the move)
+    Column("previous_dir", Text),  # where a retried job's files were (moved back to work/)
+    Column("output", Text),
+    Column("model", Text),
+    Column("device", String(64)),
+    Column("host", String(255)),
+)
+
+
+class LeaseLost(Exception):
+    """This worker no longer owns the job (lease expired and another took it, or it was canceled)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _db_time(dt: datetime | None) -> datetime | None:
+    """Stored as naive UTC: SQLite has no time zones, and one convention keeps comparisons right."""
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the settings the queue's guarantees rest on (WAL, FULL sync, immediate writes)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, future=True)
+    if parsed.database and parsed.database != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (below): pysqlite's implicit BEGIN is DEFERRED, and a deferred
+        # transaction that later writes can fail with "database is locked" despite busy_timeout.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+class Store:
+    def __init__(self, url: str, *, max_attempts: int = 3) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.max_attempts = max_attempts
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _read(self) -> Any:
+        return self.engine.connect().execution_options(readonly=True)
+
+    # ---- intake ---------------------------------------------------------------------------
+
+    def enqueue(self, req: JobRequest, *, now: datetime | None = None) -> tuple[Job, bool]:
+        """Insert a queued job; if this file instance was seen before, return that job instead."""
+        now = now or utcnow()
+        row = {
+            "name": req.name,
+            "status": JobStatus.QUEUED.value,
+            "priority": req.priority,
+            "intake_key": req.intake_key,
+            "inputs": list(req.inputs),
+            "prompt": req.prompt,
+            "negative_prompt": req.negative_prompt,
+            "params": req.params.as_dict() if req.params else None,
+            "rejection": req.rejection,
+            "attempts": 0,
+            "max_attempts": self.max_attempts,
+            "created_at": _db_time(now),
+            "progress": 0.0,
+            "step": 0,
+            "total_steps": 0,
+            "cancel_requested": False,
+            "tries": [],
+        }
+        try:
+            with self.engine.begin() as conn:
+                job_id = conn.execute(jobs.insert().values(**row)).inserted_primary_key[0]
+            return self.get(job_id), True
+        except IntegrityError:
+            existing = self.find_by_key(req.intake_key)
+            if existing is None:  # not the unique key: a real error
+                raise
+            return existing, False
+
+    def find_by_key(self, intake_key: str) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.intake_key == intake_key)).mappings().first()
+        return _job(row) if row else None
+
+    # ---- the worker's side ----------------------------------------------------------------
+
+    def claim_next(
+        self, worker_id: str, *, lease_seconds: float, now: datetime | None = None, host: str | None = None,
+        device: str | None = None, job_id: int | None = None,
+    ) -> Job | None:
+        """Take the next runnable job (rejections and cancels first, then priority, then FIFO)."""
+        now = now or utcnow()
+        pick = (
+            select(jobs.c.id)
+            .where(jobs.c.status == JobStatus.QUEUED.value)
+            .where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= _db_time(now)))
+            .order_by(
+                (jobs.c.rejection.is_not(None) | jobs.c.cancel_requested).desc(),
+                jobs.c.priority.desc(),
+                jobs.c.id,
+            )
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        if job_id is not None:
+            pick = pick.where(jobs.c.id == job_id)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == pick.scalar_subquery())
+                .where(jobs.c.status == JobStatus.QUEUED.value)
+                .values(
+                    status=JobStatus.RUNNING.value,
+                    worker_id=worker_id,
+                    lease_until=_db_time(now + timedelta(seconds=lease_seconds)),
+                    attempts=jobs.c.attempts + 1,
+                    started_at=_db_time(now),
+                    progress=0.0,
+                    step=0,
+                    host=host,
+                    device=device,
+                )
+                .returning(*jobs.c)
+            ).mappings().first()
+        return _job(row) if row else None
+
+    def heartbeat(
+        self, job_id: int, worker_id: str, *, lease_seconds: float, now: datetime | None = None,
+        step: int | None = None, total_steps: int | None = None,
+    ) -> bool:
+        """Renew the lease (and record progress); returns whether a cancel was requested.
+
+        Raises LeaseLost when the job is no longer ours: the caller must stop touching it.
+        """
+        now = now or utcnow()
+        values: dict[str, Any] = {"lease_until": _db_time(now + timedelta(seconds=lease_seconds))}
+        if step is not None and total_steps:
+            values.update(step=step, total_steps=total_steps, progress=min(1.0, step / total_steps))
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id)
+                .where(jobs.c.status == JobStatus.RUNNING.value)
+                .values(**values)
+                .returning(jobs.c.cancel_requested)
+            ).first()
+        if row is None:
+            raise LeaseLost(f"job {job_id} is no longer owned by {worker_id}")
+        return bool(row[0])
+
+    def update_running(self, job_id: int, worker_id: str, **fields: Any) -> None:
+        """Record facts about a running job (effective params, tries, chosen folder); fenced."""
+        allowed = {"effective", "tries", "final_dir", "output", "model", "previous_dir", "prompt"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"update_running cannot set {sorted(bad)}")
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id)
+                .where(jobs.c.status == JobStatus.RUNNING.value)
+                .values(**fields)
+            ).rowcount
+        if n != 1:
+            raise LeaseLost(f"job {job_id} is no longer owned by {worker_id}")
+
+    def finish(
+        self, job_id: int, worker_id: str, status: JobStatus, *, now: datetime | None = None,
+        error: dict[str, str] | None = None, **fields: Any,
+    ) -> None:
+        """running → succeeded / failed / canceled, only if this worker still holds the lease."""
+        if not status.is_terminal:
+            raise ValueError(f"finish() takes a terminal status, not {status}")
+        now = now or utcnow()
+        values = {"error": error, "finished_at": _db_time(now), "lease_until": None, **fields}
+        if status is JobStatus.SUCCEEDED:
+            values["progress"] = 1.0
+        self._transition(job_id, JobStatus.RUNNING, status, worker_id=worker_id, values=values)
+
+    def requeue(
+        self, job_id: int, worker_id: str, *, error: dict[str, str] | None = None,
+        not_before: datetime | None = None, refund_attempt: bool = False,
+    ) -> None:
+        """running → queued: a transient error (with backoff) or a shutdown that stopped the job."""
+        values: dict[str, Any] = {
+            "error": error, "worker_id": None, "lease_until": None, "not_before": _db_time(not_before),
+            "progress": 0.0, "step": 0,
+        }
+        if refund_attempt:  # a shutdown is not the job's fault
+            values["attempts"] = jobs.c.attempts - 1
+        self._transition(job_id, JobStatus.RUNNING, JobStatus.QUEUED, worker_id=worker_id, values=values)
+
+    # ---- housekeeping ---------------------------------------------------------------------
+
+    def requeue_expired(self, *, now: datetime | None = None) -> list[int]:
+        """Running jobs whose lease ran out (their worker died or hung) go back to the queue."""
+        now = now or utcnow()
+        return self._requeue_where(jobs.c.lease_until < _db_time(now))
+
+    def requeue_workers(self, worker_ids: Iterable[str]) -> list[int]:
+        """Jobs held by workers known to be dead (our own previous run) go back to the queue now."""
+        ids = list(worker_ids)
+        return self._requeue_where(jobs.c.worker_id.in_(ids)) if ids else []
+
+    def running_workers(self) -> list[str]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs.c.worker_id).where(jobs.c.status == JobStatus.RUNNING.value).distinct()
+            ).all()
+        return [r[0] for r in rows if r[0]]
+
+    def _requeue_where(self, cond: Any) -> list[int]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(jobs)
+                .where(jobs.c.status == JobStatus.RUNNING.value)
+                .where(cond)
+                .values(status=JobStatus.QUEUED.value, worker_id=None, lease_until=None, progress=0.0, step=0)
+                .returning(jobs.c.id)
+            ).all()
+        return [r[0] for r in rows]
+
+    # ---- people's commands ----------------------------------------------------------------
+
+    def request_cancel(self, job_id: int) -> Job | None:
+        """Flag a queued or running job for cancellation; the worker (or `cancel`) acts on it."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .where(jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+                .values(cancel_requested=True)
+            )
+        return self.get(job_id)
+
+    def retry(self, job_id: int) -> bool:
+        """failed / canceled → queued with a fresh attempt count; its files come back from failed/."""
+        job = self.get(job_id)
+        if job is None or job.status not in (JobStatus.FAILED, JobStatus.CANCELED):
+            return False
+        values = {
+            "attempts": 0, "error": None, "cancel_requested": False, "finished_at": None, "not_before": None,
+            "previous_dir": job.final_dir, "final_dir": None, "output": None, "progress": 0.0, "step": 0,
+            "worker_id": None,
+        }
+        try:
+            self._transition(job_id, job.status, JobStatus.QUEUED, values=values)
+        except LeaseLost:
+            return False
+        return True
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return _job(row) if row else None
+
+    def list_jobs(self, limit: int = 20, *, statuses: Iterable[JobStatus] | None = None) -> list[Job]:
+        q = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if statuses is not None:
+            q = q.where(jobs.c.status.in_([s.value for s in statuses]))
+        with self._read() as conn:
+            return [_job(r) for r in conn.execute(q).mappings().all()]
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in JobStatus}
+        with self._read() as conn:
+            for status, n in conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all():
+                out[status] = n
+        return out
+
+    def has_runnable(self, *, now: datetime | None = None) -> bool:
+        """Whether a queued job is waiting (ignoring backoff when `now` is None)."""
+        q = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value).limit(1)
+        if now is not None:
+            q = q.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= _db_time(now)))
+        with self._read() as conn:
+            return conn.execute(q).first() is not None
+
+    # ---- the one place a status is written --------------------------------------------------
+
+    def _transition(
+        self, job_id: int, frm: JobStatus, to: JobStatus, *, worker_id: str | None = None,
+        values: dict[str, Any] | None = None,
+    ) -> None:
+        if to not in TRANSITIONS[frm]:
+            raise ValueError(f"illegal transition {frm.value} → {to.value}")
+        stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status == frm.value)
+        if worker_id is not None:
+            stmt = stmt.where(jobs.c.worker_id == worker_id)
+        with self.engine.begin() as conn:
+            n = conn.execute(stmt.values(status=to.value, **(values or {}))).rowcount
+        if n != 1:
+            raise LeaseLost(f"job {job_id} was not {frm.value}" + (f" under {worker_id}" if worker_id else ""))
+
+
+def _job(row: Any) -> Job:
+    params = row["params"]
+    return Job(
+        id=row["id"],
+        name=row["name"],
+        status=JobStatus(row["status"]),
+        priority=row["priority"],
+        inputs=tuple(row["inputs"] or ()),
+        prompt=row["prompt"] or "",
+        negative_prompt=row["negative_prompt"] or "",
+        params=Params.from_dict(params) if params else None,
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
+        started_at=_aware(row["started_at"]),
+        finished_at=_aware(row["finished_at"]),
+        worker_id=row["worker_id"],
+        lease_until=_aware(row["lease_until"]),
+        progress=row["progress"] or 0.0,
+        step=row["step"] or 0,
+        total_steps=row["total_steps"] or 0,
+        cancel_requested=bool(row["cancel_requested"]),
+        rejection=row["rejection"],
+        effective=row["effective"],
+        tries=tuple(row["tries"] or ()),
+        error=row["error"],
+        final_dir=row["final_dir"],
+        output=row["output"],
+        model=row["model"],
+        device=row["device"],
+        host=row["host"],
+        extra={"previous_dir": row["previous_dir"]} if row["previous_dir"] else {},
+    )

@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny model folder, a data folder with a config, and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.fixtures_models import tiny_i2vgen_dir, tiny_model  # noqa: F401
+
+#: A preset small enough for two CPU cores: 4 frames at 64 px in 2 steps.
+TINY_PRESET = {"resolution": 64, "num_frames": 4, "steps": 2, "guidance_scale": 2.0, "fps": 4}
+
+
+def make_image(path: Path, size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (200, 80, 40)) -> Path:
+    """A small gradient image (gradients survive JPEG and make frames differ from black)."""
+    img = Image.new("RGB", size, color)
+    px = img.load()
+    for x in range(size[0]):
+        for y in range(size[1]):
+            px[x, y] = ((color[0] + x * 2) % 256, (color[1] + y * 3) % 256, color[2])
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    img.save(path, fmt)
+    return path
+
+
+def age(*paths: Path, seconds: float = 60) -> None:
+    """Backdate files so `run --once` counts them as stable without waiting."""
+    t = time.time() - seconds
+    for p in paths:
+        os.utime(p, (t, t))
+
+
+@dataclass
+class Env:
+    data: Path
+    config: Path
+    model_dir: Path
+
+    @property
+    def inbox(self) -> Path:
+        return self.data / "inbox"
+
+    @property
+    def output(self) -> Path:
+        return self.data / "output"
+
+    @property
+    def failed(self) -> Path:
+        return self.data / "failed"
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 300, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, "I2V_LOG_FORMAT": "json", **(env or {})}
+        full_env.pop("I2V_CONFIG", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "i2v_daemon.cli", args[0], "--config", str(self.config), *args[1:]],
+            capture_output=True, text=True, timeout=timeout, env=full_env,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json", "--limit", "1000", check=True).stdout)
+
+
+def write_config(path: Path, data: Path, model_dir: Path, **extra: Any) -> Path:
+    lines = [
+        f'data_dir = "{data}"',
+        f'model = "{model_dir}"',
+        'device = "cpu"',
+        'default_preset = "tiny"',
+        "stable_seconds = 0.5",
+        "sidecar_wait_seconds = 1",
+        "retry_backoff_seconds = 0",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    lines.append("[presets.tiny]")
+    lines += [f"{k} = {json.dumps(v)}" for k, v in TINY_PRESET.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def env(tmp_path: Path, tiny_i2vgen_dir: Path) -> Env:  # noqa: F811
+    data = tmp_path / "data"
+    (data / "inbox").mkdir(parents=True)
+    return Env(data=data, config=write_config(tmp_path / "config.toml", data, tiny_i2vgen_dir), model_dir=tiny_i2vgen_dir)
+
+
+@pytest.fixture()
+def drop(env: Env) -> Callable[..., list[Path]]:
+    """Drop an image and optional sidecar into the inbox the safe way (write, then rename), aged."""
+
+    def _drop(stem: str, sidecar: tuple[str, str | bytes] | None = None, image_suffix: str = ".png",
+              size: tuple[int, int] = (96, 64)) -> list[Path]:
+        made = []
+        tmp = make_image(env.inbox / f".{stem}{image_suffix}", size)
+        made.append(tmp.rename(env.inbox / f"{stem}{image_suffix}"))
+        if sidecar is not None:
+            suffix, body = sidecar
+            side = env.inbox / f"{stem}{suffix}"
+            side.write_bytes(body if isinstance(body, bytes) else body.encode())
+            made.append(side)
+        age(*made)
+        return made
+
+    return _drop
