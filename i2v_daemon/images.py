@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +12,7 @@ from typing import BinaryIO
 from PIL import Image, ImageFile
 
 from .errors import InputError
+from .fsutil import open_regular
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -91,7 +89,7 @@ def sniff_format(head: bytes) -> str | None:
 
 def _read(path: Path, max_pixels: int, *, want_rgb: bool) -> tuple[ImageInfo, Image.Image | None]:
     name = path.name
-    with _open_regular(path) as fh:
+    with open_regular(path) as (fh, _size):
         head = fh.read(64)
         if not head:
             raise InputError(
@@ -288,40 +286,3 @@ def _damaged(name: str, fmt: str, err: Exception) -> str:
         f"{name}: the {_FORMAT_NAME[fmt]} data is damaged or incomplete ({detail}); "
         "export the image again, or wait until it has finished copying"
     )
-
-
-def _not_regular(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link, and links are not followed; put the file itself in the folder"
-    if stat.S_ISDIR(mode):
-        return "is a folder, not a file"
-    if stat.S_ISFIFO(mode):
-        return "is a named pipe (FIFO), not a regular file; put a regular file in its place"
-    return "is not a regular file (a socket or a device); put a regular file in its place"
-
-
-@contextlib.contextmanager
-def _open_regular(path: Path) -> Iterator[BinaryIO]:
-    """Open a regular file for reading, never following a symlink nor blocking on a FIFO."""
-    # Kept in step with sidecar._open_regular; a shared module would be better (see the lead).
-    name = path.name
-    try:
-        mode = os.lstat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise InputError(f"{name}: {_not_regular(mode)}")
-        # O_NOFOLLOW and O_NONBLOCK cover a swap between lstat and open; fstat below confirms.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise InputError(f"{name}: the file is gone; it was moved or deleted before it could be read") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied; make it readable by the daemon's user") from None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise InputError(f"{name}: {_not_regular(stat.S_IFLNK)}") from None
-        # Anything else (EIO, EMFILE, ...) is not the user's doing: let the caller treat it as transient.
-        raise
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise InputError(f"{name}: {_not_regular(mode)}")
-        yield fh

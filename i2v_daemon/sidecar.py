@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import codecs
-import contextlib
 import datetime as dt
 import difflib
-import errno
 import json
 import math
-import os
-import stat
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any
 
 from .errors import InputError
+from .fsutil import open_regular
 
 SIDECAR_SUFFIXES = (".txt", ".json", ".toml")
 DEFAULT_MAX_BYTES = 65536
@@ -100,7 +97,7 @@ class _Bad(Exception):
 def parse_sidecar(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Sidecar:
     """Read one sidecar file (regular files only, at most `max_bytes`) and check it."""
     name = path.name
-    with _open_regular(path) as (fh, size):
+    with open_regular(path) as (fh, size):
         if size > max_bytes:
             raise InputError(_too_big(name, f"{size:,} bytes", max_bytes))
         # Bounded read: the file may have grown since fstat.
@@ -298,39 +295,3 @@ def _describe(value: Any, kind: str) -> str:
 def _clip(text: str, limit: int = 40) -> str:
     """repr() of text, cut short; repr also escapes newlines and lone surrogates."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "…"
-
-
-def _not_regular(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link, and links are not followed; put the file itself in the folder"
-    if stat.S_ISDIR(mode):
-        return "is a folder, not a file"
-    if stat.S_ISFIFO(mode):
-        return "is a named pipe (FIFO), not a regular file; put a regular file in its place"
-    return "is not a regular file (a socket or a device); put a regular file in its place"
-
-
-@contextlib.contextmanager
-def _open_regular(path: Path) -> Iterator[tuple[BinaryIO, int]]:
-    """Open a regular file for reading, never following a symlink nor blocking on a FIFO; yield it and its size."""
-    name = path.name
-    try:
-        mode = os.lstat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise InputError(f"{name}: {_not_regular(mode)}")
-        # O_NOFOLLOW and O_NONBLOCK cover a swap between lstat and open; fstat below confirms.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise InputError(f"{name}: the file is gone; it was moved or deleted before it could be read") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied; make it readable by the daemon's user") from None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise InputError(f"{name}: {_not_regular(stat.S_IFLNK)}") from None
-        # Anything else (EIO, EMFILE, ...) is not the user's doing: let the caller treat it as transient.
-        raise
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{name}: {_not_regular(st.st_mode)}")
-        yield fh, st.st_size
