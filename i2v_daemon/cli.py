@@ -17,18 +17,24 @@ EX_OK, EX_FAILED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="TOML config file (else $I2V_CONFIG, /etc/i2v-daemon/config.toml)")
+    common.add_argument(
+        "--config", metavar="FILE", help="TOML config file (else $I2V_CONFIG, else /etc/i2v-daemon/config.toml)"
+    )
     common.add_argument("--data-dir", metavar="DIR", help="data folder (inbox/, output/, failed/, jobs.db)")
     common.add_argument("--database-url", metavar="URL", help="SQLAlchemy URL of the job database")
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     common.add_argument("--log-format", choices=["auto", "console", "json"])
 
-    p = argparse.ArgumentParser(prog="i2v-daemon", description="Turn images and prompts dropped in a folder into videos.")
+    p = argparse.ArgumentParser(
+        prog="i2v-daemon", description="Turn images and prompts dropped in a folder into videos."
+    )
     p.add_argument("--version", action="version", version=f"i2v-daemon {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="the daemon")
-    run.add_argument("--once", action="store_true", help="take what is in the inbox now, process every queued job, exit")
+    run.add_argument(
+        "--once", action="store_true", help="take what is in the inbox now, process every queued job, exit"
+    )
     run.add_argument("--model", help="Hugging Face repo id or local diffusers folder")
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"])

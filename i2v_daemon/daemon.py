@@ -7,6 +7,7 @@ reaper, the heartbeat and the shutdown clock. Signal handlers only set flags.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -104,10 +105,8 @@ class Daemon:
     def _finish_rejection(self, job_id: int) -> None:
         claimed = self.store.claim_next(self.intake_worker.worker_id, lease_seconds=self.s.lease_seconds, job_id=job_id)
         if claimed is not None:
-            try:
+            with contextlib.suppress(LeaseLost):
                 self.intake_worker.process(claimed)
-            except LeaseLost:
-                pass
 
     def _intake_loop(self) -> None:
         while self.stop_requested is None:
@@ -138,10 +137,10 @@ class Daemon:
             self.worker_wake.set()
 
     def _tick(self) -> None:
-        if self.stop_requested is not None and not self.worker.stop_now:
-            if time.monotonic() - self.stop_requested >= self.s.shutdown_grace_seconds:
-                log.warning("grace_period_over", job_id=self.worker.current, action="stopping at the next step")
-                self.worker.stop_now = True
+        since = self.stop_requested
+        if since is not None and not self.worker.stop_now and time.monotonic() - since >= self.s.shutdown_grace_seconds:
+            log.warning("grace_period_over", job_id=self.worker.current, action="stopping at the next step")
+            self.worker.stop_now = True
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -179,9 +178,21 @@ class Daemon:
             "ready", inbox=str(self.s.inbox_dir), observer="polling" if watcher.polling else "native",
             model=self.s.model, worker=self.worker.worker_id,
         )
+        failures = 0
         try:
             while self.stop_requested is None:
-                if not self.worker.run_once():
+                try:
+                    busy = self.worker.run_once()
+                    failures = 0
+                except ConfigError:
+                    raise
+                except Exception:
+                    # The database or the disk is failing us; leases keep the job safe. Back off, go on.
+                    failures += 1
+                    log.exception("worker_loop_error", consecutive=failures)
+                    busy = False
+                    time.sleep(min(60.0, 2.0**failures))
+                if not busy:
                     self.worker_wake.wait(1.0)
                     self.worker_wake.clear()
         finally:

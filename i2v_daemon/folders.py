@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ def move_file(src: Path, dst: Path) -> None:
     except OSError as err:
         if err.errno != errno.EXDEV:
             raise
+        mode = os.lstat(src).st_mode
+        if not stat.S_ISREG(mode):
+            _recreate_special(src, dst, mode)
+            return
         tmp = dst.with_name(f".{dst.name}.part")
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
@@ -61,6 +66,17 @@ def move_file(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
     with contextlib.suppress(FileNotFoundError):
         fsync_dir(src.parent)
+
+
+def _recreate_special(src: Path, dst: Path, mode: int) -> None:
+    """Across filesystems, a symlink or FIFO is made anew (never opened: a FIFO would block)."""
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISFIFO(mode):
+        os.mkfifo(dst, stat.S_IMODE(mode))
+    else:
+        raise OSError(errno.EXDEV, f"cannot move {src.name} (a socket or device) to another filesystem")
+    os.unlink(src)
 
 
 def stage_inputs(names: tuple[str, ...], inbox: Path, job_dir: Path, previous_dir: Path | None = None) -> list[str]:

@@ -127,9 +127,8 @@ class InboxScanner:
             if suffix not in IMAGE_SUFFIXES and suffix not in SIDECAR_SUFFIXES:
                 self._skip(name, "not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
                 continue
-            if not stat.S_ISREG(st.st_mode):
-                self._skip(name, "not a regular file (symlink, FIFO, socket or device): never opened")
-                continue
+            # Symlinks, FIFOs, sockets and devices are not skipped: they travel (by rename, never
+            # opened) into a rejected job, so the user finds them in failed/ with the reason.
             present.add(name)
             seen = self._seen.get(name)
             if seen is None or (seen.size, seen.mtime_ns, seen.ino) != (st.st_size, st.st_mtime_ns, st.st_ino):

@@ -9,6 +9,7 @@ finished from its manifest rather than run again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from i2v_daemon import folders, manifest
 from i2v_daemon.errors import ConfigError, GenerationError, InputError, JobCanceled, TransientError
+from i2v_daemon.faults import crashpoint
 from i2v_daemon.jobs import Job, JobStatus
 from i2v_daemon.logs import JobLog, get_logger
 from i2v_daemon.models.holder import ModelHolder
@@ -99,10 +101,8 @@ class Worker:
         """Renew the current job's lease (called from a timer while encoders or ffmpeg run)."""
         job_id = self.current
         if job_id is not None:
-            try:
+            with contextlib.suppress(LeaseLost):
                 self.store.heartbeat(job_id, self.worker_id, lease_seconds=self.s.lease_seconds)
-            except LeaseLost:
-                pass
 
     def process(self, job: Job) -> None:
         jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
@@ -197,9 +197,11 @@ class Worker:
         except OSError as err:
             raise TransientError(f"could not write the video: {err}") from err
         probe = probe_mp4(jdir / video)
-        if probe["num_frames"] != eff["num_frames"] or (probe["width"], probe["height"]) != (eff["width"], eff["height"]):
+        made = (probe["width"], probe["height"], probe["num_frames"])
+        if made != (eff["width"], eff["height"], eff["num_frames"]):
             raise TransientError(f"the encoded video does not match what was generated: {probe}")
         self.store.update_running(job.id, self.worker_id, effective=eff)
+        crashpoint("video_written")
         jlog.info("video_written", file=video, **{k: eff[k] for k in ("width", "height", "num_frames", "fps", "seed")})
         return video, notes
 
@@ -239,9 +241,12 @@ class Worker:
         else:
             jlog.info(status.value, output=output)
         folders.write_json(jdir / "job.json", doc)
+        crashpoint("manifest_written")
         root = self.s.output_dir if status is JobStatus.SUCCEEDED else self.s.failed_dir
         dest = self._record_destination(job, root)  # type: ignore[arg-type]
+        crashpoint("destination_recorded")
         folders.publish(jdir, dest)
+        crashpoint("folder_published")
         self.store.finish(
             job.id, self.worker_id, status, now=finished, error=error,
             output=str(dest / output) if output else None,
