@@ -68,15 +68,20 @@ def move_file(src: Path, dst: Path) -> None:
         fsync_dir(src.parent)
 
 
-def _recreate_special(src: Path, dst: Path, mode: int) -> None:
+def _recreate_special(src: Path, dst: Path, mode: int, *, keep_source: bool = False) -> None:
     """Across filesystems, a symlink or FIFO is made anew (never opened: a FIFO would block)."""
     if stat.S_ISLNK(mode):
         os.symlink(os.readlink(src), dst)
     elif stat.S_ISFIFO(mode):
         os.mkfifo(dst, stat.S_IMODE(mode))
     else:
-        raise OSError(errno.EXDEV, f"cannot move {src.name} (a socket or device) to another filesystem")
-    os.unlink(src)
+        # A socket or device cannot be recreated by an unprivileged daemon; leave a note in its place.
+        dst.with_name(dst.name + ".not-copied.txt").write_text(
+            f"{src.name} was a socket or device file; it stayed on the other filesystem at {src}\n"
+        )
+        return
+    if not keep_source:
+        os.unlink(src)
 
 
 def stage_inputs(names: tuple[str, ...], inbox: Path, job_dir: Path, previous_dir: Path | None = None) -> list[str]:
@@ -94,7 +99,7 @@ def stage_inputs(names: tuple[str, ...], inbox: Path, job_dir: Path, previous_di
     missing = []
     for name in names:
         dst = job_dir / "input" / name
-        if dst.exists():
+        if os.path.lexists(dst):  # lexists: a staged symlink counts, wherever it points
             continue
         for src in (inbox / name, *([previous_dir / "input" / name] if previous_dir else [])):
             try:
@@ -131,15 +136,21 @@ def move_tree(src: Path, dst: Path) -> None:
         # Another filesystem (or a half-done earlier copy): copy file by file, then drop the source.
         for path in sorted(src.rglob("*")):
             target = dst / path.relative_to(src)
-            if path.is_dir():
+            mode = os.lstat(path).st_mode
+            if stat.S_ISDIR(mode):
                 target.mkdir(parents=True, exist_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.part")
-                shutil.copy2(path, tmp)
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(target) and not stat.S_ISREG(mode):
+                continue  # a special file already recreated by an interrupted earlier copy
+            if not stat.S_ISREG(mode):  # a user's symlink or FIFO: recreate it, never read through it
+                _recreate_special(path, target, mode, keep_source=True)
+                continue
+            tmp = target.with_name(f".{target.name}.part")
+            shutil.copy2(path, tmp, follow_symlinks=False)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
         for d in sorted({p.parent for p in dst.rglob("*")} | {dst}):
             fsync_dir(d)
         shutil.rmtree(src)

@@ -150,7 +150,7 @@ class InboxScanner:
             sides = sidecars.get(stem, [])
             unstable = [ready_since[p.name] for p in imgs + sides if ready_since[p.name] < self.stable_seconds]
             if unstable:
-                wait(self.stable_seconds - max(unstable))
+                wait(self.stable_seconds - min(unstable))  # ready when the least stable one is
                 continue
             if not sides:
                 waited = min(ready_since[p.name] for p in imgs) - self.stable_seconds

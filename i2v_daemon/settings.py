@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from i2v_daemon.errors import ConfigError
 
@@ -212,6 +212,13 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
     except ValidationError as err:
         where = f" (in {path})" if path else ""
         raise ConfigError(f"config: {_first_error(err)}{where}") from None
+    except SettingsError as err:  # an I2V_* value that should be JSON (a list or a table) is not
+        match = re.search(r'field "(\w+)"', str(err))
+        key = match.group(1) if match else "settings"
+        raise ConfigError(
+            f"config: {key} / I2V_{key.upper()}: the environment value must be JSON, e.g. "
+            f"I2V_RESOLUTION_LADDER='[768, 512]'"
+        ) from None
     finally:
         _toml_data.reset(token)
 

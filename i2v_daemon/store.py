@@ -184,10 +184,13 @@ class Store:
     ) -> Job | None:
         """Take the next runnable job (rejections and cancels first, then priority, then FIFO)."""
         now = now or utcnow()
+        pick = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value)
+        if job_id is not None:  # a named job (cancel, a rejection) is taken even while in backoff
+            pick = pick.where(jobs.c.id == job_id)
+        else:
+            pick = pick.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= _db_time(now)))
         pick = (
-            select(jobs.c.id)
-            .where(jobs.c.status == JobStatus.QUEUED.value)
-            .where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= _db_time(now)))
+            pick
             .order_by(
                 (jobs.c.rejection.is_not(None) | jobs.c.cancel_requested).desc(),
                 jobs.c.priority.desc(),
@@ -196,8 +199,6 @@ class Store:
             .limit(1)
             .with_for_update(skip_locked=True)
         )
-        if job_id is not None:
-            pick = pick.where(jobs.c.id == job_id)
         with self.engine.begin() as conn:
             row = conn.execute(
                 update(jobs)

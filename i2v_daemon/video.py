@@ -43,10 +43,12 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
         _encode(frames, temp, fps)
         _fsync_file(temp)
         os.replace(temp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:  # disk full or gone while syncing or renaming: worth another try later
+        raise TransientError(f"could not finish writing {path}: {err}") from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    _fsync_dir(path.parent)
 
 
 def probe_mp4(path: Path) -> dict[str, Any]:

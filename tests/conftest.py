@@ -95,7 +95,8 @@ def write_config(path: Path, data: Path, model_dir: Path, **extra: Any) -> Path:
 def env(tmp_path: Path, tiny_i2vgen_dir: Path) -> Env:  # noqa: F811
     data = tmp_path / "data"
     (data / "inbox").mkdir(parents=True)
-    return Env(data=data, config=write_config(tmp_path / "config.toml", data, tiny_i2vgen_dir), model_dir=tiny_i2vgen_dir)
+    config = write_config(tmp_path / "config.toml", data, tiny_i2vgen_dir)
+    return Env(data=data, config=config, model_dir=tiny_i2vgen_dir)
 
 
 @pytest.fixture()

@@ -18,7 +18,8 @@ from i2v_daemon.models.base import GenerationRequest, ModelInfo, SizePlan, StepC
 from i2v_daemon.models.loader import local_folder, model_unavailable
 
 FAMILY = "i2vgen-xl"
-#: The released model was trained on crops up to about 16:9; past 2:1 the image is center-cropped.
+#: Widest video shape planned from `resolution`: the pipeline's own default is 1280×704 (1.8:1),
+#: and much wider shapes are far from what the model has seen, so wider images are center-cropped.
 MAX_ASPECT = 2.0
 #: Frames the VAE decodes at once; 1 is the pipeline's default and its smallest peak memory.
 DECODE_CHUNK_SIZE = 1
@@ -27,22 +28,11 @@ DECODE_CHUNK_SIZE = 1
 class I2VGenXLModel:
     """The deprecated diffusers `I2VGenXLPipeline`, loaded once and kept warm between jobs."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32") -> None:
-        from diffusers import I2VGenXLPipeline
-        from diffusers.utils import logging as diffusers_logging
-
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", pipeline: Any = None) -> None:
+        """Load `model` (a folder or Hub id) onto `device`, or wrap an already built `pipeline`."""
         self.device = device
         self.dtype = dtype
-        # Loading bars would land in the journal as noise; job progress comes from on_step.
-        diffusers_logging.disable_progress_bar()
-        try:
-            pipe = I2VGenXLPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
-        except OSError as err:  # a Hub download that failed half-way, or a folder missing weights
-            if local_folder(model) is not None:
-                raise GenerationError(
-                    f"model folder {model!r} could not be loaded ({err}); re-download or rebuild it."
-                ) from err
-            raise model_unavailable(model, err) from err
+        pipe = pipeline if pipeline is not None else _load_pipeline(model, dtype)
         self.pipeline: Any = pipe.to(device)  # None once closed
         self.pipeline.set_progress_bar_config(disable=True)
         self.info = ModelInfo(
@@ -87,6 +77,9 @@ class I2VGenXLModel:
         if self.pipeline is None:
             raise GenerationError("the model was closed; load it again with load_model() before generating")
         self._check_savers(request.savers)
+        multiple = self.info.size_multiple
+        if request.width % multiple or request.height % multiple:
+            raise ValueError(f"{request.width}×{request.height} is not a multiple of {multiple}; use plan_size()")
         image = fit_image(request.image, request.width, request.height)
         unet_calls = 0
 
@@ -187,6 +180,26 @@ class I2VGenXLModel:
             pipe.to(self.device)
 
 
+def _load_pipeline(model: str, dtype: str) -> Any:
+    """`I2VGenXLPipeline.from_pretrained`, with failures turned into errors that say what to do."""
+    from diffusers import I2VGenXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Loading bars would land in the journal as noise; job progress comes from on_step.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        # torch_dtype, not dtype: older diffusers in our supported range know only that name.
+        return I2VGenXLPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+    except OSError as err:  # a Hub download that failed half-way, or a folder missing weights
+        if local_folder(model) is not None:
+            raise GenerationError(
+                f"model folder {model!r} could not be loaded ({err}); re-download or rebuild it."
+            ) from err
+        raise model_unavailable(model, err) from err
+
+
 def plan_size(
     image_size: tuple[int, int],
     resolution: int,
@@ -203,7 +216,7 @@ def plan_size(
         out_w = _round_to(width, multiple, "width", notes)
         out_h = _round_to(height, multiple, "height", notes)
         if not math.isclose(out_w / out_h, image_w / image_h, rel_tol=0.01):
-            notes.append(f"the image ({image_w}×{image_h}) will be center-cropped to the video's {out_w}:{out_h} shape")
+            notes.append(f"the image ({image_w}×{image_h}) will be center-cropped to fit {out_w}×{out_h}")
         return SizePlan(out_w, out_h, tuple(notes))
     short = _round_to(resolution, multiple, "resolution", notes)
     aspect = max(image_w, image_h) / min(image_w, image_h)
@@ -213,7 +226,7 @@ def plan_size(
             f"it will be center-cropped to {MAX_ASPECT:g}:1"
         )
         aspect = MAX_ASPECT
-    long = max(multiple, round(short * aspect / multiple) * multiple)
+    long = _nearest_multiple(short * aspect, multiple)
     out_w, out_h = (long, short) if image_w >= image_h else (short, long)
     return SizePlan(out_w, out_h, tuple(notes))
 
@@ -227,10 +240,15 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
 
 def _round_to(value: int, multiple: int, name: str, notes: list[str]) -> int:
     """`value` rounded to the nearest multiple (at least one), noting any change."""
-    rounded = max(multiple, math.floor(value / multiple + 0.5) * multiple)
+    rounded = _nearest_multiple(value, multiple)
     if rounded != value:
         notes.append(f"{name} {value} rounded to {rounded} (the model needs multiples of {multiple})")
     return rounded
+
+
+def _nearest_multiple(value: float, multiple: int) -> int:
+    """The multiple of `multiple` nearest to `value` (halves round up), never less than one multiple."""
+    return max(multiple, math.floor(value / multiple + 0.5) * multiple)
 
 
 def _size_multiple(pipe: Any) -> int:
