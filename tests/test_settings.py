@@ -250,12 +250,6 @@ def test_a_bad_environment_value_is_one_line_naming_the_variable(
     assert config_error(tmp_path).startswith(f"config: {key}")
 
 
-ENV_NOT_JSON_BUG = (
-    "settings.py load_settings: an I2V_* value for a list/dict setting that is not JSON makes "
-    "pydantic-settings raise SettingsError (not ValidationError), which escapes as a traceback (exit 1)"
-)
-
-
 @pytest.mark.parametrize("var", ["I2V_RESOLUTION_LADDER", "I2V_PRESETS"])
 def test_an_environment_value_that_is_not_json_for_a_list_or_table_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str
