@@ -17,6 +17,9 @@ from PIL import Image
 
 from tests.fixtures_models import tiny_i2vgen_dir, tiny_model  # noqa: F401
 
+#: One torch thread: on two shared cores a second thread makes tiny jobs 10-50x slower, not faster.
+SUBPROCESS_ENV = {"I2V_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
 #: A preset small enough for two CPU cores: 4 frames at 64 px in 2 steps.
 TINY_PRESET = {"resolution": 64, "num_frames": 4, "steps": 2, "guidance_scale": 2.0, "fps": 4}
 
@@ -60,7 +63,7 @@ class Env:
 
     def cli(self, *args: str, check: bool = False, timeout: float = 300, env: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess[str]:
-        full_env = {**os.environ, "I2V_LOG_FORMAT": "json", **(env or {})}
+        full_env = {**os.environ, **SUBPROCESS_ENV, **(env or {})}
         full_env.pop("I2V_CONFIG", None)
         proc = subprocess.run(
             [sys.executable, "-m", "i2v_daemon.cli", args[0], "--config", str(self.config), *args[1:]],

@@ -15,7 +15,7 @@ import pytest
 from i2v_daemon.faults import POINTS
 from i2v_daemon.jobs import JobStatus
 from i2v_daemon.store import Store
-from tests.conftest import Env
+from tests.conftest import SUBPROCESS_ENV, Env
 from tests.test_daemon_process import start_daemon, stop, wait_for
 
 pytestmark = pytest.mark.slow
@@ -146,7 +146,7 @@ def test_several_daemons_sharing_one_inbox_and_database_never_run_a_job_twice(en
     for stem in stems:
         for p in drop(stem, (".txt", f"prompt {stem}")):
             dropped[p.name] = p.read_bytes()
-    full_env = {**os.environ, "I2V_LOG_FORMAT": "json"}
+    full_env = {**os.environ, **SUBPROCESS_ENV}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "i2v_daemon.cli", "run", "--once", "--config", str(env.config)],

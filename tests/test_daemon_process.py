@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env, make_image
+from tests.conftest import SUBPROCESS_ENV, Env, make_image
 
 pytestmark = pytest.mark.slow
 
 
 def start_daemon(env: Env, *extra: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full_env = {**os.environ, "I2V_LOG_FORMAT": "json", **(extra_env or {})}
+    full_env = {**os.environ, **SUBPROCESS_ENV, **(extra_env or {})}
     full_env.pop("I2V_CONFIG", None)
     return subprocess.Popen(
         [sys.executable, "-m", "i2v_daemon.cli", "run", "--config", str(env.config), *extra],
