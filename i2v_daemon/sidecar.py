@@ -125,7 +125,7 @@ def parse_sidecar_bytes(data: bytes, suffix: str, *, name: str = "sidecar") -> S
 
 def _too_big(name: str, size: str, max_bytes: int) -> str:
     return (
-        f"{name}: the sidecar is {size}, over the limit of {max_bytes:,} bytes; "
+        f"{name}: the sidecar is {size}, over the limit of {max_bytes:,} bytes (max_sidecar_bytes); "
         "a prompt needs only a few kilobytes — shorten it"
     )
 
