@@ -27,7 +27,7 @@ run: install
 	$(BIN)/i2v-daemon run
 
 lint: install-test
-	$(BIN)/ruff check i2v_daemon tests bench
+	$(BIN)/ruff check i2v_daemon tests $(wildcard bench)
 
 test: install-test lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
