@@ -53,7 +53,10 @@ class Daemon:
         self.s = settings
         ensure_folders(settings)
         self.store = open_store(settings)
-        self.models = models or ModelHolder(settings.model, settings.device, settings.dtype)
+        self.models = models or ModelHolder(
+            settings.model, settings.device, settings.dtype, vram_budget_gib=settings.vram_budget_gib,
+            memory_margin=settings.memory_margin, history=self.store.recent_tries,
+        )
         self.worker = Worker(settings, self.store, worker_id=make_worker_id(), models=self.models)
         # Rejections are finished by the intake thread at once, under their own worker id.
         self.intake_worker = Worker(settings, self.store, worker_id=make_worker_id("intake"))
@@ -136,6 +139,10 @@ class Daemon:
             log.warning("lease_expired_requeued", job_ids=requeued)
             self.worker_wake.set()
 
+    def _unload_idle_model(self) -> None:
+        if self.models.unload_if_idle(self.s.model_idle_unload_seconds, busy=self.worker.current is not None):
+            log.info("model_unloaded", idle_seconds=self.s.model_idle_unload_seconds, reason="idle")
+
     def _tick(self) -> None:
         since = self.stop_requested
         if since is not None and not self.worker.stop_now and time.monotonic() - since >= self.s.shutdown_grace_seconds:
@@ -173,6 +180,7 @@ class Daemon:
         scheduler.add_job(self._reap, "interval", seconds=max(1.0, self.s.lease_seconds / 2), id="reaper")
         scheduler.add_job(self.worker.heartbeat, "interval", seconds=max(1.0, self.s.lease_seconds / 3), id="heartbeat")
         scheduler.add_job(self._tick, "interval", seconds=1, id="tick")
+        scheduler.add_job(self._unload_idle_model, "interval", seconds=30, id="idle-unload")
         scheduler.start()
         log.info(
             "ready", inbox=str(self.s.inbox_dir), observer="polling" if watcher.polling else "native",

@@ -18,6 +18,7 @@ from PIL import Image
 
 from i2v_daemon.errors import OutOfMemory
 from i2v_daemon.jobs import Params
+from i2v_daemon.memory import GIB, MemoryModel, choose_start
 from i2v_daemon.models.base import SAVERS, GenerationRequest, StepCallback, VideoModel
 
 #: Cheapest first: slicing/tiling only touch the VAE decode, chunking costs a little speed,
@@ -85,6 +86,34 @@ def _peak(device: str) -> int | None:
     return None
 
 
+def gpu_name(device: str) -> str | None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return None
+
+
+def memory_model_for(model: VideoModel, vram_budget_gib: float | None, margin: float) -> MemoryModel | None:
+    """The memory model for a loaded model on a CUDA card (None on the CPU: no prediction there).
+
+    `vram_budget_gib` also caps PyTorch's allocator, so the daemon never takes more of a shared
+    card than it was given; going over raises OutOfMemoryError and the ladder steps down.
+    """
+    if not (model.device.startswith("cuda") and torch.cuda.is_available()):
+        return None
+    dev = torch.device(model.device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    budget = total
+    if vram_budget_gib:
+        budget = min(total, int(vram_budget_gib * GIB))
+        torch.cuda.set_per_process_memory_fraction(budget / total, dev)
+    return MemoryModel(
+        budget_bytes=budget,
+        resident_bytes=torch.cuda.memory_allocated(dev),
+        dtype_scale=2.0 if model.dtype == "float32" else 1.0,
+        margin=margin,
+    )
+
+
 def _card(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
@@ -103,8 +132,12 @@ def generate(
     on_step: StepCallback,
     on_try: Callable[[dict[str, Any]], None],
     seed: int | None = None,
+    memory: MemoryModel | None = None,
 ) -> Outcome:
-    """Run the job, stepping down the ladder on out-of-memory; raises OutOfMemory past the last rung."""
+    """Run the job, stepping down the ladder on out-of-memory; raises OutOfMemory past the last rung.
+
+    With a memory model, rungs predicted not to fit are skipped without a try.
+    """
     notes: list[str] = []
     plan = model.plan_size(image.size, params.resolution, params.width, params.height)
     notes.extend(plan.notes)
@@ -118,8 +151,10 @@ def generate(
                     f"{label} is {n} tokens; {model.info.family} reads only the first {limit}, the rest is ignored"
                 )
     rungs = plan_rungs(model, plan.width, plan.height, ladder)
+    start, skipped = choose_start(memory, rungs, params.num_frames)
+    notes.extend(skipped)
     last_err: BaseException | None = None
-    for n, rung in enumerate(rungs, 1):
+    for n, rung in enumerate(rungs[start:], start + 1):
         req = GenerationRequest(
             image=image, prompt=prompt, negative_prompt=negative_prompt, width=rung.width, height=rung.height,
             num_frames=params.num_frames, steps=params.steps, guidance_scale=params.guidance_scale,
@@ -127,8 +162,11 @@ def generate(
         )
         entry: dict[str, Any] = {
             "try": n, "width": rung.width, "height": rung.height, "num_frames": params.num_frames,
-            "savers": list(rung.savers),
+            "savers": list(rung.savers), "gpu": gpu_name(model.device), "dtype": model.dtype,
         }
+        if memory is not None:
+            entry["budget_bytes"] = memory.budget_bytes
+            entry["predicted_peak_bytes"] = memory.predict(rung.width, rung.height, params.num_frames, rung.savers)
         _peak_reset(model.device)
         t0 = time.monotonic()
         try:
@@ -136,8 +174,10 @@ def generate(
         except BaseException as err:
             entry.update(seconds=round(time.monotonic() - t0, 3), peak_vram_bytes=_peak(model.device))
             if _is_oom(err):
-                entry.update(outcome="out_of_memory", error=str(err).splitlines()[0][:300])
+                entry.update(outcome="out_of_memory", error=(str(err).splitlines() or ["out of memory"])[0][:300])
                 on_try(entry)
+                if memory is not None:
+                    memory.learn([entry])
                 last_err = err
                 del err  # the traceback holds the frames that hold the tensors
                 free_memory(model.device)
@@ -150,6 +190,8 @@ def generate(
             peak_vram_bytes=_peak(model.device),
         )
         on_try(entry)
+        if memory is not None:
+            memory.learn([entry])
         if n > 1:
             notes.append(
                 f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}; "
@@ -161,6 +203,8 @@ def generate(
         }
         return Outcome(frames=frames, effective=effective, notes=notes)
     smallest = rungs[-1]
+    if last_err is None:  # pragma: no cover - the loop always tries at least the last rung
+        raise AssertionError("no rung was tried")
     raise OutOfMemory(
         f"out of GPU memory even at {smallest.width}x{smallest.height}, {params.num_frames} frames, with "
         f"savers {list(smallest.savers) or 'none'} on {_card(model.device)}; ask for fewer frames or a lower "
@@ -168,4 +212,4 @@ def generate(
     )
 
 
-__all__ = ["SAVERS", "Outcome", "Rung", "free_memory", "generate", "plan_rungs"]
+__all__ = ["SAVERS", "Outcome", "Rung", "free_memory", "generate", "memory_model_for", "plan_rungs"]

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     default_preset: str = "standard"
     presets: dict[str, PresetOverride] = Field(default_factory=dict)
     resolution_ladder: list[int] = Field(default_factory=lambda: [1024, 768, 640, 512, 384, 256])
+    vram_budget_gib: float | None = Field(default=None, gt=0)  # cap on a card other programs share
+    memory_margin: float = Field(default=0.10, ge=0, lt=0.9)  # headroom the memory model keeps free
+    model_idle_unload_seconds: float = Field(default=1800.0, ge=0)  # 0 keeps the model loaded forever
 
     # intake
     stable_seconds: float = Field(default=2.0, ge=0, le=3600)
@@ -134,8 +137,8 @@ class Settings(BaseSettings):
     @field_validator("resolution_ladder")
     @classmethod
     def _ladder(cls, v: list[int]) -> list[int]:
-        if not v or any(r < 64 for r in v):
-            raise ValueError("must be a non-empty list of short sides of at least 64 pixels")
+        if not v or any(r < 16 for r in v):
+            raise ValueError("must be a non-empty list of short sides of at least 16 pixels")
         return sorted(set(v), reverse=True)
 
     @model_validator(mode="after")

@@ -365,6 +365,13 @@ class Store:
                 out[status] = n
         return out
 
+    def recent_tries(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Attempts recorded by the newest `limit` jobs that ran, oldest first (to refit the memory model)."""
+        q = select(jobs.c.tries).where(jobs.c.tries.is_not(None)).where(jobs.c.attempts > 0)
+        with self._read() as conn:
+            rows = conn.execute(q.order_by(jobs.c.id.desc()).limit(limit)).all()
+        return [t for (tries,) in reversed(rows) for t in (tries or [])]
+
     def has_runnable(self, *, now: datetime | None = None) -> bool:
         """Whether a queued job is waiting (ignoring backoff when `now` is None)."""
         q = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value).limit(1)

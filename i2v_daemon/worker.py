@@ -186,7 +186,10 @@ class Worker:
         outcome = generate(
             model, image, job.prompt, job.negative_prompt, job.params,
             ladder=self.s.resolution_ladder, on_step=on_step, on_try=on_try,
+            memory=self.models.memory if self.models else None,
         )
+        if self.models:
+            self.models.touch()
         notes = list(image_notes) + outcome.notes
         for note in notes:
             jlog.info("note", message=note)

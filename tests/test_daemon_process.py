@@ -86,3 +86,34 @@ def test_a_model_that_cannot_be_found_is_a_configuration_error_with_exit_78(env:
     assert proc.returncode == 78, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("i2v-daemon: model:") and "no-such-model" in last
+
+
+def test_cancel_stops_a_running_job_at_its_next_step_and_the_daemon_keeps_serving(env: Env):
+    from i2v_daemon.jobs import JobStatus
+    from i2v_daemon.store import Store
+
+    proc = start_daemon(env)
+    try:
+        make_image(env.inbox / ".long.png").rename(env.inbox / "long.png")
+        (env.inbox / "long.json").write_text(json.dumps({"prompt": "long", "steps": 1000}))
+        store = Store(f"sqlite:///{env.data / 'jobs.db'}")
+        store.create_schema()
+
+        def running():
+            jobs = [j for j in store.list_jobs(5) if j.status is JobStatus.RUNNING and j.step >= 2]
+            return jobs[0] if jobs else None
+
+        job = wait_for(running, what="the long job to be running")
+        out = env.cli("cancel", str(job.id), check=True).stdout
+        assert "cancel requested" in out
+        wait_for(lambda: (env.failed / "long" / "job.json").exists(), what="failed/long/job.json")
+        manifest = json.loads((env.failed / "long" / "job.json").read_text())
+        assert manifest["status"] == "canceled" and manifest["error"]["type"] == "canceled"
+        assert store.get(job.id).step < 1000  # stopped early, at a step boundary
+        # Still serving: the next drop runs.
+        make_image(env.inbox / ".next.png").rename(env.inbox / "next.png")
+        wait_for(lambda: (env.output / "next" / "next.mp4").exists(), what="output/next/next.mp4")
+        store.close()
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err[-3000:]

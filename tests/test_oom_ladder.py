@@ -1,0 +1,189 @@
+"""The OOM ladder on a CPU: a real tiny model behind a seam that raises the real torch OOM error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from i2v_daemon.errors import OutOfMemory
+from i2v_daemon.generate import generate, plan_rungs
+from i2v_daemon.jobs import Params
+from i2v_daemon.memory import ANCHOR_RESIDENT, GIB, MemoryModel, choose_start
+from i2v_daemon.models.holder import ModelHolder
+from i2v_daemon.models.seams import OOMAbove
+
+IMAGE = Image.new("RGB", (96, 64), (120, 60, 30))
+PARAMS = Params(preset="t", resolution=64, num_frames=4, steps=2, guidance_scale=2.0, fps=4, seed=3)
+LADDER = [48, 32]
+
+
+def run(model, memory=None, params=PARAMS):
+    tries, steps = [], []
+    outcome = generate(
+        model, IMAGE, "a cat", "", params, ladder=LADDER, on_step=lambda k, n: steps.append((k, n)),
+        on_try=tries.append, memory=memory,
+    )
+    return outcome, tries
+
+
+def test_the_rungs_try_savers_at_full_size_before_stepping_down(tiny_model):
+    rungs = plan_rungs(tiny_model, 96, 64, LADDER)
+    assert [(r.width, r.height) for r in rungs[:3]] == [(96, 64)] * 3
+    assert [r.savers for r in rungs[:3]] == [(), ("vae_slicing", "vae_tiling"),
+                                             ("vae_slicing", "vae_tiling", "forward_chunking")]
+    assert "cpu_offload" not in {s for r in rungs for s in r.savers}  # offload means nothing on a CPU
+    smaller = rungs[3:]
+    assert smaller and all(min(r.width, r.height) < 64 for r in smaller)
+    assert all(r.savers == rungs[2].savers for r in smaller)
+    assert [min(r.width, r.height) for r in smaller] == sorted({min(r.width, r.height) for r in smaller}, reverse=True)
+
+
+def test_a_job_that_fits_runs_once_with_no_savers(tiny_model):
+    outcome, tries = run(tiny_model)
+    assert [t["outcome"] for t in tries] == ["succeeded"]
+    assert outcome.frames.shape == (4, 64, 96, 3)
+    assert outcome.effective["savers"] == [] and outcome.effective["seed"] == 3
+
+
+def test_savers_rescue_a_job_at_full_size_when_they_free_enough(tiny_model):
+    seam = OOMAbove(tiny_model, pixel_frames=96 * 64 * 4 - 1, saver_factor=1.5)
+    outcome, tries = run(seam)
+    assert [t["outcome"] for t in tries] == ["out_of_memory", "succeeded"]
+    assert tries[1]["savers"] == ["vae_slicing", "vae_tiling"]
+    assert outcome.frames.shape == (4, 64, 96, 3)
+    assert "CUDA out of memory" in tries[0]["error"]
+    assert any("ran out of GPU memory at 96x64" in n for n in outcome.notes)
+
+
+def test_the_ladder_steps_down_in_resolution_when_savers_do_not_help(tiny_model):
+    seam = OOMAbove(tiny_model, pixel_frames=64 * 48 * 4, saver_factor=1.0)
+    outcome, tries = run(seam)
+    assert [t["outcome"] for t in tries[:-1]] == ["out_of_memory"] * (len(tries) - 1)
+    assert tries[-1]["outcome"] == "succeeded"
+    w, h = tries[-1]["width"], tries[-1]["height"]
+    assert w * h * 4 <= 64 * 48 * 4 and min(w, h) < 64
+    assert outcome.frames.shape == (4, h, w, 3)
+    assert (outcome.effective["width"], outcome.effective["height"]) == (w, h)
+    for t in tries:  # every try is recorded with its size, savers, outcome and time
+        assert {"try", "width", "height", "savers", "outcome", "error", "seconds", "peak_vram_bytes"} <= set(t)
+
+
+def test_when_even_the_smallest_rung_runs_out_of_memory_the_job_fails_naming_it(tiny_model):
+    seam = OOMAbove(tiny_model, pixel_frames=10, saver_factor=1.0)
+    tries: list[dict] = []
+    with pytest.raises(OutOfMemory) as err:
+        generate(seam, IMAGE, "a cat", "", PARAMS, ladder=LADDER, on_step=lambda k, n: None, on_try=tries.append)
+    smallest = tries[-1]
+    assert f"{smallest['width']}x{smallest['height']}" in str(err.value)
+    assert "fewer frames or a lower resolution" in str(err.value)
+    assert all(t["outcome"] == "out_of_memory" for t in tries)
+    assert len(tries) == len(plan_rungs(tiny_model, 96, 64, LADDER))
+
+
+def test_an_error_that_is_not_out_of_memory_is_recorded_and_raised(tiny_model):
+    class Broken(OOMAbove):
+        def generate(self, request, on_step):
+            raise ValueError("a scheduler bug")
+
+    tries: list[dict] = []
+    with pytest.raises(ValueError):
+        generate(Broken(tiny_model, 0), IMAGE, "x", "", PARAMS, ladder=LADDER, on_step=lambda k, n: None,
+                 on_try=tries.append)
+    assert len(tries) == 1 and tries[0]["outcome"] == "error" and "a scheduler bug" in tries[0]["error"]
+
+
+def test_the_memory_model_starts_at_the_first_rung_predicted_to_fit_so_no_try_is_wasted(tiny_model):
+    rungs = plan_rungs(tiny_model, 96, 64, LADDER)
+    target = rungs[3]  # the first smaller size
+    # A budget that the full size cannot fit but the first smaller size can, with a margin.
+    memory = MemoryModel(budget_bytes=0, resident_bytes=0, margin=0.1)
+    per = memory.slope(target.savers) * target.width * target.height * 4
+    memory.budget_bytes = int(per / 0.9) + 1
+    seam = OOMAbove(tiny_model, pixel_frames=10**9)  # nothing really runs out
+    outcome, tries = run(seam, memory=memory)
+    assert [(c[0], c[1]) for c in seam.calls] == [(target.width, target.height)]
+    assert len(tries) == 1 and tries[0]["try"] == 4 and tries[0]["budget_bytes"] == memory.budget_bytes
+    assert sum("skipped" in n for n in outcome.notes) == 3
+
+
+def test_the_memory_model_matches_the_anchor_measurements_within_two_percent():
+    memory = MemoryModel(budget_bytes=80 * GIB)
+    for (side, frames), measured in {(512, 8): 5.98, (512, 16): 7.28, (768, 24): 13.42, (1024, 32): 25.37}.items():
+        predicted = memory.predict(side, side, frames) / GIB
+        assert abs(predicted - measured) / measured < 0.02, (side, frames, predicted)
+    # On a 24 GiB card 1024²×32 is predicted not to fit, 768²×24 is: the capped run starts there.
+    card = MemoryModel(budget_bytes=24 * GIB)
+    assert not card.fits(1024, 1024, 32) and card.fits(768, 768, 24)
+
+
+def test_the_memory_model_refits_from_recorded_attempts_and_remembers_what_did_not_fit():
+    memory = MemoryModel(budget_bytes=24 * GIB, resident_bytes=int(ANCHOR_RESIDENT))
+    pf = 512 * 512 * 16
+    memory.learn([{"width": 512, "height": 512, "num_frames": 16, "savers": [], "outcome": "succeeded",
+                   "peak_vram_bytes": int(ANCHOR_RESIDENT + 2 * pf * 1000)}])
+    assert memory.slope(()) == pytest.approx(2000.0)
+    memory.learn([{"width": 768, "height": 768, "num_frames": 16, "savers": ["vae_tiling"],
+                   "outcome": "out_of_memory", "budget_bytes": 24 * GIB}])
+    assert not memory.fits(768, 768, 16, ("vae_tiling",)) and not memory.fits(1024, 768, 16, ("vae_tiling",))
+    # An OOM on a bigger budget says nothing about this one.
+    small = MemoryModel(budget_bytes=12 * GIB)
+    small.learn([{"width": 64, "height": 64, "num_frames": 2, "savers": [], "outcome": "out_of_memory",
+                  "budget_bytes": 40 * GIB}])
+    assert small.fits(64, 64, 2)
+
+
+def test_nothing_predicted_to_fit_still_tries_the_smallest_rung(tiny_model):
+    rungs = plan_rungs(tiny_model, 96, 64, LADDER)
+    start, notes = choose_start(MemoryModel(budget_bytes=1), rungs, 4)
+    assert start == len(rungs) - 1 and len(notes) == len(rungs)
+
+
+def test_an_oom_frees_memory_and_the_same_model_keeps_working_for_the_next_job(tiny_model):
+    seam = OOMAbove(tiny_model, pixel_frames=10, saver_factor=1.0)
+    with pytest.raises(OutOfMemory):
+        run(seam)
+    outcome, tries = run(tiny_model)
+    assert tries[0]["outcome"] == "succeeded" and outcome.frames.shape == (4, 64, 96, 3)
+    assert issubclass(torch.cuda.OutOfMemoryError, RuntimeError)
+
+
+def test_an_idle_model_is_unloaded_and_loaded_again_for_the_next_job(tiny_i2vgen_dir):
+    holder = ModelHolder(str(tiny_i2vgen_dir), "cpu", "float32")
+    first = holder.get()
+    assert holder.unload_if_idle(3600, busy=False) is False  # not idle long enough
+    assert holder.unload_if_idle(0.0001, busy=True) is False  # never while a job runs
+    holder.last_used -= 10
+    assert holder.unload_if_idle(1, busy=False) is True
+    assert holder.current is None and first.pipeline is None  # closed, memory released
+    second = holder.get()
+    assert second is not first and second.pipeline is not None
+    holder.unload()
+
+
+@pytest.mark.slow
+def test_through_the_daemon_every_try_is_in_the_manifest_and_the_video_has_the_size_that_fit(env, drop):
+    drop("big", (".txt", "a big one"))
+    drop("hopeless", (".json", json.dumps({"prompt": "too big", "num_frames": 20})))
+    config = env.config.read_text()
+    env.config.write_text(config.replace("[presets.tiny]", "resolution_ladder = [48, 32]\n[presets.tiny]"))
+    # 64x48x4 fits; 96x64 does not, and the 20-frame job fits nowhere.
+    env.cli("run", "--once", check=True, env={"I2V_TEST_OOM_ABOVE_PIXEL_FRAMES": str(64 * 48 * 4)})
+
+    manifest = json.loads((env.output / "big" / "job.json").read_text())
+    outcomes = [a["outcome"] for a in manifest["attempts"]]
+    assert outcomes[-1] == "succeeded" and set(outcomes[:-1]) == {"out_of_memory"} and len(outcomes) >= 4
+    eff = manifest["effective"]
+    assert eff["width"] * eff["height"] <= 64 * 48 and manifest["attempts"][-1]["width"] == eff["width"]
+    assert any("ran out of GPU memory" in n for n in manifest["notes"])
+    assert "out_of_memory" in (env.output / "big" / "job.log").read_text()
+
+    failed = json.loads((env.failed / "hopeless" / "job.json").read_text())
+    assert failed["status"] == "failed" and failed["error"]["type"] == "out_of_memory"
+    smallest = failed["attempts"][-1]
+    assert f"{smallest['width']}x{smallest['height']}" in failed["error"]["message"]
+    jobs = {j["name"]: j for j in env.status()["jobs"]}
+    assert (jobs["big"]["width"], jobs["big"]["height"]) == (eff["width"], eff["height"])
+    assert jobs["hopeless"]["status"] == "failed" and "out of GPU memory" in jobs["hopeless"]["error"]
