@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     default_preset: str = "standard"
     presets: dict[str, PresetOverride] = Field(default_factory=dict)
-    resolution_ladder: list[int] = Field(default_factory=lambda: [1024, 768, 640, 512, 384, 256])
+    resolution_ladder: list[int] = Field(default_factory=lambda: [1024, 896, 768, 640, 512, 384, 256])
     vram_budget_gib: float | None = Field(default=None, gt=0)  # cap on a card other programs share
     memory_margin: float = Field(default=0.10, ge=0, lt=0.9)  # headroom the memory model keeps free
     model_idle_unload_seconds: float = Field(default=1800.0, ge=0)  # 0 keeps the model loaded forever
