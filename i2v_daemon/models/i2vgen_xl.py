@@ -182,16 +182,25 @@ class I2VGenXLModel:
 
 def _load_pipeline(model: str, dtype: str) -> Any:
     """`I2VGenXLPipeline.from_pretrained`, with failures turned into errors that say what to do."""
-    from diffusers import I2VGenXLPipeline
-    from diffusers.utils import logging as diffusers_logging
+    import warnings
+
     from transformers.utils import logging as transformers_logging
 
-    # Loading bars would land in the journal as noise; job progress comes from on_step.
-    diffusers_logging.disable_progress_bar()
+    # Plain-text warnings (I2VGen-XL's deprecation, a missing torchvision) would break the JSON lines
+    # of our log, and loading bars would land in the journal as noise: errors still come through,
+    # and job progress comes from on_step. Set before diffusers imports the CLIP classes.
+    transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    from diffusers import I2VGenXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     try:
-        # torch_dtype, not dtype: older diffusers in our supported range know only that name.
-        return I2VGenXLPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+        with warnings.catch_warnings():
+            # torch_dtype, not dtype: older diffusers in our supported range know only that name.
+            warnings.simplefilter("ignore", FutureWarning)
+            return I2VGenXLPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
     except OSError as err:  # a Hub download that failed half-way, or a folder missing weights
         if local_folder(model) is not None:
             raise GenerationError(
