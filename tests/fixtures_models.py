@@ -1,11 +1,11 @@
-"""Session fixtures with a tiny random I2VGen-XL saved to disk, so tests run the real loading path.
+"""Session fixtures with tiny random pipelines saved to disk, so tests run the real loading path.
 
-Wired into tests/conftest.py by importing `tiny_i2vgen_dir` and `tiny_model` there.
+Wired into tests/conftest.py by importing the fixtures there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +34,52 @@ def tiny_model(tiny_i2vgen_dir: Path) -> Iterator[VideoModel]:
     model = load_model(str(tiny_i2vgen_dir), device="cpu", dtype="float32")
     yield model
     model.close()
+
+
+#: The families besides I2VGen-XL, each with a tiny random build (i2v_daemon/models/tiny_families.py).
+TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox")
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """family -> a diffusers folder with its tiny random pipeline, built on first use, once per session."""
+    from i2v_daemon.models.tiny import build_tiny
+
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_family_models(tiny_family_dirs: Callable[[str], Path]) -> Iterator[Callable[[str], VideoModel]]:
+    """family -> its tiny pipeline loaded on CPU through `load_model`, once per session."""
+    import torch
+
+    from i2v_daemon.models.loader import load_model
+
+    torch.set_num_threads(1)  # as in tiny_model
+    loaded: dict[str, VideoModel] = {}
+
+    def model(family: str) -> VideoModel:
+        if family not in loaded:
+            loaded[family] = load_model(str(tiny_family_dirs(family)), device="cpu", dtype="float32")
+        return loaded[family]
+
+    yield model
+    for m in loaded.values():
+        m.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_family_dirs: Callable[[str], Path]) -> Path:
+    """A lora_dir holding `style.safetensors`, a random LoRA for the tiny Wan pipeline."""
+    from i2v_daemon.models.tiny import build_tiny_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    build_tiny_lora(tiny_family_dirs("wan"), folder / "style.safetensors")
+    return folder

@@ -49,10 +49,10 @@ def test_a_folder_with_an_i2vgen_xl_model_index_is_detected(tiny_i2vgen_dir: Pat
 
 
 def test_an_unknown_pipeline_class_is_refused_with_the_supported_ones(tmp_path: Path) -> None:
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
-    with pytest.raises(ConfigError, match="StableVideoDiffusionPipeline") as err:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ConfigError, match="StableDiffusionPipeline") as err:
         detect_family(str(tmp_path))
-    assert "I2VGenXLPipeline" in str(err.value)
+    assert "I2VGenXLPipeline" in str(err.value) and "WanImageToVideoPipeline" in str(err.value)
 
 
 def test_a_folder_without_model_index_says_which_folder_to_point_at(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ are plain Python so the rest of the daemon (and `status`) never pays for that im
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ SAVERS = ("vae_slicing", "vae_tiling", "forward_chunking", "cpu_offload")
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """What a loaded model is and what it can honour; generate.py plans every job from this."""
+
     family: str  # e.g. "i2vgen-xl"
     model_id: str  # repo id or local folder as configured
     revision: str | None  # commit hash for hub snapshots, None for a local folder
@@ -31,11 +34,28 @@ class ModelInfo:
     max_prompt_tokens: int | None  # the text encoder's limit; None when the model takes no prompt
     takes_prompt: bool = True
     savers: tuple[str, ...] = ()  # which of SAVERS this family supports
+    frame_step: int = 1  # valid frame counts are 1 + frame_step·k (1: any count)
+    min_frames: int = 1
+    max_frames: int | None = None  # beyond this a request is refused, not trimmed
+    fixed_size: tuple[int, int] | None = None  # (width, height) for a model that makes only one size
+    motion: bool = False  # whether the `motion` key reaches the model
+    fps_conditioning: bool = False  # whether the model is told the frame rate (else fps only sets playback)
+    native_fps: int | None = None  # the frame rate its motion is made for, where it is not told
+    lora: bool = False  # whether LoRA files can be applied
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA file already checked to lie inside `lora_dir`."""
+
+    name: str  # as the sidecar named it
+    path: str  # absolute path of the .safetensors file
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One try: everything is already decided (size rounded, seed chosen)."""
+    """One try: everything is already decided (size and frame count planned, seed chosen)."""
 
     image: Image.Image  # RGB, EXIF orientation applied
     prompt: str
@@ -48,6 +68,8 @@ class GenerationRequest:
     fps: int
     seed: int
     savers: tuple[str, ...] = ()
+    motion: float | None = None  # 0..1, for families with a motion knob
+    lora: LoraChoice | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,23 @@ class SizePlan:
     width: int
     height: int
     notes: tuple[str, ...] = field(default=())  # adjustments a person should know about
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    num_frames: int
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConditioningPlan:
+    """How a request's options reach the pipeline: its own argument names and values, and notes."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"motion_bucket_id": 64, "fps": 8}
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
 
 
 class VideoModel(Protocol):
@@ -65,7 +104,15 @@ class VideoModel(Protocol):
     def plan_size(
         self, image_size: tuple[int, int], resolution: int, width: int | None, height: int | None
     ) -> SizePlan:
-        """The size this model will generate for an image of `image_size` (w, h)."""
+        """The size this model will generate for an image of `image_size` (w, h); InputError if it cannot."""
+        ...
+
+    def plan_frames(self, num_frames: int) -> FramePlan:
+        """The frame count this model will generate when asked for `num_frames`; InputError if it cannot."""
+        ...
+
+    def plan_conditioning(self, request: GenerationRequest) -> ConditioningPlan:
+        """The family's own arguments for fps, guidance, motion, LoRA; InputError for what it cannot do."""
         ...
 
     def prompt_tokens(self, prompt: str) -> int:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from i2v_daemon.errors import ConfigError, GenerationError
+from i2v_daemon.errors import ConfigError, GenerationError, I2VError
 
 if TYPE_CHECKING:
     from i2v_daemon.models.base import VideoModel
@@ -19,12 +21,27 @@ if TYPE_CHECKING:
 #: `_class_name` in a pipeline's model_index.json -> our family name.
 FAMILIES: dict[str, str] = {
     "I2VGenXLPipeline": "i2vgen-xl",
+    "StableVideoDiffusionPipeline": "svd",
+    "WanImageToVideoPipeline": "wan",
+    "LTXImageToVideoPipeline": "ltx-video",
+    # Lightricks/LTX-Video is published as the text-to-video pipeline; its image-to-video pipeline
+    # loads the very same components, as diffusers' own LTX documentation does.
+    "LTXPipeline": "ltx-video",
+    "CogVideoXImageToVideoPipeline": "cogvideox",
 }
 
 #: family name -> "module:Class" of its adapter; imported only when that family is loaded.
 ADAPTERS: dict[str, str] = {
     "i2vgen-xl": "i2v_daemon.models.i2vgen_xl:I2VGenXLModel",
+    "svd": "i2v_daemon.models.svd:SVDModel",
+    "wan": "i2v_daemon.models.wan:WanModel",
+    "ltx-video": "i2v_daemon.models.ltx:LTXModel",
+    "cogvideox": "i2v_daemon.models.cogvideox:CogVideoXModel",
 }
+
+#: dtype "auto" on a GPU, by family: the T5/umT5 text encoders of the newer families overflow in
+#: float16, so their model cards run them in bfloat16; the UNet families were released in fp16.
+HALF_DTYPES: dict[str, str] = {"wan": "bfloat16", "ltx-video": "bfloat16", "cogvideox": "bfloat16"}
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -46,7 +63,7 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> VideoMo
     """Detect the family of `model` and load it once, ready to generate on `device` in `dtype`."""
     family = detect_family(model)
     resolved_device = resolve_device(device)
-    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device, family)
     module_name, class_name = ADAPTERS[family].split(":")
     adapter = getattr(importlib.import_module(module_name), class_name)
     return adapter(model, device=resolved_device, dtype=resolved_dtype)
@@ -139,10 +156,55 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' -> float16 on a GPU (half the memory, same quality for this model), float32 on CPU."""
+def resolve_dtype(dtype: str, device: str, family: str | None = None) -> str:
+    """'auto' -> the family's half precision on a GPU (half the memory, same quality), float32 on CPU."""
     if dtype == "auto":
-        return "float16" if device.startswith("cuda") else "float32"
+        return HALF_DTYPES.get(family or "", "float16") if device.startswith("cuda") else "float32"
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}.")
     return dtype
+
+
+#: Bytes per element of safetensors dtypes that are not floating point (floats follow the load dtype).
+_FIXED_BYTES = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def weights_bytes(model: str, dtype: str) -> int | None:
+    """About how much memory `model`'s weights take once loaded in `dtype`, read from its safetensors
+    headers (a local folder, or a Hub snapshot already in the cache); None when that cannot be told."""
+    try:
+        folder = local_folder(model)
+    except I2VError:
+        return None
+    if folder is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "model_index.json")
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    if folder is None:
+        return None
+    per_float = 4 if dtype == "float32" else 2
+    total = 0
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(component.glob("*.safetensors"))
+        plain = [f for f in files if not any(v in f.name for v in (".fp16.", ".bf16.", ".fp32."))]
+        for f in plain or files[:1]:  # a variant alone (…fp16.safetensors) stands for the component
+            try:
+                header = _safetensors_header(f)
+            except (OSError, ValueError):
+                return None
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    size = per_float if meta["dtype"] in _FLOATS else _FIXED_BYTES.get(meta["dtype"], 4)
+                    total += math.prod(meta["shape"]) * size
+    return total or None
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file: tensor names, dtypes and shapes (8 little-endian length bytes first)."""
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        if length > 100_000_000:
+            raise ValueError(f"{path}: implausible safetensors header length {length}")
+        return json.loads(fh.read(length))

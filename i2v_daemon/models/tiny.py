@@ -1,7 +1,9 @@
-"""Random-weight I2VGen-XL pipelines built in code: a tiny one for tests, a full-size one for timing.
+"""Random-weight pipelines built in code: a tiny one of every family for tests, a full-size I2VGen-XL for timing.
 
-Both use the real diffusers and transformers classes, so the loading, encoding and denoising
-code that runs on them is the code that runs on the released weights. Nothing is downloaded.
+They use the real diffusers and transformers classes, so the loading, encoding and denoising
+code that runs on them is the code that runs on the released weights. Nothing is downloaded:
+tokenizers are made from in-code vocabularies (byte-level CLIP; a character-level T5 unigram
+model, which needs neither sentencepiece nor protobuf with transformers 5).
 """
 
 from __future__ import annotations
@@ -196,3 +198,38 @@ def build_full_size_i2vgen_xl(device: str = "cuda", dtype: torch.dtype = torch.f
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny(family: str, path: Path, seed: int = 0) -> Path:
+    """Save a tiny random pipeline of `family` to `path` (a diffusers folder) and return `path`."""
+    if family == "i2vgen-xl":
+        return build_tiny_i2vgen_xl(path, seed)
+    from i2v_daemon.models.tiny_families import TINY_BUILDERS
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = TINY_BUILDERS[family]()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_lora(family_dir: Path, path: Path, seed: int = 0) -> Path:
+    """A random LoRA (rank 2 on the attention projections) for the tiny pipeline in `family_dir`, saved at `path`."""
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(family_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe.transformer.add_adapter(LoraConfig(
+            r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False,
+        ))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(
+        path.parent, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer), weight_name=path.name,
+    )
+    return path

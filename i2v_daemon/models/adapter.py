@@ -1,0 +1,305 @@
+"""The half every family adapter shares: loading, planning, savers, LoRA, seeding, progress and cleanup.
+
+A family (svd.py, wan.py, …) says what it is (`_limits`), how our options become its pipeline's
+arguments (`_conditioning`), and, where it must, how it calls the pipeline (`_call`). Everything
+else a `VideoModel` does lives here once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from i2v_daemon.errors import GenerationError, InputError
+from i2v_daemon.models import planning
+from i2v_daemon.models.base import (
+    ConditioningPlan,
+    FramePlan,
+    GenerationRequest,
+    LoraChoice,
+    ModelInfo,
+    SizePlan,
+    StepCallback,
+)
+from i2v_daemon.models.runtime import (
+    cpu_generator,
+    disable_forward_chunking,
+    fit_image,
+    free,
+    grad_mode,
+    hub_revision,
+    load_pipeline,
+    seeded,
+    to_uint8,
+)
+
+#: The name our one LoRA adapter has inside a pipeline.
+LORA_ADAPTER = "i2v_daemon_lora"
+#: Attributes that may hold a denoising network (Wan 2.2 has two experts).
+DENOISERS = ("unet", "transformer", "transformer_2")
+
+
+class DiffusersVideoModel:
+    """A diffusers image-to-video pipeline, loaded once and kept warm between jobs."""
+
+    family: ClassVar[str]
+    pipeline_class: ClassVar[str]  # the diffusers class that runs this family
+    #: Components kept in float32 when the rest is half precision (Wan's model card loads its VAE so).
+    float32_components: ClassVar[tuple[str, ...]] = ()
+    #: None: progress through `callback_on_step_end`; else the module whose forward marks one step.
+    progress_module: ClassVar[str | None] = None
+    #: Why a fixed-size family makes only one size, for its notes and refusals.
+    fixed_size_reason: ClassVar[str] = ""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", pipeline: Any = None) -> None:
+        """Load `model` (a folder or Hub id) onto `device`, or wrap an already built `pipeline`."""
+        self.device = device
+        self.dtype = dtype
+        pipe = pipeline if pipeline is not None else load_pipeline(
+            self.pipeline_class, model, dtype, self.float32_components
+        )
+        self.pipeline: Any = pipe.to(device)  # None once closed
+        self.pipeline.set_progress_bar_config(disable=True)
+        self._lora_loaded: tuple[str, int] | None = None  # (path, mtime) of the LoRA in the pipeline
+        self.info = ModelInfo(
+            family=self.family,
+            model_id=model,
+            revision=hub_revision(model),
+            savers=self._supported_savers(),
+            lora=hasattr(pipe, "load_lora_weights"),
+            **self._limits(),
+        )
+
+    # ---- what each family says about itself -------------------------------------------------------
+
+    def _limits(self) -> dict[str, Any]:
+        """ModelInfo fields read from the loaded pipeline: size_multiple, max_prompt_tokens, frame rules, …"""
+        raise NotImplementedError
+
+    def _conditioning(self, request: GenerationRequest) -> tuple[dict[str, Any], list[str]]:
+        """This family's pipeline arguments for guidance, fps, motion (beyond size, frames, steps), and notes."""
+        return {"guidance_scale": request.guidance_scale}, []
+
+    def _call(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
+              callback: Callable[..., Any] | None) -> np.ndarray:
+        """One pipeline call; float frames in [0, 1], shaped (frames, height, width, 3)."""
+        kwargs: dict[str, Any] = {
+            "image": image, "height": request.height, "width": request.width, "num_frames": request.num_frames,
+            "num_inference_steps": request.steps, "generator": cpu_generator(request.seed), "output_type": "np",
+            **conditioning,
+        }
+        if self.info.takes_prompt:
+            kwargs.update(prompt=request.prompt, negative_prompt=request.negative_prompt)
+        if callback is not None:
+            kwargs["callback_on_step_end"] = callback
+        return self.pipeline(**kwargs).frames[0]
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        return list(self.pipeline.tokenizer(prompt, truncation=False).input_ids)
+
+    # ---- planning -------------------------------------------------------------------------------
+
+    def plan_size(
+        self, image_size: tuple[int, int], resolution: int, width: int | None, height: int | None
+    ) -> SizePlan:
+        """The size this model will generate for an image of `image_size` (w, h); InputError if it cannot."""
+        if self.info.fixed_size is not None:
+            return planning.plan_fixed_size(
+                image_size, resolution, width, height, self.info.fixed_size, self.family, self.fixed_size_reason
+            )
+        return planning.plan_size(image_size, resolution, width, height, self.info.size_multiple)
+
+    def plan_frames(self, num_frames: int) -> FramePlan:
+        """The frame count this model will generate when asked for `num_frames`; InputError if it cannot."""
+        info = self.info
+        return planning.plan_frames(num_frames, self.family, info.frame_step, info.min_frames, info.max_frames)
+
+    def plan_conditioning(self, request: GenerationRequest) -> ConditioningPlan:
+        """The family's own arguments for the request's options, with notes; InputError for what it cannot do."""
+        info, name = self.info, self.family
+        if request.lora is not None and not info.lora:
+            raise InputError(
+                f"{name} cannot apply a LoRA (its diffusers pipeline has no LoRA loader); remove 'lora', "
+                "or choose a model of a family that can (wan, ltx-video, cogvideox)"
+            )
+        values, notes = self._conditioning(request)
+        if not info.takes_prompt and (request.prompt or request.negative_prompt):
+            notes.append(f"{name} takes no prompt: the video follows the image alone, and the prompt was not used")
+        if request.motion is not None and not info.motion:
+            notes.append(f"{name} has no motion control; motion {request.motion:g} was not used")
+        if not info.fps_conditioning and info.native_fps and request.fps != info.native_fps:
+            pace = info.native_fps / request.fps
+            speed = f"{pace:.2g}× slower" if pace > 1 else f"{1 / pace:.2g}× faster"
+            notes.append(
+                f"{name} makes motion for about {info.native_fps} fps and is not told the frame rate; "
+                f"at {request.fps} fps the video plays {speed} than real time"
+            )
+        return ConditioningPlan(values, tuple(notes))
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens the text encoder would see for `prompt` before truncation, special tokens included."""
+        return len(self._tokenize(prompt)) if self.info.takes_prompt else 0
+
+    # ---- generating -----------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback) -> np.ndarray:
+        """Frames as a uint8 array (num_frames, height, width, 3); on_step may raise to stop early."""
+        if self.pipeline is None:
+            raise GenerationError("the model was closed; load it again with load_model() before generating")
+        self._check_request(request)
+        image = fit_image(request.image, request.width, request.height)
+        conditioning = dict(self.plan_conditioning(request).values)
+        callback, hook = self._progress(request.steps, on_step)
+        try:
+            with self._lora(request.lora), self._savers(request.savers), seeded(request.seed, self.device), \
+                    grad_mode(request.savers):
+                frames = self._call(image, request, conditioning, callback)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if frames.shape[0] != request.num_frames:
+            raise GenerationError(
+                f"{self.family} made {frames.shape[0]} frames where {request.num_frames} were planned; "
+                "this is a bug in i2v-daemon's frame planning for this family, please report it"
+            )
+        return to_uint8(frames)
+
+    def versions(self) -> dict[str, Any]:
+        """Library versions that produced the video, for the manifest."""
+        import diffusers
+        import transformers
+
+        return {
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        }
+
+    def close(self) -> None:
+        """Release the pipeline and any GPU memory it holds; the object is unusable afterwards."""
+        if getattr(self, "pipeline", None) is None:
+            return
+        self.pipeline = None
+        free(self.device)
+
+    def _check_request(self, request: GenerationRequest) -> None:
+        """Refuse what the planner should have prevented, rather than let the pipeline quietly change it."""
+        unknown = [s for s in request.savers if s not in self.info.savers]
+        if unknown:
+            raise ValueError(f"savers {unknown} are not supported here; supported: {self.info.savers}")
+        multiple = self.info.size_multiple
+        if request.width % multiple or request.height % multiple:
+            raise ValueError(f"{request.width}×{request.height} is not a multiple of {multiple}; use plan_size()")
+        if self.plan_frames(request.num_frames).num_frames != request.num_frames:
+            raise ValueError(f"{request.num_frames} frames is not a count {self.family} makes; use plan_frames()")
+
+    def _progress(self, steps: int, on_step: StepCallback) -> tuple[Callable[..., Any] | None, Any]:
+        """A `callback_on_step_end` reporting each step, or a forward hook where the pipeline has no callback."""
+        if self.progress_module is None:
+            def after_step(pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                on_step(i + 1, int(getattr(pipe, "_num_timesteps", 0) or steps))
+                return tensors
+
+            return after_step, None
+        calls = 0
+
+        def after_forward(_module: Any, _args: Any, _output: Any) -> None:
+            nonlocal calls  # one forward per denoising step: guidance runs both halves in one batch
+            calls += 1
+            on_step(calls, steps)
+
+        return None, getattr(self.pipeline, self.progress_module).register_forward_hook(after_forward)
+
+    # ---- memory savers --------------------------------------------------------------------------
+
+    def _denoisers(self) -> list[Any]:
+        return [m for m in (getattr(self.pipeline, name, None) for name in DENOISERS) if m is not None]
+
+    def _supported_savers(self) -> tuple[str, ...]:
+        """The memory savers this pipeline offers, in the OOM ladder's order."""
+        vae = getattr(self.pipeline, "vae", None)
+        savers = []
+        if hasattr(vae, "use_slicing"):
+            savers.append("vae_slicing")
+        if hasattr(vae, "use_tiling"):
+            savers.append("vae_tiling")
+        if any(hasattr(m, "enable_forward_chunking") for m in self._denoisers()):
+            savers.append("forward_chunking")
+        if self.device.startswith("cuda"):  # offloading to the CPU only helps when the weights are elsewhere
+            savers.append("cpu_offload")
+        return tuple(savers)
+
+    @contextmanager
+    def _savers(self, savers: tuple[str, ...]) -> Iterator[None]:
+        """Apply memory savers for one call, then restore the fast default for the next job."""
+        pipe = self.pipeline
+        vae = getattr(pipe, "vae", None)
+        try:
+            if "vae_slicing" in savers and hasattr(vae, "use_slicing"):
+                vae.enable_slicing()
+            if "vae_tiling" in savers and hasattr(vae, "use_tiling"):
+                vae.enable_tiling()
+            if "forward_chunking" in savers:
+                for m in self._denoisers():
+                    if hasattr(m, "enable_forward_chunking"):
+                        m.enable_forward_chunking()
+            if "cpu_offload" in savers:
+                pipe.enable_model_cpu_offload(device=self.device)
+            yield
+        finally:
+            self._reset_savers(savers)
+
+    def _reset_savers(self, savers: tuple[str, ...]) -> None:
+        """Undo `_savers`: plain VAE and denoiser, every component resident on the device again."""
+        pipe = self.pipeline
+        vae = getattr(pipe, "vae", None)
+        if "vae_slicing" in savers and hasattr(vae, "use_slicing"):
+            vae.disable_slicing()
+        if "vae_tiling" in savers and hasattr(vae, "use_tiling"):
+            vae.disable_tiling()
+        if "forward_chunking" in savers:
+            for m in self._denoisers():
+                disable_forward_chunking(m)
+        if "cpu_offload" in savers:
+            pipe.remove_all_hooks()
+            pipe.to(self.device)
+
+    # ---- LoRA -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _lora(self, lora: LoraChoice | None) -> Iterator[None]:
+        """The request's LoRA active at its scale for one call; the last one stays loaded, disabled, for reuse."""
+        pipe = self.pipeline
+        if lora is None:
+            if self._lora_loaded is not None:
+                pipe.disable_lora()
+            yield
+            return
+        try:
+            key = (lora.path, os.stat(lora.path).st_mtime_ns)  # a file replaced in place is loaded again
+        except OSError as err:
+            raise InputError(f"lora {lora.name!r} cannot be read ({err.strerror}); put it back into lora_dir") from err
+        if key != self._lora_loaded:
+            self._unload_lora()
+            try:
+                pipe.load_lora_weights(lora.path, adapter_name=LORA_ADAPTER)
+            except torch.cuda.OutOfMemoryError:
+                self._unload_lora()
+                raise
+            except Exception as err:  # wrong family, wrong rank, not a safetensors file: the user's to fix
+                self._unload_lora()
+                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                raise InputError(f"lora {lora.name!r} does not fit this {self.family} model ({first})") from err
+            self._lora_loaded = key
+        pipe.enable_lora()
+        pipe.set_adapters([LORA_ADAPTER], [lora.scale])
+        yield
+
+    def _unload_lora(self) -> None:
+        if self._lora_loaded is not None or getattr(self.pipeline, "get_list_adapters", lambda: {})():
+            self.pipeline.unload_lora_weights()
+        self._lora_loaded = None

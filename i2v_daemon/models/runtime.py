@@ -1,0 +1,124 @@
+"""Small pieces every adapter uses around a diffusers pipeline: loading it quietly, fitting the image,
+seeding, converting frames, and the grad mode and forward-chunking switches the savers need."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from i2v_daemon.errors import ConfigError, GenerationError
+from i2v_daemon.models.loader import local_folder, model_unavailable
+
+__all__ = [
+    "cpu_generator", "disable_forward_chunking", "fit_image", "free", "grad_mode", "hub_revision", "load_pipeline",
+    "seeded", "to_uint8",
+]
+
+
+def load_pipeline(class_name: str, model: str, dtype: str, float32_components: tuple[str, ...] = ()) -> Any:
+    """`<class_name>.from_pretrained`, with failures turned into errors that say what to do."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    # Plain-text warnings (deprecations, a missing torchvision) would break the JSON lines of our
+    # log, and loading bars would land in the journal as noise: errors still come through, and
+    # job progress comes from on_step. Set before diffusers imports the transformers classes.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    pipeline_class = getattr(diffusers, class_name, None)
+    if pipeline_class is None:
+        raise ConfigError(
+            f"model {model!r} needs diffusers' {class_name}, which diffusers {diffusers.__version__} does not "
+            "have; upgrade diffusers (pip install -U diffusers)"
+        )
+    torch_dtype: Any = getattr(torch, dtype)
+    if float32_components and dtype != "float32":
+        torch_dtype = {"default": torch_dtype, **dict.fromkeys(float32_components, torch.float32)}
+    try:
+        with warnings.catch_warnings():
+            # torch_dtype, not dtype: older diffusers in our supported range know only that name.
+            warnings.simplefilter("ignore", FutureWarning)
+            return pipeline_class.from_pretrained(model, torch_dtype=torch_dtype)
+    except OSError as err:  # a Hub download that failed half-way, or a folder missing weights
+        if local_folder(model) is not None:
+            raise GenerationError(
+                f"model folder {model!r} could not be loaded ({err}); re-download or rebuild it."
+            ) from err
+        raise model_unavailable(model, err) from err
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` scaled to cover (width, height) and center-cropped to exactly that size."""
+    # The pipelines' own resizing squashes or uses a box filter; doing it here with Lanczos looks
+    # better and leaves the pipeline a no-op resize.
+    return ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.LANCZOS)
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """A CPU generator draws the same noise on any device, so a seed means one video."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def hub_revision(model: str) -> str | None:
+    """The commit hash of the cached Hub snapshot `model` was loaded from; None for a folder."""
+    if Path(model).expanduser().exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "model_index.json")
+    if not isinstance(cached, str):
+        return None
+    parts = Path(cached).parts  # …/models--owner--name/snapshots/<commit>/model_index.json
+    return parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else None
+
+
+@contextmanager
+def seeded(seed: int, device: str) -> Iterator[None]:
+    """Seed the global RNGs for one call, restoring them afterwards."""
+    # Some pipelines (I2VGen-XL's image latents) draw from the global RNG rather than the generator
+    # they are given, so the seed must cover it too for the same seed to give the same video.
+    cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] -> uint8, rounded as diffusers' own PIL conversion does."""
+    return np.ascontiguousarray((np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8))
+
+
+def grad_mode(savers: tuple[str, ...]) -> AbstractContextManager[Any]:
+    # Offload hooks move weights inside the call; under inference_mode those would become
+    # inference tensors that the later move back to the GPU may not modify, so use no_grad.
+    return torch.no_grad() if "cpu_offload" in savers else torch.inference_mode()
+
+
+def disable_forward_chunking(module: Any) -> None:
+    """Undo enable_forward_chunking; not every model has its own disable (SVD's UNet has none)."""
+    if hasattr(module, "disable_forward_chunking"):
+        module.disable_forward_chunking()
+        return
+    for sub in module.modules():
+        if hasattr(sub, "set_chunk_feed_forward"):
+            sub.set_chunk_feed_forward(chunk_size=None, dim=0)
+
+
+def free(device: str) -> None:
+    """Let go of what a closed pipeline held."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()

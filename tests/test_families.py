@@ -1,0 +1,268 @@
+"""Every image-to-video family behind the one protocol, on tiny random pipelines: plans, generation, progress."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from i2v_daemon.errors import InputError, JobCanceled
+from i2v_daemon.generate import plan_rungs
+from i2v_daemon.models.base import GenerationRequest, LoraChoice
+from i2v_daemon.models.loader import detect_family, resolve_dtype
+from i2v_daemon.models.planning import plan_frames
+from i2v_daemon.models.svd import motion_bucket_id
+from tests.fixtures_models import TINY_FAMILIES
+
+#: What each tiny family makes when asked for 4 frames at resolution 64 from a 96×64 image.
+PLANNED_FRAMES = {"svd": 4, "wan": 5, "ltx-video": 9, "cogvideox": 9}
+
+
+def request_for(model, **changes: object) -> GenerationRequest:
+    """A small request the model can honour as it is: 96×64, its planned frames for 4, 2 steps."""
+    gradient = np.linspace(0, 255, 64 * 96 * 3).reshape(64, 96, 3).astype(np.uint8)
+    values: dict[str, object] = {
+        "image": Image.fromarray(gradient), "prompt": "a cat turns its head", "negative_prompt": "blurry",
+        "width": 96, "height": 64, "num_frames": model.plan_frames(4).num_frames, "steps": 2,
+        "guidance_scale": 5.0, "fps": 8, "seed": 1234,
+    }
+    values.update(changes)
+    return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+def _ignore(_step: int, _total: int) -> None:
+    """A progress callback that does nothing."""
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def family_model(request: pytest.FixtureRequest, tiny_family_models):
+    return tiny_family_models(request.param)
+
+
+# --- detection and plans ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_each_family_is_detected_from_the_class_name_in_its_model_index(family, tiny_family_dirs):
+    assert detect_family(str(tiny_family_dirs(family))) == family
+
+
+def test_auto_dtype_on_a_gpu_is_bfloat16_for_the_t5_families_and_float16_for_the_unet_ones():
+    assert [resolve_dtype("auto", "cuda", f) for f in ("i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox")] == [
+        "float16", "float16", "bfloat16", "bfloat16", "bfloat16"]
+    assert resolve_dtype("auto", "cpu", "wan") == "float32"
+
+
+def test_frame_counts_round_to_the_nearest_count_a_family_makes_and_say_so():
+    assert plan_frames(16, "wan", step=4, minimum=5).num_frames == 17
+    assert plan_frames(81, "wan", step=4, minimum=5).notes == ()
+    assert plan_frames(19, "wan", step=4, minimum=5).num_frames == 21  # halves round up
+    assert plan_frames(2, "ltx-video", step=8, minimum=9).num_frames == 9  # never below a real video
+    note = plan_frames(24, "ltx-video", step=8, minimum=9).notes[0]
+    assert note == "num_frames 24 rounded to 25 (ltx-video makes 1 + a multiple of 8 frames, at least 9)"
+    assert plan_frames(7, "svd").num_frames == 7
+
+
+def test_more_frames_than_a_family_can_make_is_refused_rather_than_cut():
+    with pytest.raises(InputError, match=r"num_frames 60 is more than cogvideox can make \(at most 49\)"):
+        plan_frames(60, "cogvideox", step=8, minimum=9, maximum=49)
+
+
+def test_each_tiny_family_reports_the_limits_of_its_released_architecture(tiny_family_models):
+    infos = {f: tiny_family_models(f).info for f in TINY_FAMILIES}
+    assert {f: i.size_multiple for f, i in infos.items()} == {"svd": 16, "wan": 16, "ltx-video": 32, "cogvideox": 16}
+    assert {f: i.frame_step for f, i in infos.items()} == {"svd": 1, "wan": 4, "ltx-video": 8, "cogvideox": 8}
+    assert {f: i.max_prompt_tokens for f, i in infos.items()} == {
+        "svd": None, "wan": 512, "ltx-video": 128, "cogvideox": 16}
+    assert not infos["svd"].takes_prompt and infos["svd"].motion
+    assert [f for f, i in infos.items() if i.lora] == ["wan", "ltx-video", "cogvideox"]
+    assert infos["cogvideox"].fixed_size == (96, 64) and infos["cogvideox"].max_frames == 9
+    assert infos["svd"].savers == ("vae_slicing", "forward_chunking")  # its VAE "slices" by decoding fewer frames
+
+
+def test_sizes_round_to_each_familys_multiple_with_notes(tiny_family_models):
+    ltx = tiny_family_models("ltx-video")
+    plan = ltx.plan_size((96, 64), 64, 100, 60)
+    assert (plan.width, plan.height) == (96, 64)
+    assert "width 100 rounded to 96 (the model needs multiples of 32)" in plan.notes
+    wan = tiny_family_models("wan").plan_size((1280, 720), 480, None, None)
+    assert (wan.width, wan.height) == (848, 480)  # 480 × 16/9 = 853 → 848 on the 16-pixel grid
+
+
+def test_cogvideox_makes_only_its_trained_size_notes_resolution_and_refuses_another_explicit_size(tiny_family_models):
+    cog = tiny_family_models("cogvideox")
+    plan = cog.plan_size((64, 96), 512, None, None)  # a portrait image, another resolution
+    assert (plan.width, plan.height) == (96, 64)
+    assert any("makes only 96×64 videos" in n and "resolution 512 was not used" in n for n in plan.notes)
+    assert any("center-cropped to fit 96×64" in n for n in plan.notes)
+    assert cog.plan_size((96, 64), 64, 96, 64).notes == ()
+    with pytest.raises(InputError, match=r"makes only 96×64 videos .*not 128×128; remove 'width' and 'height'"):
+        cog.plan_size((96, 64), 64, 128, 128)
+    rungs = plan_rungs(cog, 96, 64, [48, 32])
+    assert {(r.width, r.height) for r in rungs} == {(96, 64)}  # the OOM ladder has no smaller size to step to
+
+
+# --- conditioning -------------------------------------------------------------------------------
+
+
+def test_svd_maps_motion_onto_its_buckets_takes_no_prompt_and_ramps_guidance(tiny_family_models):
+    svd = tiny_family_models("svd")
+    assert (motion_bucket_id(0.0), motion_bucket_id(0.5), motion_bucket_id(1.0)) == (1, 128, 255)
+    plan = svd.plan_conditioning(request_for(svd, motion=0.25, guidance_scale=2.5))
+    assert dict(plan.values) == {"min_guidance_scale": 1.0, "max_guidance_scale": 2.5, "fps": 8,
+                                 "motion_bucket_id": 65, "noise_aug_strength": 0.02}
+    assert any("takes no prompt" in n for n in plan.notes)
+    assert svd.prompt_tokens("a long prompt") == 0
+    assert svd.plan_conditioning(request_for(svd, prompt="", negative_prompt="")).values["motion_bucket_id"] == 127
+    calm = svd.generate(request_for(svd, motion=0.0), _ignore)
+    lively = svd.generate(request_for(svd, motion=1.0), _ignore)
+    assert not np.array_equal(calm, lively)  # the bucket reaches the UNet
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx-video", "cogvideox"])
+def test_families_without_a_motion_knob_say_that_motion_was_not_used(family, tiny_family_models):
+    model = tiny_family_models(family)
+    notes = model.plan_conditioning(request_for(model, motion=0.7)).notes
+    assert f"{family} has no motion control; motion 0.7 was not used" in notes
+
+
+def test_fps_reaches_the_families_that_take_it_and_a_note_tells_the_pace_of_the_others(tiny_family_models):
+    ltx, wan = tiny_family_models("ltx-video"), tiny_family_models("wan")
+    assert ltx.plan_conditioning(request_for(ltx, fps=12)).values["frame_rate"] == 12
+    notes = wan.plan_conditioning(request_for(wan, fps=8)).notes
+    assert any("makes motion for about 16 fps" in n and "plays 2× slower" in n for n in notes)
+    assert not wan.plan_conditioning(request_for(wan, fps=16)).notes
+    assert any("plays 2× faster" in n for n in wan.plan_conditioning(request_for(wan, fps=32)).notes)
+
+
+def test_prompt_tokens_count_what_the_t5_encoders_see(tiny_family_models):
+    wan = tiny_family_models("wan")
+    # Character-level vocabulary: "ab" is ▁ a b, then </s>; Wan first cleans the text as its pipeline does.
+    assert wan.prompt_tokens("ab") == 4
+    assert wan.prompt_tokens("  ab \n") == 4
+
+
+# --- generating ---------------------------------------------------------------------------------
+
+
+def test_each_family_generates_its_planned_frames_and_reports_every_step(family_model):
+    calls: list[tuple[int, int]] = []
+    frames = family_model.generate(request_for(family_model, steps=3), lambda s, t: calls.append((s, t)))
+    family = family_model.info.family
+    assert frames.shape == (PLANNED_FRAMES[family], 64, 96, 3) and frames.dtype == np.uint8
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_in_each_family_the_same_seed_gives_the_same_video_and_another_seed_does_not(family_model):
+    first = family_model.generate(request_for(family_model, seed=7), _ignore)
+    again = family_model.generate(request_for(family_model, seed=7), _ignore)
+    other = family_model.generate(request_for(family_model, seed=8), _ignore)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_a_cancel_at_a_step_stops_each_family_and_the_next_job_is_unaffected(family_model):
+    def cancel_at_second_step(step: int, _total: int) -> None:
+        if step == 2:
+            raise JobCanceled("canceled by the test")
+
+    with pytest.raises(JobCanceled):
+        family_model.generate(request_for(family_model, steps=3), cancel_at_second_step)
+    after = family_model.generate(request_for(family_model, steps=3), _ignore)
+    fresh = family_model.generate(request_for(family_model, steps=3), _ignore)
+    assert np.array_equal(after, fresh)
+
+
+def test_each_familys_savers_apply_for_one_call_and_are_undone_after(family_model):
+    savers = tuple(s for s in family_model.info.savers if s != "cpu_offload")
+    assert savers and "cpu_offload" not in family_model.info.savers  # only useful on a GPU
+    frames = family_model.generate(request_for(family_model, savers=savers), _ignore)
+    assert frames.shape[0] == PLANNED_FRAMES[family_model.info.family]
+    pipe = family_model.pipeline
+    assert not getattr(pipe.vae, "use_slicing", False) and not getattr(pipe.vae, "use_tiling", False)
+    chunked = [m for d in family_model._denoisers() for m in d.modules() if getattr(m, "_chunk_size", None)]
+    assert chunked == []
+
+
+def test_a_frame_count_or_size_the_planner_would_not_give_is_refused_by_generate(tiny_family_models):
+    wan = tiny_family_models("wan")
+    with pytest.raises(ValueError, match="use plan_frames"):
+        wan.generate(request_for(wan, num_frames=4), _ignore)
+    with pytest.raises(ValueError, match="use plan_size"):
+        wan.generate(request_for(wan, width=100), _ignore)
+
+
+# --- LoRA ---------------------------------------------------------------------------------------
+
+
+def test_a_lora_changes_the_video_at_its_scale_and_is_off_again_for_the_next_job(tiny_family_models, tiny_lora_dir):
+    wan = tiny_family_models("wan")
+    lora = LoraChoice("style", str(tiny_lora_dir / "style.safetensors"), 1.0)
+    plain = wan.generate(request_for(wan), _ignore)
+    styled = wan.generate(request_for(wan, lora=lora), _ignore)
+    assert not np.array_equal(plain, styled)
+    assert np.array_equal(wan.generate(request_for(wan, lora=replace(lora, scale=0.0)), _ignore), plain)
+    assert np.array_equal(wan.generate(request_for(wan), _ignore), plain)  # disabled, not lingering
+
+
+def test_a_lora_on_a_family_without_a_lora_loader_is_refused(tiny_family_models, tiny_lora_dir):
+    svd = tiny_family_models("svd")
+    lora = LoraChoice("style", str(tiny_lora_dir / "style.safetensors"))
+    with pytest.raises(InputError, match="svd cannot apply a LoRA"):
+        svd.generate(request_for(svd, lora=lora), _ignore)
+
+
+def test_a_file_that_is_not_a_lora_is_an_input_error_and_the_model_keeps_working(tiny_family_models, tmp_path: Path):
+    ltx = tiny_family_models("ltx-video")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    before = ltx.generate(request_for(ltx), _ignore)
+    with pytest.raises(InputError, match="lora 'junk' does not fit this ltx-video model"):
+        ltx.generate(request_for(ltx, lora=LoraChoice("junk", str(junk))), _ignore)
+    assert np.array_equal(ltx.generate(request_for(ltx), _ignore), before)
+
+
+def test_a_family_without_measured_anchors_tries_every_rung_until_its_own_tries_are_recorded():
+    from i2v_daemon.memory import GIB, MemoryModel
+
+    memory = MemoryModel(budget_bytes=24 * GIB, resident_bytes=10 * GIB, anchor_slope=None)
+    assert memory.fits(1280, 720, 81)  # nothing known yet: the I2VGen-XL anchors do not apply, so try it
+    memory.learn([{"width": 832, "height": 480, "num_frames": 81, "savers": [], "outcome": "succeeded",
+                   "peak_vram_bytes": 20 * GIB}])
+    assert memory.fits(832, 480, 81) and not memory.fits(1280, 720, 81)
+
+
+def test_wan_in_half_precision_keeps_its_vae_and_image_encoder_in_float32_and_runs(tiny_family_dirs):
+    import torch
+
+    from i2v_daemon.models.loader import load_model
+
+    wan = load_model(str(tiny_family_dirs("wan")), device="cpu", dtype="bfloat16")
+    try:
+        pipe = wan.pipeline
+        assert (pipe.transformer.dtype, pipe.text_encoder.dtype) == (torch.bfloat16, torch.bfloat16)
+        assert (pipe.vae.dtype, pipe.image_encoder.dtype) == (torch.float32, torch.float32)
+        assert wan.generate(request_for(wan), _ignore).shape == (5, 64, 96, 3)
+    finally:
+        wan.close()
+
+
+def test_ltx_video_published_as_its_text_to_video_pipeline_runs_as_image_to_video(tiny_family_dirs, tmp_path: Path):
+    import json
+    import shutil
+
+    from i2v_daemon.models.loader import load_model
+
+    folder = shutil.copytree(tiny_family_dirs("ltx-video"), tmp_path / "ltx")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "LTXPipeline"}))
+    assert detect_family(str(folder)) == "ltx-video"
+    ltx = load_model(str(folder), device="cpu", dtype="float32")
+    try:
+        assert type(ltx.pipeline).__name__ == "LTXImageToVideoPipeline"
+        assert ltx.generate(request_for(ltx), _ignore).shape == (9, 64, 96, 3)
+    finally:
+        ltx.close()

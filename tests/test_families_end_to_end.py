@@ -1,0 +1,109 @@
+"""Each model family through the real CLI: a sidecar names the model, `run --once` makes its video or says why not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from i2v_daemon.video import probe_mp4
+from tests.conftest import Env, write_config
+
+pytestmark = pytest.mark.slow
+
+#: The config's names for the tiny models -> their families.
+MODELS = {"svd": "svd", "wan": "wan", "ltx": "ltx-video", "cog": "cogvideox"}
+
+
+@pytest.fixture()
+def family_env(env: Env, tiny_family_dirs, tiny_lora_dir: Path, tmp_path: Path) -> Env:
+    """`env` whose config allows every tiny family by name, with a lora_dir (and a link in it leading out)."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    shutil.copy(tiny_lora_dir / "style.safetensors", loras / "style.safetensors")
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"not in lora_dir")
+    (loras / "evil.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    write_config(env.config, env.data, env.model_dir, lora_dir=str(loras), max_loaded_models=1)
+    with env.config.open("a") as fh:
+        fh.write("[models]\n" + "".join(f'{name} = "{tiny_family_dirs(f)}"\n' for name, f in MODELS.items()))
+    return env
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "job.json").read_text())
+
+
+def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes_what_it_adjusted(
+    family_env, drop, tiny_family_dirs
+):
+    jobs = {
+        "calm": {"prompt": "the sea", "model": "svd", "motion": 0.25},
+        "cat": {"prompt": "a cat turns", "model": "wan", "lora": "style", "lora_scale": 0.5, "motion": 0.5},
+        "dog": {"prompt": "a dog wags", "model": "ltx", "width": 100, "height": 70, "fps": 8},
+        "owl": {"prompt": "an owl blinks", "model": "cog", "resolution": 128},
+    }
+    for stem, doc in jobs.items():
+        drop(stem, (".json", json.dumps(doc)))
+
+    family_env.cli("run", "--once", check=True)
+
+    expected = {  # (width, height, frames, fps) the video has; the tiny preset asks for 4 frames at 4 fps
+        "calm": (96, 64, 4, 4), "cat": (96, 64, 5, 4), "dog": (96, 64, 9, 8), "owl": (96, 64, 9, 4),
+    }
+    docs = {}
+    for stem, (w, h, frames, fps) in expected.items():
+        folder = family_env.output / stem
+        meta = probe_mp4(folder / f"{stem}.mp4")
+        assert (meta["width"], meta["height"], meta["num_frames"], meta["fps"]) == (w, h, frames, fps), stem
+        doc = docs[stem] = manifest(folder)
+        name = jobs[stem]["model"]
+        assert doc["model"] == {"name": name, "id": str(tiny_family_dirs(MODELS[name])), "family": MODELS[name],
+                                "revision": None}
+        eff = doc["effective"]
+        assert (eff["width"], eff["height"], eff["num_frames"], eff["model"], eff["family"]) == (
+            w, h, frames, name, MODELS[name])
+        assert doc["requested"]["model"] == name and doc["requested"]["num_frames"] == 4
+
+    calm = docs["calm"]
+    assert calm["effective"]["motion"] == 0.25 and calm["effective"]["conditioning"]["motion_bucket_id"] == 65
+    assert any("svd takes no prompt" in n for n in calm["notes"])
+    cat = docs["cat"]
+    assert (cat["effective"]["lora"], cat["effective"]["lora_scale"]) == ("style", 0.5)
+    assert cat["requested"]["lora"] == "style" and "motion" not in cat["effective"]
+    assert "num_frames 4 rounded to 5 (wan makes 1 + a multiple of 4 frames, at least 5)" in cat["notes"]
+    assert "wan has no motion control; motion 0.5 was not used" in cat["notes"]
+    dog = docs["dog"]
+    assert "width 100 rounded to 96 (the model needs multiples of 32)" in dog["notes"]
+    assert dog["effective"]["conditioning"]["frame_rate"] == 8
+    assert any("cogvideox makes only 96×64 videos" in n for n in docs["owl"]["notes"])
+    assert "num_frames 4 rounded to 9" in (family_env.output / "owl" / "job.log").read_text()
+    by_name = {j["name"]: j for j in family_env.status()["jobs"]}
+    assert {n: by_name[n]["num_frames"] for n in expected} == {n: e[2] for n, e in expected.items()}
+
+
+def test_requests_a_family_cannot_honour_fail_with_what_to_ask_for_and_the_daemon_keeps_serving(family_env, drop):
+    jobs = {
+        "cogsize": ({"model": "cog", "width": 128, "height": 128}, "cogvideox makes only 96×64 videos"),
+        "coglong": ({"model": "cog", "num_frames": 20}, "num_frames 20 is more than cogvideox can make (at most 9)"),
+        "svdlora": ({"model": "svd", "lora": "style"}, "svd cannot apply a LoRA"),
+        "nomodel": ({"model": "nope"}, "model 'nope' is not one the config allows; use one of cog, default, ltx"),
+        "escape": ({"model": "wan", "lora": "evil"}, "evil.safetensors is a link that leads outside"),
+        "absent": ({"model": "wan", "lora": "other"}, "there is no other.safetensors in"),
+    }
+    for stem, (doc, _) in jobs.items():
+        drop(stem, (".json", json.dumps({"prompt": "x", **doc})))
+    drop("fine", (".json", json.dumps({"prompt": "still serving", "model": "ltx"})))
+    checked = family_env.cli("validate", str(family_env.inbox / "nomodel.json"))
+    assert checked.returncode == 1 and "model 'nope' is not one the config allows" in checked.stdout
+
+    family_env.cli("run", "--once", check=True)
+
+    for stem, (_, message) in jobs.items():
+        doc = manifest(family_env.failed / stem)
+        assert doc["status"] == "failed" and doc["error"]["type"] == "invalid_input", stem
+        assert message in doc["error"]["message"], doc["error"]["message"]
+        assert doc["attempts"] == []  # refused before any work was done
+    assert (family_env.output / "fine" / "fine.mp4").exists()
+    assert family_env.status()["counts"]["failed"] == len(jobs)
