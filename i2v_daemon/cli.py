@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from i2v_daemon import __version__
+from i2v_daemon import __version__, cli_ops
 from i2v_daemon.errors import ConfigError, InputError
 from i2v_daemon.jobs import Job, JobStatus
 
@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", parents=[common], help="check sidecars and images without queueing them")
     val.add_argument("paths", nargs="+", metavar="PATH")
+
+    sub.add_parser(
+        "migrate", parents=[common], help="create or upgrade the job database's schema (run also does it at start)"
+    )
+    cli_ops.add_commands(sub, common)  # doctor, pause, resume, retention
     return p
 
 
@@ -92,6 +97,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return daemon.run_once() if args.once else daemon.run_forever()
     if args.command == "validate":
         return _validate(settings, args.paths)
+    if args.command == "migrate":
+        return _migrate(settings)
+    if args.command in cli_ops.COMMANDS:
+        return cli_ops.dispatch(args, settings)
     from i2v_daemon.daemon import open_store
 
     store = open_store(settings)
@@ -107,6 +116,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "retry":
         return _retry(store, job)
     return _cancel(settings, store, job)
+
+
+def _migrate(settings: Any) -> int:
+    from i2v_daemon.daemon import open_and_upgrade
+
+    store, up = open_and_upgrade(settings)
+    url = store.engine.url.render_as_string(hide_password=True)
+    store.close()
+    if up.stamped:
+        how = f"a database from before migrations, stamped {up.before} and upgraded"
+    elif up.before != up.after:
+        how = f"upgraded from {up.before or 'an empty database'}"
+    else:
+        how = "already up to date"
+    print(f"{url}: schema revision {up.after} ({how})")
+    return EX_OK
 
 
 # ---- status ---------------------------------------------------------------------------------
@@ -152,6 +177,7 @@ def job_detail(job: Job) -> dict[str, Any]:
         "step": job.step,
         "total_steps": job.total_steps,
         "worker_id": job.worker_id,
+        "intake_host": job.extra.get("intake_host"),  # which host took the files from the inbox
         "lease_until": _iso(job.lease_until),
         "cancel_requested": job.cancel_requested,
         "model": job.model,
@@ -163,18 +189,27 @@ def _status(store: Any, limit: int, as_json: bool) -> int:
     counts = store.counts()
     jobs = store.list_jobs(max(0, limit))
     if as_json:
+        # Exactly INTERFACE.md's two keys; `doctor --json` and the metrics say whether it is paused.
         print(json.dumps({"counts": counts, "jobs": [job_summary(j) for j in jobs]}, ensure_ascii=False))
         return EX_OK
     print("  ".join(f"{k} {v}" for k, v in counts.items()))
+    pause = store.pause_state()
+    if pause["paused"]:
+        since = f"{pause['since']:%Y-%m-%d %H:%M:%S} UTC" if pause["since"] else "?"
+        print(f"paused since {since} by {pause['by'] or '?'}: no new job starts (`i2v-daemon resume`)")
     if jobs:
-        print(f"{'ID':>6}  {'STATUS':9}  {'PROGRESS':>8}  {'TRIES':>5}  {'SIZE':>13}  {'CREATED':20}  NAME / RESULT")
+        print(
+            f"{'ID':>6}  {'STATUS':9}  {'PROGRESS':>8}  {'TRIES':>5}  {'SIZE':>13}  {'CREATED':20}  "
+            f"{'HOST/DEVICE':20}  NAME / RESULT"
+        )
     for j in jobs:
         size = f"{j.width}x{j.height}x{j.num_frames}" if j.width else "-"
         result = j.output or ((j.error or {}).get("message") if j.status is not JobStatus.SUCCEEDED else "") or ""
         created = _iso(j.created_at)[:19].replace("T", " ") if j.created_at else ""
+        where = "/".join(x for x in (j.host, j.device) if x) or "-"  # the host and GPU that ran it last
         print(
             f"{j.id:>6}  {j.status.value:9}  {j.progress * 100:7.0f}%  {j.attempts:>5}  {size:>13}  {created:20}  "
-            f"{j.name}{'  ' + result if result else ''}"
+            f"{where:20}  {j.name}{'  ' + result if result else ''}"
         )
     return EX_OK
 
@@ -236,6 +271,7 @@ def _cancel(settings: Any, store: Any, job: Job) -> int:
 
 
 def _validate(settings: Any, paths: list[str]) -> int:
+    from i2v_daemon.choices import check_choices
     from i2v_daemon.images import IMAGE_SUFFIXES, inspect_image
     from i2v_daemon.sidecar import SIDECAR_SUFFIXES, parse_sidecar
 
@@ -250,6 +286,7 @@ def _validate(settings: Any, paths: list[str]) -> int:
                 preset = side.values.get("preset")
                 if preset is not None and preset not in presets:
                     raise InputError(f"{path.name}: unknown preset {preset!r}; use one of {', '.join(sorted(presets))}")
+                check_choices(side.values, settings, path.name)  # model allowed, LoRA file present
                 notes = side.notes
             elif suffix in IMAGE_SUFFIXES:
                 info = inspect_image(path, max_pixels=settings.max_image_pixels)

@@ -15,13 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from i2v_daemon import folders
 from i2v_daemon.errors import ConfigError
-from i2v_daemon.inbox import Group, InboxScanner, ScanResult, Watcher
+from i2v_daemon.inbox import NETWORK_FS, Group, InboxScanner, ScanResult, Watcher, filesystem_type
 from i2v_daemon.intake import build_request, intake_key
 from i2v_daemon.jobs import JobStatus
 from i2v_daemon.logs import JobLog, get_logger
+from i2v_daemon.migrate import Upgrade
 from i2v_daemon.models.holder import ModelHolder
+from i2v_daemon.service import Service
 from i2v_daemon.settings import Settings
 from i2v_daemon.store import LeaseLost, Store
 from i2v_daemon.worker import Worker, dead_local_workers, make_worker_id
@@ -30,12 +34,46 @@ log = get_logger()
 
 
 def open_store(settings: Settings) -> Store:
-    store = Store(settings.database_url, max_attempts=settings.max_attempts)  # type: ignore[arg-type]
+    """The job store, its schema upgraded to this release's revision (once, even with many daemons starting)."""
+    return open_and_upgrade(settings)[0]
+
+
+def open_and_upgrade(settings: Settings) -> tuple[Store, Upgrade]:
+    url: str = settings.database_url  # type: ignore[assignment]
     try:
-        store.create_schema()
+        store = Store(url, max_attempts=settings.max_attempts)
+        upgrade = store.create_schema()
+    except ConfigError:
+        raise
     except Exception as err:
-        raise ConfigError(f"database_url / I2V_DATABASE_URL: cannot open {settings.database_url}: {err}") from err
-    return store
+        # One line: the driver's own message, without SQLAlchemy's statement echo and link.
+        detail = "; ".join(line.strip() for line in str(getattr(err, "orig", None) or err).splitlines() if line.strip())
+        raise ConfigError(f"database_url / I2V_DATABASE_URL: cannot open {safe_url(url)}: {detail}") from err
+    if upgrade.changed:
+        log.info("database_schema_upgraded", before=upgrade.before, after=upgrade.after, stamped=upgrade.stamped)
+    return store, upgrade
+
+
+def safe_url(url: str) -> str:
+    """The database URL without its password, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the configured URL"
+
+
+def _warn_if_sqlite_on_a_network_share(store: Store) -> None:
+    url = store.engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    fstype = filesystem_type(Path(url.database).parent)
+    if fstype in NETWORK_FS:
+        # SQLite's locks and WAL's shared memory do not work across hosts: two daemons on two hosts
+        # would corrupt the file. One host alone usually gets away with it, but nothing promises that.
+        log.warning(
+            "sqlite_on_network_filesystem", database=url.database, filesystem=fstype,
+            fix="keep jobs.db on a local disk (database_url), or use PostgreSQL for several hosts",
+        )
 
 
 def ensure_folders(settings: Settings) -> None:
@@ -53,13 +91,20 @@ class Daemon:
         self.s = settings
         ensure_folders(settings)
         self.store = open_store(settings)
+        _warn_if_sqlite_on_a_network_share(self.store)
         self.models = models or ModelHolder(
             settings.model, settings.device, settings.dtype, vram_budget_gib=settings.vram_budget_gib,
             memory_margin=settings.memory_margin, history=self.store.recent_tries,
+            models=settings.models, max_loaded=settings.max_loaded_models,
         )
-        self.worker = Worker(settings, self.store, worker_id=make_worker_id(), models=self.models)
+        # host/pid/device: one daemon per GPU, so `status` and the logs say which GPU holds a job.
+        self.worker = Worker(settings, self.store, worker_id=make_worker_id(settings.device), models=self.models)
         # Rejections are finished by the intake thread at once, under their own worker id.
         self.intake_worker = Worker(settings, self.store, worker_id=make_worker_id("intake"))
+        # sd_notify, metrics, webhooks, retention: hooked into both workers (see service.py).
+        self.service = Service(settings, self.store)
+        self.service.attach(self.worker)
+        self.intake_worker.on_finish = self.service.on_finish
         self.scanner = InboxScanner(
             settings.inbox_dir,  # type: ignore[arg-type]
             stable_seconds=settings.stable_seconds,
@@ -88,7 +133,7 @@ class Daemon:
         except FileNotFoundError:
             return  # moved away between the scan and now; the next scan decides again
         req = build_request(group.stem, group.images, group.sidecars, self.s, key)
-        job, created = self.store.enqueue(req)
+        job, created = self.store.enqueue(req, host=self.worker.host)
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             folders.stage_inputs(job.inputs, inbox, self.worker.job_dir(job.id))
         self.scanner.forget([p.name for p in files])
@@ -106,7 +151,9 @@ class Daemon:
             self.worker_wake.set()
 
     def _finish_rejection(self, job_id: int) -> None:
-        claimed = self.store.claim_next(self.intake_worker.worker_id, lease_seconds=self.s.lease_seconds, job_id=job_id)
+        claimed = self.store.claim_next(
+            self.intake_worker.worker_id, lease_seconds=self.s.lease_seconds, job_id=job_id, host=self.worker.host
+        )
         if claimed is not None:
             with contextlib.suppress(LeaseLost):
                 self.intake_worker.process(claimed)
@@ -128,6 +175,13 @@ class Daemon:
 
     def recover(self) -> None:
         """Requeue what our own previous run (or any worker whose lease expired) left running."""
+        offset = self.store.clock_offset()
+        if offset is not None and abs(offset) > self.s.lease_seconds / 4:
+            # Another host would see our leases expire early (or we theirs) and run jobs twice.
+            log.warning(
+                "clock_skew", seconds_behind_database=round(offset, 1), lease_seconds=self.s.lease_seconds,
+                fix="keep every host's clock in sync (chrony or systemd-timesyncd)",
+            )
         dead = dead_local_workers(self.store.running_workers())
         requeued = self.store.requeue_workers(dead) + self.store.requeue_expired()
         if requeued:
@@ -148,11 +202,19 @@ class Daemon:
         if since is not None and not self.worker.stop_now and time.monotonic() - since >= self.s.shutdown_grace_seconds:
             log.warning("grace_period_over", job_id=self.worker.current, action="stopping at the next step")
             self.worker.stop_now = True
+        self.service.tick(stop_requested=since, running=self.worker.current, now=time.monotonic())
 
     # ---- running --------------------------------------------------------------------------------
 
     def run_once(self) -> int:
         """`run --once`: take what is in the inbox now, process every queued job, return 0."""
+        self.service.start(serve_http=False)
+        try:
+            return self._drain()
+        finally:
+            self.service.close()
+
+    def _drain(self) -> int:
         self.recover()
         while True:
             result = self.intake_pass(once=True)
@@ -162,6 +224,9 @@ class Daemon:
         while self.stop_requested is None:
             if self.worker.run_once():
                 continue
+            if self.worker.paused:
+                log.warning("paused", action="queued jobs stay queued; `i2v-daemon resume` lets them run")
+                break
             if not self.store.has_runnable():
                 break
             time.sleep(0.2)  # a job is waiting out its retry backoff
@@ -171,7 +236,14 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self.recover()
-        self.models.get()  # fail fast (exit 78) if the model cannot load; then it stays warm
+        self.service.start()  # a metrics port in use fails here (exit 78), before the model loads
+        self.service.loading()
+        model = self.models.get()  # fail fast (exit 78) if the model cannot load; then it stays warm
+        # `auto` and `cuda` resolve to a real device now; nothing was claimed yet, so the id can follow.
+        resolved = getattr(model, "device", None)
+        if resolved and resolved != self.worker.device:
+            self.worker.device = resolved
+            self.worker.worker_id = make_worker_id(resolved)
         watcher = Watcher(self.s.inbox_dir, self.intake_wake, mode=self.s.observer, poll_seconds=self.s.poll_seconds)  # type: ignore[arg-type]
         watcher.start()
         intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
@@ -181,14 +253,17 @@ class Daemon:
         scheduler.add_job(self.worker.heartbeat, "interval", seconds=max(1.0, self.s.lease_seconds / 3), id="heartbeat")
         scheduler.add_job(self._tick, "interval", seconds=1, id="tick")
         scheduler.add_job(self._unload_idle_model, "interval", seconds=30, id="idle-unload")
+        self.service.schedule(scheduler)
         scheduler.start()
         log.info(
             "ready", inbox=str(self.s.inbox_dir), observer="polling" if watcher.polling else "native",
             model=self.s.model, worker=self.worker.worker_id,
         )
+        self.service.ready()  # READY=1: the model is loaded and the inbox is watched
         failures = 0
         try:
             while self.stop_requested is None:
+                self.service.loop(paused=self.worker.paused)  # feeds the watchdog
                 try:
                     busy = self.worker.run_once()
                     failures = 0
@@ -205,10 +280,12 @@ class Daemon:
                     self.worker_wake.clear()
         finally:
             log.info("stopping", reason="signal")
+            self.service.stopping()
             watcher.stop()
             self.intake_wake.set()
             intake.join(timeout=10)
             scheduler.shutdown(wait=False)
+            self.service.close()
             self.models.unload()
             self.store.close()
         log.info("stopped")

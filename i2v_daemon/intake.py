@@ -6,6 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from i2v_daemon.choices import check_choices
 from i2v_daemon.errors import InputError
 from i2v_daemon.images import inspect_image
 from i2v_daemon.jobs import JobRequest, Params
@@ -14,11 +15,20 @@ from i2v_daemon.sidecar import parse_sidecar
 
 
 def intake_key(inbox: Path, files: list[Path]) -> str:
-    """Identifies these exact file instances: the same files seen twice give the same key."""
-    h = hashlib.sha256(str(inbox.resolve()).encode())
-    for f in sorted(files):
+    """Identifies these exact file instances: the same files seen twice, from any host, give the same key.
+
+    Several hosts may scan one shared inbox, and each must compute the same key for the same file,
+    or two of them would each queue it. So the key holds only what every NFS/SMB client sees alike:
+    the name, size, mtime (ns) and inode number (NFS reports the server's fileid; SMB the server's
+    unique id, unless mounted with `noserverino`). Not `st_dev`, which every client numbers on its
+    own, nor the inbox's path, which may be mounted elsewhere on each host. The inode is what tells
+    a second drop of identical bytes (a new file, a new inode) from the same file seen again.
+    `inbox` is kept in the signature for callers; all one inbox's files share it anyway.
+    """
+    h = hashlib.sha256(b"i2v-intake-v2")
+    for f in sorted(files, key=lambda p: p.name):
         st = os.lstat(f)
-        h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}".encode())
+        h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode())
     return h.hexdigest()
 
 
@@ -73,7 +83,13 @@ def _valid_request(
         width=values.get("width"),
         height=values.get("height"),
         seed=values.get("seed"),
+        model=values.get("model"),
+        motion=values.get("motion"),
+        lora=values.get("lora"),
+        lora_scale=values.get("lora_scale"),
     )
+    if sidecars:
+        check_choices(values, settings, sidecars[0].name)  # a model the config allows, a LoRA that exists
     return JobRequest(
         name=stem,
         inputs=inputs,

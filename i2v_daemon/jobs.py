@@ -52,6 +52,11 @@ class Params:
     width: int | None = None
     height: int | None = None
     seed: int | None = None
+    # Added with the model families (issue 5); None in rows from before, which load unchanged.
+    model: str | None = None  # a name from the config's models; None: "default"
+    motion: float | None = None  # 0..1, for families with a motion knob
+    lora: str | None = None  # a file name in lora_dir
+    lora_scale: float | None = None  # None with a lora: 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +69,10 @@ class Params:
             "guidance_scale": self.guidance_scale,
             "fps": self.fps,
             "seed": self.seed,
+            "model": self.model,
+            "motion": self.motion,
+            "lora": self.lora,
+            "lora_scale": self.lora_scale,
         }
 
     @classmethod

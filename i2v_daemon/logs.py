@@ -15,16 +15,47 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
-    """Set up structlog once per process: `fmt` is auto (console on a TTY), console or json."""
+#: syslog priority (RFC 5424) per level: a leading `<N>` on a line sets its priority in the journal.
+SYSLOG_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7}
+
+
+class SyslogPrefixRenderer:
+    """Wraps a renderer to put `<N>` before each line; systemd's SyslogLevelPrefix= turns it into the priority."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]) -> str:
+        level = str(event_dict.get("level", method_name)).lower()
+        return f"<{SYSLOG_PRIORITY.get(level, 6)}>{self.inner(logger, method_name, event_dict)}"
+
+
+class _SyslogFormatter(logging.Formatter):
+    """The same `<N>` prefix for libraries that log through the standard library."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        levels = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+        prio = next((p for at_least, p in levels if record.levelno >= at_least), 7)
+        return f"<{prio}>{super().format(record)}"
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: Any = None, syslog_prefix: bool | None = None) -> None:
+    """Set up structlog once per process: `fmt` is auto (console on a TTY), console or json.
+
+    `syslog_prefix` (default: when stderr is the journal) starts each line with its priority.
+    """
+    if syslog_prefix is None:
+        syslog_prefix = stream is None and journal_stream()
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer: Any
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty() and not syslog_prefix)
     else:
         renderer = structlog.processors.JSONRenderer()
+    if syslog_prefix:
+        renderer = SyslogPrefixRenderer(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -38,7 +69,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         cache_logger_on_first_use=False,
     )
     # Libraries log through stdlib logging; keep their noise at warning and in the same stream.
-    logging.basicConfig(level=logging.WARNING, stream=stream, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(stream)
+    line = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(_SyslogFormatter(line) if syslog_prefix else logging.Formatter(line))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def get_logger(**bind: Any) -> Any:

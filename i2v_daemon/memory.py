@@ -40,6 +40,9 @@ class MemoryModel:
     resident_bytes: int = ANCHOR_RESIDENT  # measured after loading, when known
     dtype_scale: float = 1.0  # float32 activations cost twice fp16/bf16
     margin: float = DEFAULT_MARGIN
+    #: The prior before anything is learned: measured for I2VGen-XL only. None (another family):
+    #: no prior, so every rung is tried until this family's own tries have been recorded.
+    anchor_slope: float | None = ANCHOR_SLOPE
     slopes: dict[tuple[str, ...], float] = field(default_factory=dict)  # fitted per saver set
     too_big: dict[tuple[str, ...], int] = field(default_factory=dict)  # smallest pixel-frames that OOMed
 
@@ -53,7 +56,9 @@ class MemoryModel:
         if key in self.slopes:
             return self.slopes[key]
         # Unmeasured savers are assumed to save nothing: a prediction may be pessimistic, never rosy.
-        return ANCHOR_SLOPE * self.dtype_scale
+        if self.anchor_slope is None:
+            return max(self.slopes.values(), default=0.0)
+        return self.anchor_slope * self.dtype_scale
 
     def predict(self, width: int, height: int, num_frames: int, savers: tuple[str, ...] = ()) -> int:
         """Predicted peak bytes of one try."""

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     vram_budget_gib: float | None = Field(default=None, gt=0)  # cap on a card other programs share
     memory_margin: float = Field(default=0.10, ge=0, lt=0.9)  # headroom the memory model keeps free
     model_idle_unload_seconds: float = Field(default=1800.0, ge=0)  # 0 keeps the model loaded forever
+    models: dict[str, str] = Field(default_factory=dict)  # more models a sidecar may name; "default" is `model`
+    max_loaded_models: int = Field(default=1, ge=1, le=16)  # on the CPU; on a GPU the VRAM budget decides
+    lora_dir: Path | None = None  # the only folder a sidecar's `lora` is taken from; unset: no LoRA
 
     # intake
     stable_seconds: float = Field(default=2.0, ge=0, le=3600)
@@ -116,6 +119,17 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"
 
+    # running as a service: metrics, webhooks, retention (all off by default)
+    metrics: Literal["off", "http", "textfile"] = "off"
+    metrics_address: str = "127.0.0.1"  # http: where /metrics listens; keep it local, put a proxy in front
+    metrics_port: int = Field(default=9464, ge=1, le=65535)
+    metrics_textfile: Path | None = None  # textfile: default <data_dir>/metrics/i2v-daemon.prom
+    webhooks: list[str] = Field(default_factory=list)  # http(s) URLs that get a JSON summary of each finished job
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    webhook_retries: int = Field(default=3, ge=0, le=20)
+    retention_days: float = Field(default=0, ge=0, le=36500)  # 0 = keep every job forever
+    retention_action: Literal["forget", "archive"] = "forget"
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -134,6 +148,53 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, model in v.items():
+            if name == "default":
+                raise ValueError("'default' is always the `model` setting; give this one another name")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+                raise ValueError(f"{name!r} is not a usable name (letters, digits, '.', '_', '-')")
+            if not model.strip():
+                raise ValueError(f"models.{name} is empty; give a Hub repo id or a diffusers folder")
+        return v
+
+    @field_validator("lora_dir")
+    @classmethod
+    def _lora_dir(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, v: str) -> str:
+        import ipaddress
+
+        if v != "localhost":
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError("must be an IP address such as 127.0.0.1 (or localhost)") from None
+        return v
+
+    @field_validator("metrics_textfile")
+    @classmethod
+    def _metrics_textfile(cls, v: Path | None) -> Path | None:
+        if v is not None and v.suffix != ".prom":
+            raise ValueError("must end in .prom (node_exporter's textfile collector reads only those)")
+        return v
+
+    @field_validator("webhooks")
+    @classmethod
+    def _webhooks(cls, v: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        for url in v:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return v
+
     @field_validator("resolution_ladder")
     @classmethod
     def _ladder(cls, v: list[int]) -> list[int]:
@@ -150,6 +211,7 @@ class Settings(BaseSettings):
         self.work_dir = (self.work_dir or self.data_dir / "work").expanduser()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'jobs.db'}"
+        self.metrics_textfile = (self.metrics_textfile or self.data_dir / "metrics" / "i2v-daemon.prom").expanduser()
         for name, override in self.presets.items():
             merged = {**(BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {})}
             merged.update(override.model_dump(exclude_none=True))
@@ -171,6 +233,10 @@ class Settings(BaseSettings):
             base = BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {}
             out[name] = Preset(**{**base, **override.model_dump(exclude_none=True)})
         return out
+
+    def model_choices(self) -> dict[str, str]:
+        """Every model a sidecar may name: the `[models]` table and "default" (the `model` setting)."""
+        return {**self.models, "default": self.model}
 
     def folders(self) -> dict[str, Path]:
         return {

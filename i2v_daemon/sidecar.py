@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .choices import lora_name_problem
 from .errors import InputError
 from .fsutil import open_regular
 
@@ -34,8 +35,12 @@ KEYS = (
     "fps",
     "seed",
     "priority",
+    "model",
+    "motion",
+    "lora",
+    "lora_scale",
 )
-STRING_KEYS = ("prompt", "negative_prompt", "preset")
+STRING_KEYS = ("prompt", "negative_prompt", "preset", "model", "lora")
 #: Inclusive bounds of every whole-number key.
 INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(
     {
@@ -51,7 +56,9 @@ INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(
 )
 INT_KEYS = tuple(INT_RANGES)
 #: Inclusive bounds of every key that takes any finite number.
-FLOAT_RANGES: Mapping[str, tuple[float, float]] = MappingProxyType({"guidance_scale": (0.0, 50.0)})
+FLOAT_RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {"guidance_scale": (0.0, 50.0), "motion": (0.0, 1.0), "lora_scale": (-4.0, 4.0)}
+)
 FLOAT_KEYS = tuple(FLOAT_RANGES)
 
 # Names other tools use for our keys: offered as suggestions only, never accepted.
@@ -65,6 +72,10 @@ _ALIASES = MappingProxyType(
         "frames": "num_frames",
         "negative": "negative_prompt",
         "size": "resolution",
+        "motion_bucket_id": "motion",
+        "checkpoint": "model",
+        "lora_weight": "lora_scale",
+        "lora_strength": "lora_scale",
     }
 )
 
@@ -209,6 +220,8 @@ def _from_table(table: Any, kind: str, notes: tuple[str, ...]) -> Sidecar:
     if ("width" in values) != ("height" in values):
         given, missing = ("width", "height") if "width" in values else ("height", "width")
         raise _Bad(f"'{given}' is set but '{missing}' is not; set both, or neither and use 'resolution'")
+    if "lora_scale" in values and "lora" not in values:
+        raise _Bad("'lora_scale' is set but 'lora' is not; name the LoRA file with 'lora', or remove 'lora_scale'")
     return Sidecar(prompt=prompt, values=values, notes=notes + _empty_prompt_note(prompt))
 
 
@@ -256,6 +269,12 @@ def _text(key: str, value: Any, kind: str) -> str:
         ) from None
     if key == "preset" and not value:
         raise _Bad("'preset' must name a preset such as 'fast', 'standard' or 'high', got an empty string")
+    if key == "model" and not value:
+        raise _Bad("'model' must name one of the config's models, such as 'default', got an empty string")
+    if key == "lora":
+        problem = lora_name_problem(value)
+        if problem:
+            raise _Bad(f"'lora' {problem}, got {_clip(value)}")
     return value
 
 

@@ -9,6 +9,8 @@ race shows up as a row count of 0 rather than a double write.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 
+from i2v_daemon import migrate
 from i2v_daemon.jobs import TRANSITIONS, Job, JobRequest, JobStatus, Params
 
 metadata = MetaData()
@@ -72,6 +75,17 @@ jobs = Table(
     Column("model", Text),
     Column("device", String(64)),
     Column("host", String(255)),
+    Column("intake_host", String(255)),  # the host whose intake took the files from the inbox (revision 0002)
+)
+
+#: Switches every worker sharing this database obeys (revision 0003); one row per key.
+control = Table(
+    "control",
+    metadata,
+    Column("key", String(64), primary_key=True),  # "paused"
+    Column("value", JSON(none_as_null=True)),
+    Column("updated_at", DateTime),
+    Column("updated_by", String(255)),  # user@host that flipped it, for `status`
 )
 
 
@@ -97,8 +111,19 @@ def _aware(dt: datetime | None) -> datetime | None:
 def make_engine(url: str) -> Engine:
     """An engine with the settings the queue's guarantees rest on (WAL, FULL sync, immediate writes)."""
     parsed = make_url(url)
+    if parsed.drivername == "postgresql":  # SQLAlchemy's default driver is psycopg2; we ship psycopg (3)
+        parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, future=True)
+        # pre_ping: a pooled connection that a server restart or a network drop killed is replaced on
+        # checkout instead of failing the next query. libpq's timeout and keepalives: an unreachable
+        # server, or one that vanished mid-query, is an error within a minute, not a hang.
+        connect_args: dict[str, Any] = {}
+        if parsed.get_driver_name() in ("psycopg", "psycopg2"):
+            connect_args = {
+                "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                "keepalives_count": 3,
+            }
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     if parsed.database and parsed.database != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -109,9 +134,9 @@ def make_engine(url: str) -> Engine:
         # transaction that later writes can fail with "database is locked" despite busy_timeout.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA busy_timeout=30000")
+        _enable_wal(cur)
+        cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -122,14 +147,33 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def _enable_wal(cur: Any, wait_seconds: float = 30.0) -> None:
+    """PRAGMA journal_mode=WAL, waiting out other processes that are switching the same new file.
+
+    The switch needs an exclusive lock, and SQLite answers "database is locked" at once, without
+    consulting busy_timeout, while another connection holds one: several daemons starting on one
+    new file at the same moment. WAL is a property of the file, so one switch serves everyone.
+    """
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Store:
     def __init__(self, url: str, *, max_attempts: int = 3) -> None:
         self.url = url
         self.engine = make_engine(url)
         self.max_attempts = max_attempts
 
-    def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+    def create_schema(self) -> migrate.Upgrade:
+        """Create or upgrade the schema to this release's revision (Alembic); idempotent, safe to race."""
+        return migrate.upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -139,8 +183,10 @@ class Store:
 
     # ---- intake ---------------------------------------------------------------------------
 
-    def enqueue(self, req: JobRequest, *, now: datetime | None = None) -> tuple[Job, bool]:
-        """Insert a queued job; if this file instance was seen before, return that job instead."""
+    def enqueue(
+        self, req: JobRequest, *, now: datetime | None = None, host: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Insert a queued job; if this file instance was seen before (on any host), return that job instead."""
         now = now or utcnow()
         row = {
             "name": req.name,
@@ -160,6 +206,7 @@ class Store:
             "total_steps": 0,
             "cancel_requested": False,
             "tries": [],
+            "intake_host": host,
         }
         try:
             with self.engine.begin() as conn:
@@ -372,6 +419,19 @@ class Store:
             rows = conn.execute(q.order_by(jobs.c.id.desc()).limit(limit)).all()
         return [t for (tries,) in reversed(rows) for t in (tries or [])]
 
+    def clock_offset(self, *, now: datetime | None = None) -> float | None:
+        """Seconds the database server's clock runs ahead of this host's (None on SQLite: no server).
+
+        Leases compare times that different hosts wrote, so their clocks must agree to well within
+        `lease_seconds`; the server is the one clock every host can compare itself with.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return None
+        now = now or utcnow()
+        with self._read() as conn:
+            server = conn.execute(select(func.timezone("UTC", func.statement_timestamp()))).scalar_one()
+        return (server - _db_time(now)).total_seconds()
+
     def has_runnable(self, *, now: datetime | None = None) -> bool:
         """Whether a queued job is waiting (ignoring backoff when `now` is None)."""
         q = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value).limit(1)
@@ -379,6 +439,56 @@ class Store:
             q = q.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= _db_time(now)))
         with self._read() as conn:
             return conn.execute(q).first() is not None
+
+    # ---- pause / resume (`i2v-daemon pause`): every worker checks before claiming -----------------
+
+    def set_paused(self, paused: bool, *, by: str | None = None, now: datetime | None = None) -> None:
+        """Stop (or restart) taking new jobs on every worker sharing this database; a running job finishes."""
+        value = {"paused": paused}
+        row = {"value": value, "updated_at": _db_time(now or utcnow()), "updated_by": by}
+        with self.engine.begin() as conn:
+            if conn.execute(update(control).where(control.c.key == "paused").values(**row)).rowcount == 0:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(control.insert().values(key="paused", **row))
+                except IntegrityError:  # another process inserted it a moment ago: ours is the later word
+                    conn.execute(update(control).where(control.c.key == "paused").values(**row))
+
+    def pause_state(self) -> dict[str, Any]:
+        """`{"paused": bool, "since": datetime | None, "by": str | None}`."""
+        with self._read() as conn:
+            row = conn.execute(select(control).where(control.c.key == "paused")).mappings().first()
+        if row is None or not (row["value"] or {}).get("paused"):
+            return {"paused": False, "since": None, "by": None}
+        return {"paused": True, "since": _aware(row["updated_at"]), "by": row["updated_by"]}
+
+    def is_paused(self) -> bool:
+        return bool(self.pause_state()["paused"])
+
+    # ---- retention: finished jobs older than N days ------------------------------------------
+
+    def finished_before(self, cutoff: datetime, *, limit: int = 500) -> list[Job]:
+        """Succeeded, failed and canceled jobs that finished before `cutoff`, oldest first."""
+        q = (
+            select(jobs)
+            .where(jobs.c.status.in_([s.value for s in JobStatus if s.is_terminal]))
+            .where(jobs.c.finished_at < _db_time(cutoff))
+            .order_by(jobs.c.finished_at, jobs.c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [_job(r) for r in conn.execute(q).mappings().all()]
+
+    def forget(self, job_id: int, *, finished_before: datetime) -> bool:
+        """Delete a finished job's row (never its folder); False if it was retried or is newer meanwhile."""
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                jobs.delete()
+                .where(jobs.c.id == job_id)
+                .where(jobs.c.status.in_([s.value for s in JobStatus if s.is_terminal]))
+                .where(jobs.c.finished_at < _db_time(finished_before))
+            ).rowcount
+        return n == 1
 
     # ---- the one place a status is written --------------------------------------------------
 
@@ -428,5 +538,5 @@ def _job(row: Any) -> Job:
         model=row["model"],
         device=row["device"],
         host=row["host"],
-        extra={"previous_dir": row["previous_dir"]} if row["previous_dir"] else {},
+        extra={k: row[k] for k in ("previous_dir", "intake_host") if row[k]},
     )

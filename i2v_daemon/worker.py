@@ -33,6 +33,11 @@ from i2v_daemon.store import LeaseLost, Store, utcnow
 log = get_logger()
 
 
+def _model_name(job: Job) -> str:
+    """The config's name of the model this job asked for (a sidecar's `model`), "default" if none."""
+    return (job.params.model if job.params else None) or "default"
+
+
 def make_worker_id(device: str = "") -> str:
     """host/pid: lets a restarted daemon tell its own dead predecessor's jobs from a live sibling's."""
     return f"{socket.gethostname()}/{os.getpid()}" + (f"/{device}" if device else "")
@@ -74,6 +79,9 @@ class Worker:
         self.stop_now = False  # set when the grace period is over: stop at the next step
         self.current: int | None = None
         self.on_progress: Callable[[Job, int, int], None] | None = None
+        self.on_try: Callable[[Job, dict[str, Any]], None] | None = None  # one try of the OOM ladder ended
+        self.on_finish: Callable[[Job], None] | None = None  # the job's final row, after its folder moved
+        self.paused = False  # `i2v-daemon pause` is in force: run_once claims nothing
 
     def job_dir(self, job_id: int) -> Path:
         return self.s.work_dir / str(job_id)  # type: ignore[operator]
@@ -82,6 +90,8 @@ class Worker:
 
     def run_once(self, now: datetime | None = None) -> bool:
         """Claim and process one job; True if one was processed (more may be waiting)."""
+        if self._check_paused():
+            return False
         job = self.store.claim_next(
             self.worker_id, lease_seconds=self.s.lease_seconds, now=now, host=self.host, device=self.device
         )
@@ -96,6 +106,13 @@ class Worker:
         finally:
             self.current = None
         return True
+
+    def _check_paused(self) -> bool:
+        paused = self.store.is_paused()
+        if paused != self.paused:
+            self.paused = paused
+            log.info("paused" if paused else "resumed", worker=self.worker_id)
+        return paused
 
     def heartbeat(self) -> None:
         """Renew the current job's lease (called from a timer while encoders or ffmpeg run)."""
@@ -165,7 +182,7 @@ class Worker:
         assert job.params is not None
         jdir = self.job_dir(job.id)
         image, image_notes = load_rgb(jdir / "input" / job.inputs[0], max_pixels=self.s.max_image_pixels)
-        model = self._model()
+        model = self._model(job)
         self.store.update_running(job.id, self.worker_id, model=model.info.model_id)
         tries = list(job.tries)
 
@@ -173,20 +190,20 @@ class Worker:
             tries.append({**entry, "try": len(tries) + 1})
             self.store.update_running(job.id, self.worker_id, tries=tries)
             jlog.info("try_finished", **{k: v for k, v in tries[-1].items() if v is not None})
+            self._hook(self.on_try, job, tries[-1])
 
         def on_step(step: int, total: int) -> None:
             cancel = self.store.heartbeat(
                 job.id, self.worker_id, lease_seconds=self.s.lease_seconds, step=step, total_steps=total
             )
-            if self.on_progress:
-                self.on_progress(job, step, total)
+            self._hook(self.on_progress, job, step, total)
             if cancel or self.stop_now:
                 raise JobCanceled(f"stopped at step {step} of {total}")
 
         outcome = generate(
             model, image, job.prompt, job.negative_prompt, job.params,
             ladder=self.s.resolution_ladder, on_step=on_step, on_try=on_try,
-            memory=self.models.memory if self.models else None,
+            memory=self.models.memory if self.models else None, lora_dir=self.s.lora_dir,
         )
         if self.models:
             self.models.touch()
@@ -208,10 +225,10 @@ class Worker:
         jlog.info("video_written", file=video, **{k: eff[k] for k in ("width", "height", "num_frames", "fps", "seed")})
         return video, notes
 
-    def _model(self) -> Any:
+    def _model(self, job: Job) -> Any:
         if self.models is None:
             raise ConfigError("model: this command cannot generate videos")
-        return self.models.get()
+        return self.models.get(_model_name(job))
 
     def _retry_or_fail(self, job: Job, err: BaseException, jlog: JobLog) -> None:
         message = f"{type(err).__name__}: {err}"
@@ -237,7 +254,8 @@ class Worker:
         jdir = self.job_dir(job.id)
         jdir.mkdir(parents=True, exist_ok=True)
         finished = utcnow()
-        model = self.models.info() if self.models else {"id": self.s.model, "family": None, "revision": None}
+        default = {"id": self.s.model, "family": None, "revision": None}
+        model = self.models.info(_model_name(job)) if self.models else default
         doc = manifest.build(job, status, finished_at=finished, error=error, output=output, model=model, notes=notes)
         if error:
             jlog.error(status.value, error=error["message"])
@@ -254,6 +272,7 @@ class Worker:
             job.id, self.worker_id, status, now=finished, error=error,
             output=str(dest / output) if output else None,
         )
+        self._finished(job.id)
         return dest
 
     def _record_destination(self, job: Job, root: Path) -> Path:
@@ -278,6 +297,27 @@ class Worker:
         self.store.finish(
             job.id, self.worker_id, status, error=doc.get("error"), output=str(dest / output) if output else None,
         )
+        self._finished(job.id)
+
+    def _finished(self, job_id: int) -> None:
+        """Hand the job's final row (status, folder, times) to `on_finish`."""
+        if self.on_finish is None:
+            return
+        try:
+            final = self.store.get(job_id)
+        except Exception:  # the job is finished and safe; only its notification is lost, and said so
+            log.exception("hook_failed", hook="on_finish", job_id=job_id)
+            return
+        if final is not None:
+            self._hook(self.on_finish, final)
+
+    def _hook(self, hook: Callable[..., None] | None, *args: Any) -> None:
+        """Metrics, webhooks, sd_notify: their failure is logged and never touches the job."""
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:
+                log.exception("hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
     def cancel_queued(self, job_id: int) -> Path | None:
         """Cancel a queued job right away (from the CLI): claim it, then finish it as canceled."""

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.fixtures_models import tiny_i2vgen_dir, tiny_model  # noqa: F401
+from tests.databases import BACKENDS, database
+from tests.fixtures_models import (  # noqa: F401
+    tiny_family_dirs,
+    tiny_family_models,
+    tiny_i2vgen_dir,
+    tiny_lora_dir,
+    tiny_model,
+)
 
 #: One torch thread: on two shared cores a second thread makes tiny jobs 10-50x slower, not faster.
 SUBPROCESS_ENV = {"I2V_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -48,6 +55,11 @@ class Env:
     data: Path
     config: Path
     model_dir: Path
+    database_url: str | None = None  # None: the default SQLite file in the data folder
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data / 'jobs.db'}"
 
     @property
     def inbox(self) -> Path:
@@ -100,6 +112,21 @@ def env(tmp_path: Path, tiny_i2vgen_dir: Path) -> Env:  # noqa: F811
     (data / "inbox").mkdir(parents=True)
     config = write_config(tmp_path / "config.toml", data, tiny_i2vgen_dir)
     return Env(data=data, config=config, model_dir=tiny_i2vgen_dir)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty job database: each test runs once on SQLite and once on a fresh PostgreSQL database."""
+    with database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture()
+def db_env(env: Env, database_url: str) -> Env:
+    """`env` with its job database at `database_url` (in its config file, so the CLI uses it too)."""
+    write_config(env.config, env.data, env.model_dir, database_url=database_url)
+    env.database_url = database_url
+    return env
 
 
 @pytest.fixture()

@@ -1,4 +1,5 @@
-"""The status table and the job store on a real SQLite file: claims, leases, fencing, retries, races."""
+"""The job store on real SQLite and real PostgreSQL (`database_url` runs each test on both): claims,
+leases, fencing, retries, races."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def request(name: str, *, key: str | None = None, priority: int = 0, rejected: b
 
 
 @pytest.fixture()
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'jobs.db'}"
+def db_url(database_url: str) -> str:
+    return database_url
 
 
 @pytest.fixture()
@@ -89,6 +90,7 @@ def test_no_status_can_transition_to_itself() -> None:
 # ---- the SQLite file ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_sqlite_file_runs_in_wal_mode_with_full_sync_and_a_busy_timeout(store: Store, tmp_path: Path) -> None:
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -437,7 +439,9 @@ def test_jobs_are_frozen_values(store: Store) -> None:
 
 
 @pytest.mark.parametrize("engines", ["one engine per thread", "one shared engine"])
-def test_many_threads_claiming_from_one_file_never_claim_a_job_twice(db_url: str, store: Store, engines: str) -> None:
+def test_many_threads_claiming_from_one_database_never_claim_a_job_twice(
+    db_url: str, store: Store, engines: str
+) -> None:
     n_jobs, n_threads, claims_each = 100, 8, 25
     for i in range(n_jobs):
         store.enqueue(request(f"j{i}", priority=i % 3), now=T0)

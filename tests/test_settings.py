@@ -240,7 +240,7 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> Non
         ("I2V_MAX_ATTEMPTS", "three", "max_attempts / I2V_MAX_ATTEMPTS"),
         ("I2V_DEVICE", "tpu", "device / I2V_DEVICE"),
         ("I2V_STABLE_SECONDS", "-1", "stable_seconds / I2V_STABLE_SECONDS"),
-        ("I2V_RESOLUTION_LADDER", "[32]", "resolution_ladder / I2V_RESOLUTION_LADDER"),
+        ("I2V_RESOLUTION_LADDER", "[8]", "resolution_ladder / I2V_RESOLUTION_LADDER"),
     ],
 )
 def test_a_bad_environment_value_is_one_line_naming_the_variable(
