@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,24 @@ def make_image(path: Path, size: tuple[int, int] = (96, 64), color: tuple[int, i
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
     img.save(path, fmt)
     return path
+
+
+def finishes(fn: Callable[[], object], seconds: float = 5.0) -> BaseException | None:
+    """Run fn in a thread and return what it raised; fail the test if it is still running after `seconds`."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the call blocked"
+    return outcome[0]
 
 
 def age(*paths: Path, seconds: float = 60) -> None:

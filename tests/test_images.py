@@ -6,10 +6,8 @@ import io
 import os
 import random
 import struct
-import threading
 import warnings
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from PIL import Image, ImageFile
 
 from i2v_daemon.errors import InputError
 from i2v_daemon.images import IMAGE_SUFFIXES, ImageInfo, _webp_canvas_size, inspect_image, load_rgb
+from tests.conftest import finishes
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -41,24 +40,6 @@ def refuse(path: Path, **kwargs: int) -> str:
 
 def close_to(pixel: tuple[int, ...], expected: tuple[int, ...], slack: int = 40) -> bool:
     return all(abs(a - b) <= slack for a, b in zip(pixel, expected, strict=True))
-
-
-def finishes(fn: Callable[[], object], seconds: float = 5.0) -> BaseException | None:
-    """Run fn in a thread and return what it raised; fail the test if it is still running after `seconds`."""
-    outcome: list[BaseException | None] = []
-
-    def target() -> None:
-        try:
-            fn()
-            outcome.append(None)
-        except BaseException as err:
-            outcome.append(err)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "the call blocked"
-    return outcome[0]
 
 
 def noise(size: tuple[int, int], mode: str = "RGB") -> Image.Image:

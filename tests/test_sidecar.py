@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from i2v_daemon.sidecar import (
     parse_sidecar,
     parse_sidecar_bytes,
 )
+from tests.conftest import finishes
 
 FULL_JSON = {
     "prompt": "  the cat turns its head  ",
@@ -54,24 +53,6 @@ def reject(data: bytes | str, suffix: str = ".json", name: str = "cat.json") -> 
 
 def json_with(**values: Any) -> str:
     return json.dumps({"prompt": "a cat", **values})
-
-
-def finishes(fn: Callable[[], object], seconds: float = 5.0) -> BaseException | None:
-    """Run fn in a thread and return what it raised; fail the test if it is still running after `seconds`."""
-    outcome: list[BaseException | None] = []
-
-    def target() -> None:
-        try:
-            fn()
-            outcome.append(None)
-        except BaseException as err:
-            outcome.append(err)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "the call blocked"
-    return outcome[0]
 
 
 # --- the three formats, good ---------------------------------------------------------------
