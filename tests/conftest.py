@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from i2v_daemon.store import Store
 from tests.databases import BACKENDS, database
 from tests.fixtures_models import (  # noqa: F401
     tiny_family_dirs,
@@ -138,6 +139,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     """An empty job database: each test runs once on SQLite and once on a fresh PostgreSQL database."""
     with database(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.fixture()
+def store(database_url: str) -> Iterator[Store]:
+    """A migrated Store on `database_url` (SQLite, and PostgreSQL when a server is configured)."""
+    s = Store(database_url)
+    s.create_schema()
+    yield s
+    s.close()
 
 
 @pytest.fixture()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,14 +14,6 @@ from i2v_daemon.store import Store
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 PARAMS = Params(preset="standard", resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8)
-
-
-@pytest.fixture()
-def store(database_url: str) -> Iterator[Store]:  # SQLite and PostgreSQL
-    s = Store(database_url)
-    s.create_schema()
-    yield s
-    s.close()
 
 
 def finished(store: Store, root: Path, name: str, status: JobStatus, days_ago: float) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,14 +46,6 @@ def test_every_setting_is_documented_in_the_example_config():
     text = CONFIG_TOML.read_text()
     missing = [f for f in Settings.model_fields if not re.search(rf"^#\s*{f}\s*=", text, re.M) and f != "presets"]
     assert missing == []
-
-
-@pytest.fixture()
-def store(database_url: str) -> Iterator[Store]:  # SQLite and PostgreSQL
-    s = Store(database_url)
-    s.create_schema()
-    yield s
-    s.close()
 
 
 def test_pause_is_one_row_every_process_sees_and_flipping_it_twice_is_harmless(store: Store, database_url: str):
