@@ -92,11 +92,7 @@ class Daemon:
         ensure_folders(settings)
         self.store = open_store(settings)
         _warn_if_sqlite_on_a_network_share(self.store)
-        self.models = models or ModelHolder(
-            settings.model, settings.device, settings.dtype, vram_budget_gib=settings.vram_budget_gib,
-            memory_margin=settings.memory_margin, history=self.store.recent_tries,
-            models=settings.models, max_loaded=settings.max_loaded_models,
-        )
+        self.models = models or ModelHolder.from_settings(settings, history=self.store.recent_tries)
         # host/pid/device: one daemon per GPU, so `status` and the logs say which GPU holds a job.
         self.worker = Worker(settings, self.store, worker_id=make_worker_id(settings.device), models=self.models)
         # Rejections are finished by the intake thread at once, under their own worker id.

@@ -57,6 +57,10 @@ class Params:
     motion: float | None = None  # 0..1, for families with a motion knob
     lora: str | None = None  # a file name in lora_dir
     lora_scale: float | None = None  # None with a lora: 1.0
+    # Round 2 (INTERFACE.md §5, §8); None in older rows: no interpolation, the family's scheduler.
+    output_fps: int | None = None  # delivered frame rate; None: fps
+    interpolation: str | None = None  # "motion" | "blend" | "rife" when output_fps > fps
+    scheduler: str | None = None  # None / "default": the family's own; "ddim" | "dpm++"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +77,9 @@ class Params:
             "motion": self.motion,
             "lora": self.lora,
             "lora_scale": self.lora_scale,
+            "output_fps": self.output_fps,
+            "interpolation": self.interpolation,
+            "scheduler": self.scheduler,
         }
 
     @classmethod

@@ -130,6 +130,27 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=0, ge=0, le=36500)  # 0 = keep every job forever
     retention_action: Literal["forget", "archive"] = "forget"
 
+    # liveness: a running job that shows no progress this long is stopped and retried
+    stall_seconds: float = Field(default=900.0, ge=10, le=86400)
+
+    # delivered frame rate (INTERFACE.md §5): defaults for jobs that do not say
+    output_fps: int | None = Field(default=None, ge=1, le=120)  # None: the job's fps (no interpolation)
+    interpolation: Literal["motion", "blend", "rife"] = "motion"
+    rife_model: Path | None = None  # a local RIFE (IFNet) weights file; never downloaded
+
+    # post-job hook (INTERFACE.md §6): an argv list, never a shell string
+    on_finish: list[str] = Field(default_factory=list)
+    on_finish_timeout_seconds: float = Field(default=60.0, gt=0, le=86400)
+
+    # HTTP API and page (INTERFACE.md §7): `i2v-daemon serve`
+    api_listen: str = "127.0.0.1:8765"
+    api_token_file: Path | None = None  # default <data_dir>/api-token
+    api_max_upload_bytes: int = Field(default=64 * 2**20, ge=1024, le=2**34)
+
+    # speed (INTERFACE.md §8)
+    accelerate: Literal["auto", "on", "off"] = "auto"
+    scheduler: Literal["default", "ddim", "dpm++"] = "default"  # default: the family's own
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -212,6 +233,9 @@ class Settings(BaseSettings):
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'jobs.db'}"
         self.metrics_textfile = (self.metrics_textfile or self.data_dir / "metrics" / "i2v-daemon.prom").expanduser()
+        self.api_token_file = (self.api_token_file or self.data_dir / "api-token").expanduser()
+        if self.rife_model is not None:
+            self.rife_model = self.rife_model.expanduser()
         for name, override in self.presets.items():
             merged = {**(BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {})}
             merged.update(override.model_dump(exclude_none=True))

@@ -48,6 +48,17 @@ class ModelHolder:
         self.last_used = time.monotonic()
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(
+        cls, settings: Any, *, history: Callable[[], Iterable[dict[str, Any]]] | None = None,
+    ) -> ModelHolder:
+        """The holder the daemon uses, built from its settings (the one place that reads them for models/)."""
+        return cls(
+            settings.model, settings.device, settings.dtype, vram_budget_gib=settings.vram_budget_gib,
+            memory_margin=settings.memory_margin, history=history, models=settings.models,
+            max_loaded=settings.max_loaded_models,
+        )
+
     @property
     def current(self) -> Any:
         """The model used last (the one the running job holds), or None when none is loaded."""
