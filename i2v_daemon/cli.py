@@ -11,6 +11,8 @@ from typing import Any
 from i2v_daemon import __version__, cli_ops
 from i2v_daemon.errors import ConfigError, InputError
 from i2v_daemon.jobs import Job, JobStatus
+from i2v_daemon.views import iso as _iso
+from i2v_daemon.views import job_detail, job_summary
 
 EX_OK, EX_FAILED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -135,54 +137,6 @@ def _migrate(settings: Any) -> int:
 
 
 # ---- status ---------------------------------------------------------------------------------
-
-
-def _iso(dt: Any) -> str | None:
-    return dt.isoformat().replace("+00:00", "Z") if dt else None
-
-
-def job_summary(job: Job) -> dict[str, Any]:
-    """One entry of `status --json` (INTERFACE.md §4)."""
-    return {
-        "id": job.id,
-        "name": job.name,
-        "status": job.status.value,
-        "progress": round(job.progress, 4),
-        "attempts": job.attempts,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "width": job.width,
-        "height": job.height,
-        "num_frames": job.num_frames,
-        "output": job.output,
-        "error": (job.error or {}).get("message") if job.status is not JobStatus.SUCCEEDED else None,
-        "priority": job.priority,
-        "folder": job.final_dir,
-        "host": job.host,
-        "device": job.device,
-    }
-
-
-def job_detail(job: Job) -> dict[str, Any]:
-    return {
-        **job_summary(job),
-        "inputs": list(job.inputs),
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "requested": job.params.as_dict() if job.params else None,
-        "effective": job.effective,
-        "attempts_detail": list(job.tries),
-        "max_attempts": job.max_attempts,
-        "step": job.step,
-        "total_steps": job.total_steps,
-        "worker_id": job.worker_id,
-        "intake_host": job.extra.get("intake_host"),  # which host took the files from the inbox
-        "lease_until": _iso(job.lease_until),
-        "cancel_requested": job.cancel_requested,
-        "model": job.model,
-        "error_detail": job.error,
-    }
 
 
 def _status(store: Any, limit: int, as_json: bool) -> int:

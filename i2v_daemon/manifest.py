@@ -8,10 +8,7 @@ from typing import Any
 
 from i2v_daemon import __version__
 from i2v_daemon.jobs import Job, JobStatus
-
-
-def iso(dt: datetime | None) -> str | None:
-    return dt.isoformat().replace("+00:00", "Z") if dt else None
+from i2v_daemon.views import iso
 
 
 def library_versions() -> dict[str, str | None]:

@@ -19,15 +19,12 @@ from typing import Any
 from i2v_daemon import __version__
 from i2v_daemon.jobs import Job
 from i2v_daemon.logs import get_logger
+from i2v_daemon.views import iso
 
 log = get_logger()
 
 #: HTTP statuses worth another try; any other 4xx means the receiver refuses this payload.
 RETRY_STATUSES = frozenset({408, 425, 429})
-
-
-def _iso(dt: Any) -> str | None:
-    return dt.isoformat().replace("+00:00", "Z") if dt else None
 
 
 def _seconds(a: Any, b: Any) -> float | None:
@@ -49,9 +46,9 @@ def job_payload(job: Job) -> dict[str, Any]:
         "width": job.width,
         "height": job.height,
         "num_frames": job.num_frames,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
         "durations": {
             "queued_seconds": _seconds(job.created_at, job.started_at),
             "running_seconds": _seconds(job.started_at, job.finished_at),
