@@ -46,3 +46,22 @@ class JobCanceled(I2VError):
     """The job was canceled (by `i2v-daemon cancel` or a shutdown) at a step boundary."""
 
     kind = "canceled"
+
+
+class EnvironmentProblem(I2VError):
+    """The machine, not the job, is in the way (disk full, no permission, database gone, model
+    not reachable): the job is kept, the reason shown, and it runs again once the cause is gone."""
+
+    kind = "environment"
+
+
+class DatabaseGone(EnvironmentProblem):
+    """The job database is missing, or was deleted or replaced under a running daemon."""
+
+    kind = "database"
+
+
+class ModelUnavailable(EnvironmentProblem):
+    """A Hub model is not in the cache and cannot be downloaded now (offline, Hub down)."""
+
+    kind = "model_unavailable"

@@ -1,9 +1,10 @@
 """The inbox: a full scan is the ground truth; filesystem events only make the next scan sooner.
 
-A file is taken once its size and mtime have stayed unchanged for `stable_seconds`; an image
-waits up to `sidecar_wait_seconds` for its sidecar. Files starting with `.` or ending in a
-temporary suffix are never taken, subfolders are left alone, and anything that is not a regular
-file (symlink, FIFO, socket, device) is never opened.
+A file is taken once its size and mtime have stayed unchanged for `stable_seconds` (or, when its
+mtime is already that old, on the second look that finds it unchanged); an image waits up to
+`sidecar_wait_seconds` for its sidecar. Files starting with `.` or ending in a temporary suffix
+are never taken; of the subfolders only the presets' (`inbox/fast/`, …) are scanned, the rest are
+left alone; anything that is not a regular file (symlink, FIFO, socket, device) is never opened.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def needs_polling(path: Path) -> bool:
     return fstype in NETWORK_FS or fstype.startswith("fuse")
 
 
+#: Seconds between the two looks that take a file whose mtime is already older than stable_seconds.
+CONFIRM_SECONDS = 0.1
+
+
 @dataclass
 class _Seen:
     size: int
@@ -66,11 +71,12 @@ class _Seen:
 
 @dataclass
 class Group:
-    """All files of one stem that are ready to become a job."""
+    """All files of one stem in one folder that are ready to become a job."""
 
     stem: str
     images: list[Path]
     sidecars: list[Path]
+    folder: str = ""  # "" for the inbox itself, else the preset whose subfolder it is in
 
 
 @dataclass
@@ -85,14 +91,19 @@ class InboxScanner:
 
     def __init__(
         self, inbox: Path, *, stable_seconds: float, sidecar_wait_seconds: float,
-        on_skip: Callable[[str, str], None] | None = None,
+        on_skip: Callable[[str, str], None] | None = None, preset_folders: tuple[str, ...] = (),
     ) -> None:
         self.inbox = inbox
         self.stable_seconds = stable_seconds
         self.sidecar_wait_seconds = sidecar_wait_seconds
+        self.preset_folders = preset_folders  # subfolders taken with that preset as the default
         self._seen: dict[str, _Seen] = {}
         self._skipped: set[tuple[str, str]] = set()
         self._on_skip = on_skip
+
+    def folders(self) -> dict[str, Path]:
+        """"" → the inbox, and each preset's name → its subfolder (whether or not it exists yet)."""
+        return {"": self.inbox, **{name: self.inbox / name for name in self.preset_folders}}
 
     def _skip(self, name: str, why: str) -> None:
         if (name, why) not in self._skipped:  # say it once, not every scan
@@ -101,18 +112,34 @@ class InboxScanner:
                 self._on_skip(name, why)
 
     def scan(self, *, now: float | None = None, wall_now: float | None = None, once: bool = False) -> ScanResult:
-        """Look at every file in the inbox once. `once`: files already old enough count as stable."""
+        """Look at every file in the inbox and the presets' folders once.
+
+        `once`: files already old enough count as stable. Otherwise a file whose mtime is older
+        than `stable_seconds` is taken on the second look that finds it unchanged.
+        """
         now = time.monotonic() if now is None else now
         wall_now = time.time() if wall_now is None else wall_now
+        result = ScanResult()
+        present: set[str] = set()
+        for folder, path in self.folders().items():
+            if folder and not _is_real_folder(path):
+                continue  # absent, or a link: never followed
+            self._scan_folder(folder, path, now, wall_now, once, result, present)
+        for gone in set(self._seen) - present:
+            del self._seen[gone]
+        return result
+
+    def _scan_folder(
+        self, folder: str, path: Path, now: float, wall_now: float, once: bool, result: ScanResult, present: set[str],
+    ) -> None:
         images: dict[str, list[Path]] = {}
         sidecars: dict[str, list[Path]] = {}
-        ready_since: dict[str, float] = {}  # name -> seconds it has been stable
-        result = ScanResult()
-        present = set()
+        ready_in: dict[str, float] = {}  # name -> seconds until it counts as stable (<= 0: it does)
         try:
-            entries = list(os.scandir(self.inbox))
-        except FileNotFoundError:
-            return result
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        prefix = f"{folder}/" if folder else ""
         for entry in entries:
             name = entry.name
             if is_ignored_name(name):
@@ -122,25 +149,29 @@ class InboxScanner:
             except FileNotFoundError:
                 continue
             if stat.S_ISDIR(st.st_mode):
-                continue  # subfolders are left alone
+                continue  # subfolders are left alone (the presets' are scanned on their own)
+            key = prefix + name
             suffix = Path(name).suffix.lower()
             if suffix not in IMAGE_SUFFIXES and suffix not in SIDECAR_SUFFIXES:
-                self._skip(name, "not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
+                self._skip(key, "not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
                 continue
             # Symlinks, FIFOs, sockets and devices are not skipped: they travel (by rename, never
             # opened) into a rejected job, so the user finds them in failed/ with the reason.
-            present.add(name)
-            seen = self._seen.get(name)
+            present.add(key)
+            seen = self._seen.get(key)
             if seen is None or (seen.size, seen.mtime_ns, seen.ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
-                seen = self._seen[name] = _Seen(st.st_size, st.st_mtime_ns, st.st_ino, now)
-            stable_for = now - seen.first_seen
+                seen = self._seen[key] = _Seen(st.st_size, st.st_mtime_ns, st.st_ino, now)
+            seen_for = now - seen.first_seen
+            age = wall_now - st.st_mtime_ns / 1e9
             if once:
-                stable_for = max(stable_for, wall_now - st.st_mtime_ns / 1e9)
-            ready_since[name] = stable_for
+                ready_in[name] = self.stable_seconds - max(seen_for, age)
+            elif age >= self.stable_seconds:
+                # Written long ago (renamed in): one more look that finds it unchanged is enough.
+                ready_in[name] = min(CONFIRM_SECONDS, self.stable_seconds) - seen_for
+            else:
+                ready_in[name] = self.stable_seconds - seen_for
             stem = Path(name).stem
-            (images if suffix in IMAGE_SUFFIXES else sidecars).setdefault(stem, []).append(self.inbox / name)
-        for gone in set(self._seen) - present:
-            del self._seen[gone]
+            (images if suffix in IMAGE_SUFFIXES else sidecars).setdefault(stem, []).append(path / name)
 
         def wait(seconds: float) -> None:
             result.pending += 1
@@ -148,32 +179,48 @@ class InboxScanner:
 
         for stem, imgs in sorted(images.items()):
             sides = sidecars.get(stem, [])
-            unstable = [ready_since[p.name] for p in imgs + sides if ready_since[p.name] < self.stable_seconds]
+            unstable = [ready_in[p.name] for p in imgs + sides if ready_in[p.name] > 0]
             if unstable:
-                wait(self.stable_seconds - min(unstable))  # ready when the least stable one is
+                wait(max(unstable))  # ready when the least stable one is
                 continue
             if not sides:
-                waited = min(ready_since[p.name] for p in imgs) - self.stable_seconds
+                waited = -max(ready_in[p.name] for p in imgs)  # how long it has been stable
                 if waited < self.sidecar_wait_seconds:
                     wait(self.sidecar_wait_seconds - waited)
                     continue
-            result.ready.append(Group(stem, sorted(imgs), sorted(sides)))
+            result.ready.append(Group(stem, sorted(imgs), sorted(sides), folder))
         for stem, sides in sidecars.items():
             if stem not in images:
                 for p in sides:
-                    self._skip(p.name, "a sidecar without an image of the same name; waiting for the image")
-        return result
+                    self._skip(prefix + p.name, "a sidecar without an image of the same name; waiting for the image")
 
     def forget(self, names: list[str]) -> None:
+        """Start the stability clock over for these files (keys: "name" or "preset/name")."""
         for n in names:
             self._seen.pop(n, None)
+
+
+def _is_real_folder(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+#: watchdog event types that can make a file ready. Opening and closing a file without writing
+#: (our own reads of images and sidecars) is not among them: they would wake intake in a loop.
+WAKING_EVENTS = frozenset({"created", "moved", "modified", "closed"})
 
 
 class Watcher:
     """watchdog observer whose events only wake the intake loop; polling on network filesystems."""
 
-    def __init__(self, inbox: Path, wake: threading.Event, *, mode: str = "auto", poll_seconds: float = 2.0):
+    def __init__(
+        self, inbox: Path, wake: threading.Event, *, mode: str = "auto", poll_seconds: float = 2.0,
+        folders: tuple[Path, ...] = (),
+    ):
         self.inbox = inbox
+        self.folders = folders  # the presets' subfolders that exist at start (the rescan covers the rest)
         self.wake = wake
         self.polling = mode == "polling" or (mode == "auto" and needs_polling(inbox))
         self.poll_seconds = poll_seconds
@@ -186,7 +233,8 @@ class Watcher:
 
         class _Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
-                wake.set()
+                if event.event_type in WAKING_EVENTS and not event.is_directory:
+                    wake.set()
 
         if self.polling:
             from watchdog.observers.polling import PollingObserver
@@ -196,7 +244,10 @@ class Watcher:
             from watchdog.observers import Observer
 
             self._observer = Observer()
-        self._observer.schedule(_Handler(), str(self.inbox), recursive=False)
+        handler = _Handler()
+        for folder in (self.inbox, *self.folders):
+            if _is_real_folder(folder):
+                self._observer.schedule(handler, str(folder), recursive=False)
         self._observer.daemon = True
         self._observer.start()
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from i2v_daemon.params import Params
 
 
 class JobStatus(enum.StrEnum):
+    STAGING = "staging"  #: its row exists; intake is moving its files into work/<id>/input/ (no worker may take it)
     QUEUED = "queued"  #: waiting for a worker
     RUNNING = "running"  #: a worker holds the lease and is generating (or finishing) it
     SUCCEEDED = "succeeded"  #: the video, manifest, log and inputs are in output/
@@ -24,67 +29,22 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}
 
 #: The only status changes the store will write. Anything else is a bug or a race lost.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED}),
+    # staged: queued; a rejected input or a cancel is finished by intake itself
+    JobStatus.STAGING: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING}),  # a cancel too: whoever finishes it claims it first
     JobStatus.RUNNING: frozenset(
         # queued again: a transient error, an expired lease, or a shutdown that stopped it
         {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
     ),
     JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),  # `i2v-daemon retry`
-    JobStatus.CANCELED: frozenset({JobStatus.QUEUED}),  # `i2v-daemon retry`
+    # `i2v-daemon retry`: back to staging, where intake brings its files from failed/ into work/
+    JobStatus.FAILED: frozenset({JobStatus.STAGING}),
+    JobStatus.CANCELED: frozenset({JobStatus.STAGING}),
 }
 
 
 def can_transition(current: JobStatus, to: JobStatus) -> bool:
     return to in TRANSITIONS[current]
-
-
-@dataclass(frozen=True)
-class Params:
-    """Generation parameters after the preset and the sidecar are merged (what was asked)."""
-
-    preset: str
-    resolution: int
-    num_frames: int
-    steps: int
-    guidance_scale: float
-    fps: int
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    # Added with the model families (issue 5); None in rows from before, which load unchanged.
-    model: str | None = None  # a name from the config's models; None: "default"
-    motion: float | None = None  # 0..1, for families with a motion knob
-    lora: str | None = None  # a file name in lora_dir
-    lora_scale: float | None = None  # None with a lora: 1.0
-    # Round 2 (INTERFACE.md §5, §8); None in older rows: no interpolation, the family's scheduler.
-    output_fps: int | None = None  # delivered frame rate; None: fps
-    interpolation: str | None = None  # "motion" | "blend" | "rife" when output_fps > fps
-    scheduler: str | None = None  # None / "default": the family's own; "ddim" | "dpm++"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "preset": self.preset,
-            "resolution": self.resolution,
-            "width": self.width,
-            "height": self.height,
-            "num_frames": self.num_frames,
-            "steps": self.steps,
-            "guidance_scale": self.guidance_scale,
-            "fps": self.fps,
-            "seed": self.seed,
-            "model": self.model,
-            "motion": self.motion,
-            "lora": self.lora,
-            "lora_scale": self.lora_scale,
-            "output_fps": self.output_fps,
-            "interpolation": self.interpolation,
-            "scheduler": self.scheduler,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Params:
-        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -100,6 +60,8 @@ class JobRequest:
     priority: int = 0
     notes: tuple[str, ...] = ()  # things intake wants in job.log (e.g. "no sidecar: default preset")
     rejection: dict[str, str] | None = None  # {"type", "message"}: invalid input, fails without running
+    source: str = "inbox"  # "inbox", "inbox/NAME" (a preset's folder), "api"
+    idempotency_key: str | None = None  # the API's Idempotency-Key
 
 
 @dataclass(frozen=True)
@@ -113,7 +75,7 @@ class Job:
     inputs: tuple[str, ...]
     prompt: str
     negative_prompt: str
-    params: Params | None
+    params_data: dict[str, Any] | None  # the stored parameters; `params` is their checked value
     attempts: int
     max_attempts: int
     created_at: datetime
@@ -134,7 +96,22 @@ class Job:
     model: str | None = None
     device: str | None = None
     host: str | None = None
+    not_before: datetime | None = None  # backoff: no worker takes it before this
+    updated_us: int = 0  # the row's last change, µs since the epoch (the events feed's cursor)
+    phase: str | None = None  # what a running job is doing: loading, denoising, encoding, …
+    phase_started_at: datetime | None = None
+    source: str | None = None  # "inbox", "inbox/NAME", "api"
+    notes: tuple[str, ...] = ()  # adjustments made (rounding, conversions, fallbacks), as in the manifest
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def params(self) -> Params | None:
+        """The parameters as a checked value (pydantic is imported only when a caller needs them)."""
+        if not self.params_data:
+            return None
+        from i2v_daemon.params import params_from_dict
+
+        return params_from_dict(self.params_data)
 
     @property
     def width(self) -> int | None:
@@ -149,4 +126,13 @@ class Job:
         eff = self.effective or {}
         if "num_frames" in eff:
             return eff["num_frames"]
-        return self.params.num_frames if self.params else None
+        return (self.params_data or {}).get("num_frames")
+
+
+def __getattr__(name: str) -> Any:
+    # `from i2v_daemon.jobs import Params` keeps working; the schema itself lives in params.py.
+    if name == "Params":
+        from i2v_daemon.params import Params
+
+        return Params
+    raise AttributeError(name)

@@ -6,51 +6,21 @@ it and exits 78 (EX_CONFIG), which systemd treats as "do not restart in a loop".
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from i2v_daemon.errors import ConfigError
+from i2v_daemon.locate import config_path, default_data_dir, read_toml, sqlite_url
+from i2v_daemon.params import BUILTIN_PRESETS, Preset, PresetValues
 
-SYSTEM_CONFIG = Path("/etc/i2v-daemon/config.toml")
-
-
-class Preset(BaseModel):
-    """The defaults a sidecar's `preset` brings; every key may be overridden per job."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    resolution: int = Field(ge=64, le=2048)
-    num_frames: int = Field(ge=1, le=512)
-    steps: int = Field(ge=1, le=1000)
-    guidance_scale: float = Field(ge=0, le=50, allow_inf_nan=False)
-    fps: int = Field(ge=1, le=120)
+__all__ = ["BUILTIN_PRESETS", "Preset", "Settings", "config_path", "default_data_dir", "load_settings", "read_toml"]
 
 
-class PresetOverride(BaseModel):
-    """A `[presets.NAME]` table: any subset of a preset's keys."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    resolution: int | None = None
-    num_frames: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    fps: int | None = None
-
-
-#: From the reference measurements this project started from (INTERFACE.md).
-BUILTIN_PRESETS: dict[str, Preset] = {
-    "fast": Preset(resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8),
-    "standard": Preset(resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8),
-    "high": Preset(resolution=768, num_frames=24, steps=80, guidance_scale=10.0, fps=8),
-}
 
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
 
@@ -64,15 +34,6 @@ class _TomlSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(_toml_data.get() or {})
-
-
-def default_data_dir() -> Path:
-    """`$STATE_DIRECTORY` under systemd, else `$XDG_DATA_HOME/i2v-daemon`."""
-    state = os.environ.get("STATE_DIRECTORY")
-    if state:
-        return Path(state.split(":")[0])
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "i2v-daemon"
 
 
 class Settings(BaseSettings):
@@ -91,7 +52,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     default_preset: str = "standard"
-    presets: dict[str, PresetOverride] = Field(default_factory=dict)
+    presets: dict[str, PresetValues] = Field(default_factory=dict)
     resolution_ladder: list[int] = Field(default_factory=lambda: [1024, 896, 768, 640, 512, 384, 256])
     vram_budget_gib: float | None = Field(default=None, gt=0)  # cap on a card other programs share
     memory_margin: float = Field(default=0.10, ge=0, lt=0.9)  # headroom the memory model keeps free
@@ -231,18 +192,28 @@ class Settings(BaseSettings):
         self.failed_dir = (self.failed_dir or self.data_dir / "failed").expanduser()
         self.work_dir = (self.work_dir or self.data_dir / "work").expanduser()
         if self.database_url is None:
-            self.database_url = f"sqlite:///{self.data_dir / 'jobs.db'}"
+            self.database_url = sqlite_url(self.data_dir / "jobs.db")  # escaped: any path, `?` and `%` too
         self.metrics_textfile = (self.metrics_textfile or self.data_dir / "metrics" / "i2v-daemon.prom").expanduser()
         self.api_token_file = (self.api_token_file or self.data_dir / "api-token").expanduser()
         if self.rife_model is not None:
             self.rife_model = self.rife_model.expanduser()
         for name, override in self.presets.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+                raise ValueError(
+                    f"presets.{name}: {name!r} is not a usable preset name (letters, digits, '.', '_', '-'); "
+                    "it also names the preset's inbox folder"
+                )
             merged = {**(BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {})}
             merged.update(override.model_dump(exclude_none=True))
             try:
                 Preset(**merged)
             except ValidationError as err:
                 raise ValueError(_first_error(err, prefix=f"presets.{name}")) from None
+        if self.interpolation == "rife" and self.output_fps and self.rife_model is None:
+            raise ValueError(
+                "rife_model: interpolation = 'rife' needs rife_model, a local RIFE weights file "
+                "(it is never downloaded); set it, or choose interpolation = 'motion' or 'blend'"
+            )
         if self.default_preset not in self.all_presets():
             raise ValueError(
                 f"default_preset: {self.default_preset!r} is not a preset "
@@ -258,6 +229,10 @@ class Settings(BaseSettings):
             out[name] = Preset(**{**base, **override.model_dump(exclude_none=True)})
         return out
 
+    def job_defaults(self) -> dict[str, Any]:
+        """Config-level defaults under every preset: the delivered frame rate, how to interpolate, the scheduler."""
+        return {"output_fps": self.output_fps, "interpolation": self.interpolation, "scheduler": self.scheduler}
+
     def model_choices(self) -> dict[str, str]:
         """Every model a sidecar may name: the `[models]` table and "default" (the `model` setting)."""
         return {**self.models, "default": self.model}
@@ -269,30 +244,6 @@ class Settings(BaseSettings):
             "failed_dir": self.failed_dir,
             "work_dir": self.work_dir,
         }  # type: ignore[dict-item]
-
-
-def config_path(flag: str | None) -> Path | None:
-    """`--config FILE`, else `$I2V_CONFIG`, else /etc/i2v-daemon/config.toml if it exists."""
-    if flag:
-        return Path(flag)
-    env = os.environ.get("I2V_CONFIG")
-    if env:
-        return Path(env)
-    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config: the file {path} does not exist (--config / I2V_CONFIG)") from None
-    except PermissionError:
-        raise ConfigError(f"config: the file {path} cannot be read (permission denied)") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config: {path} is not valid TOML: {err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config: {path} is not UTF-8 text") from None
 
 
 def load_settings(config: str | None = None, **overrides: Any) -> Settings:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import codecs
-import datetime as dt
-import difflib
 import json
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,70 +11,25 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .choices import lora_name_problem
+from . import params
 from .errors import InputError
 from .fsutil import open_regular
+from .params import MAX_TEXT_CHARS, clip, describe
+
+__all__ = [
+    "FLOAT_RANGES", "INT_RANGES", "KEYS", "MAX_TEXT_CHARS", "SIDECAR_SUFFIXES", "Sidecar", "parse_sidecar",
+    "parse_sidecar_bytes", "parse_values",
+]
 
 SIDECAR_SUFFIXES = (".txt", ".json", ".toml")
 DEFAULT_MAX_BYTES = 65536
-MAX_TEXT_CHARS = 20_000
 
-KEYS = (
-    "prompt",
-    "negative_prompt",
-    "preset",
-    "resolution",
-    "width",
-    "height",
-    "num_frames",
-    "steps",
-    "guidance_scale",
-    "fps",
-    "seed",
-    "priority",
-    "model",
-    "motion",
-    "lora",
-    "lora_scale",
-)
-STRING_KEYS = ("prompt", "negative_prompt", "preset", "model", "lora")
-#: Inclusive bounds of every whole-number key.
-INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(
-    {
-        "resolution": (64, 2048),
-        "width": (64, 4096),
-        "height": (64, 4096),
-        "num_frames": (1, 512),
-        "steps": (1, 1000),
-        "fps": (1, 120),
-        "seed": (0, 2**63 - 1),
-        "priority": (-1000, 1000),
-    }
-)
+#: The keys, their bounds and their friendly messages come from the one parameter schema.
+KEYS = params.KEYS
+INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(params.INT_RANGES)
+FLOAT_RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(params.FLOAT_RANGES)
 INT_KEYS = tuple(INT_RANGES)
-#: Inclusive bounds of every key that takes any finite number.
-FLOAT_RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
-    {"guidance_scale": (0.0, 50.0), "motion": (0.0, 1.0), "lora_scale": (-4.0, 4.0)}
-)
 FLOAT_KEYS = tuple(FLOAT_RANGES)
-
-# Names other tools use for our keys: offered as suggestions only, never accepted.
-_ALIASES = MappingProxyType(
-    {
-        "cfg": "guidance_scale",
-        "cfg_scale": "guidance_scale",
-        "num_inference_steps": "steps",
-        "frame_rate": "fps",
-        "framerate": "fps",
-        "frames": "num_frames",
-        "negative": "negative_prompt",
-        "size": "resolution",
-        "motion_bucket_id": "motion",
-        "checkpoint": "model",
-        "lora_weight": "lora_scale",
-        "lora_strength": "lora_scale",
-    }
-)
 
 # UTF-32 LE starts with the UTF-16 LE mark, so it must be tested first.
 _FOREIGN_BOMS = (
@@ -101,8 +53,7 @@ class Sidecar:
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
 
 
-class _Bad(Exception):
-    """A problem in the sidecar, worded without the file name (added once, at the edge)."""
+_Bad = params.Bad  # a problem in the sidecar, worded without the file name (added once, at the edge)
 
 
 def parse_sidecar(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Sidecar:
@@ -172,7 +123,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for key, value in pairs:
         if key in table:
-            raise _Bad(f"key {_clip(key)} appears more than once; keep only one")
+            raise _Bad(f"key {clip(key)} appears more than once; keep only one")
         table[key] = value
     return table
 
@@ -203,114 +154,31 @@ def _load_toml(text: str) -> Any:
 
 
 def _from_table(table: Any, kind: str, notes: tuple[str, ...]) -> Sidecar:
-    """Check a parsed JSON/TOML document against the contract's keys, types and ranges."""
+    """Check a parsed JSON/TOML document against the one parameter schema."""
     if not isinstance(table, dict):
-        raise _Bad(f'the file must hold one JSON object such as {{"prompt": "..."}}, got {_describe(table, kind)}')
-    unknown = [key for key in table if key not in KEYS]
-    if unknown:
-        raise _Bad(_unknown_key_message(unknown))
-    if "prompt" not in table:
+        raise _Bad(f'the file must hold one JSON object such as {{"prompt": "..."}}, got {describe(table, kind)}')
+    values = params.check_values(table, kind)
+    if "prompt" not in values:
         example = '"prompt": "the cat turns its head"' if kind == ".json" else 'prompt = "the cat turns its head"'
         raise _Bad(f"'prompt' is missing; add a line like {example}")
-    prompt = _text("prompt", table["prompt"], kind)
-    values: dict[str, Any] = {}
-    for key in KEYS[1:]:
-        if key in table:
-            values[key] = _check_value(key, table[key], kind)
-    if ("width" in values) != ("height" in values):
-        given, missing = ("width", "height") if "width" in values else ("height", "width")
-        raise _Bad(f"'{given}' is set but '{missing}' is not; set both, or neither and use 'resolution'")
-    if "lora_scale" in values and "lora" not in values:
-        raise _Bad("'lora_scale' is set but 'lora' is not; name the LoRA file with 'lora', or remove 'lora_scale'")
+    prompt = values.pop("prompt")
     return Sidecar(prompt=prompt, values=values, notes=notes + _empty_prompt_note(prompt))
 
 
-def _check_value(key: str, value: Any, kind: str) -> Any:
-    """One key's value, checked and normalised (guidance_scale becomes a float)."""
-    if key in INT_RANGES:
-        return _whole_number(key, value, kind)
-    if key in FLOAT_RANGES:
-        return _number(key, value, kind)
-    return _text(key, value, kind)
-
-
-def _whole_number(key: str, value: Any, kind: str) -> int:
-    low, high = INT_RANGES[key]
-    # bool is an int subclass and 16.0 is a float: neither is a whole number the user meant.
-    if type(value) is not int or not low <= value <= high:
-        raise _Bad(f"'{key}' must be a whole number between {low} and {high}, got {_describe(value, kind)}")
-    return value
-
-
-def _number(key: str, value: Any, kind: str) -> float:
-    low, high = FLOAT_RANGES[key]
-    ok = type(value) in (int, float) and (type(value) is int or math.isfinite(value))
-    # Compare before float(): a huge int would overflow it.
-    if not ok or not low <= value <= high:
-        raise _Bad(f"'{key}' must be a number between {low:g} and {high:g}, got {_describe(value, kind)}")
-    return float(value)
+def parse_values(table: Any, *, name: str = "params") -> Sidecar:
+    """The API's `params` (an already parsed JSON object), checked exactly as a `.json` sidecar is."""
+    try:
+        return _from_table(table, ".json", ())
+    except _Bad as err:
+        raise InputError(f"{name}: {err}") from None
 
 
 def _text(key: str, value: Any, kind: str) -> str:
+    """A `.txt` sidecar's prompt, checked like the prompt key of a `.json` one."""
     if not isinstance(value, str):
-        raise _Bad(f"'{key}' must be text in quotes, got {_describe(value, kind)}")
-    value = value.strip()
-    if len(value) > MAX_TEXT_CHARS:
-        raise _Bad(f"'{key}' is {len(value):,} characters long; the limit is {MAX_TEXT_CHARS:,} — shorten it")
-    if "\0" in value:
-        raise _Bad(f"'{key}' contains a NUL character (\\u0000); remove it")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        # JSON's \ud800-style escapes can smuggle in half a character that nothing downstream can store.
-        raise _Bad(
-            f"'{key}' contains an unpaired surrogate \\u{ord(value[err.start]):04x} at character {err.start}; "
-            "remove it or write the whole character"
-        ) from None
-    if key == "preset" and not value:
-        raise _Bad("'preset' must name a preset such as 'fast', 'standard' or 'high', got an empty string")
-    if key == "model" and not value:
-        raise _Bad("'model' must name one of the config's models, such as 'default', got an empty string")
-    if key == "lora":
-        problem = lora_name_problem(value)
-        if problem:
-            raise _Bad(f"'lora' {problem}, got {_clip(value)}")
-    return value
+        raise _Bad(f"'{key}' must be text in quotes, got {describe(value, kind)}")
+    return params.check_values({key: value}, kind)[key]
 
 
 def _empty_prompt_note(prompt: str) -> tuple[str, ...]:
     return () if prompt else ("the prompt is empty; the video follows the image alone",)
-
-
-def _unknown_key_message(unknown: list[str]) -> str:
-    key = unknown[0]
-    more = f" (and {len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
-    guess = _ALIASES.get(key.lower()) or next(iter(difflib.get_close_matches(key.lower(), KEYS, n=1)), None)
-    if guess:
-        return f"unknown key {_clip(key)} — did you mean '{guess}'?{more}"
-    return f"unknown key {_clip(key)}{more}; the keys are {', '.join(KEYS)}"
-
-
-def _describe(value: Any, kind: str) -> str:
-    """How a value reads in the user's own format, short enough for one line."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return _clip(value)
-    if isinstance(value, int | float):
-        text = repr(value)
-        return text if len(text) <= 40 else text[:37] + "…"
-    if isinstance(value, dict):
-        return "an object" if kind == ".json" else "a table"
-    if isinstance(value, list):
-        return "a list" if kind == ".json" else "an array"
-    if isinstance(value, dt.date | dt.time):
-        return "a date/time"
-    return f"a {type(value).__name__}"
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    """repr() of text, cut short; repr also escapes newlines and lone surrogates."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "…"

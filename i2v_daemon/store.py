@@ -1,9 +1,11 @@
 """The job table and every transaction on it, named for what it means.
 
-SQLAlchemy sessions never leave this module; callers get frozen `Job` values. Every status
+SQLAlchemy connections never leave this module; callers get frozen `Job` values. Every status
 change goes through `_transition`, which refuses what `jobs.TRANSITIONS` does not allow and
 guards the UPDATE with the expected current status (and, for a worker, its lease), so a lost
-race shows up as a row count of 0 rather than a double write.
+race shows up as a row count of 0 rather than a double write. Every write stamps `updated_us`,
+the cursor of the events feed. The outbox and the control switches live in `outbox.py` and
+`control.py`; their tables are written here when a job finishes, in the same transaction.
 """
 
 from __future__ import annotations
@@ -11,104 +13,39 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    DateTime,
-    Engine,
-    Float,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    event,
-    func,
-    select,
-    update,
-)
+from sqlalchemy import Engine, case, create_engine, event, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 
-from i2v_daemon import migrate
-from i2v_daemon.jobs import TRANSITIONS, Job, JobRequest, JobStatus, Params
+from i2v_daemon.control import Control
+from i2v_daemon.errors import DatabaseGone
+from i2v_daemon.jobs import TRANSITIONS, Job, JobRequest, JobStatus
+from i2v_daemon.outbox import Outbox, OutboxEntry
+from i2v_daemon.schema import HEAD, aware, db_time, job_from_row, jobs, metadata, now_us, utcnow
 
-metadata = MetaData()
+__all__ = ["HEAD", "LeaseLost", "Store", "jobs", "metadata", "utcnow"]
 
-jobs = Table(
-    "jobs",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(255), nullable=False),
-    Column("status", String(16), nullable=False, index=True),
-    Column("priority", Integer, nullable=False, default=0),
-    Column("intake_key", String(128), nullable=False, unique=True),
-    Column("inputs", JSON(none_as_null=True), nullable=False),
-    Column("prompt", Text, nullable=False, default=""),
-    Column("negative_prompt", Text, nullable=False, default=""),
-    Column("params", JSON(none_as_null=True)),
-    Column("rejection", JSON(none_as_null=True)),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("max_attempts", Integer, nullable=False),
-    Column("created_at", DateTime, nullable=False),
-    Column("started_at", DateTime),
-    Column("finished_at", DateTime),
-    Column("not_before", DateTime),  # backoff after a transient error
-    Column("worker_id", String(255)),
-    Column("lease_until", DateTime),
-    Column("progress", Float, nullable=False, default=0.0),
-    Column("step", Integer, nullable=False, default=0),
-    Column("total_steps", Integer, nullable=False, default=0),
-    Column("cancel_requested", Boolean, nullable=False, default=False),
-    Column("effective", JSON(none_as_null=True)),
-    Column("tries", JSON(none_as_null=True)),
-    Column("error", JSON(none_as_null=True)),
-    Column("final_dir", String(1024), unique=True),  # output/S or failed/S once chosen (set before the move)
-    Column("previous_dir", Text),  # where a retried job's files were (moved back to work/)
-    Column("output", Text),
-    Column("model", Text),
-    Column("device", String(64)),
-    Column("host", String(255)),
-    Column("intake_host", String(255)),  # the host whose intake took the files from the inbox (revision 0002)
-)
-
-#: Switches every worker sharing this database obeys (revision 0003); one row per key.
-control = Table(
-    "control",
-    metadata,
-    Column("key", String(64), primary_key=True),  # "paused"
-    Column("value", JSON(none_as_null=True)),
-    Column("updated_at", DateTime),
-    Column("updated_by", String(255)),  # user@host that flipped it, for `status`
-)
+_Q, _R, _S = JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.STAGING.value
+_TERMINAL = [s.value for s in JobStatus if s.is_terminal]
 
 
 class LeaseLost(Exception):
     """This worker no longer owns the job (lease expired and another took it, or it was canceled)."""
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _db_time(dt: datetime | None) -> datetime | None:
-    """Stored as naive UTC: SQLite has no time zones, and one convention keeps comparisons right."""
-    if dt is None:
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL (None for another database or an in-memory one)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+    return os.path.abspath(parsed.database)
 
 
-def _aware(dt: datetime | None) -> datetime | None:
-    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
-
-
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, create: bool = True) -> Engine:
     """An engine with the settings the queue's guarantees rest on (WAL, FULL sync, immediate writes)."""
     parsed = make_url(url)
     if parsed.drivername == "postgresql":  # SQLAlchemy's default driver is psycopg2; we ship psycopg (3)
@@ -124,9 +61,10 @@ def make_engine(url: str) -> Engine:
                 "keepalives_count": 3,
             }
         return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
-    if parsed.database and parsed.database != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    path = sqlite_path(url)
+    if path is not None and create:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -165,124 +103,263 @@ def _enable_wal(cur: Any, wait_seconds: float = 30.0) -> None:
             time.sleep(0.02)
 
 
-class Store:
-    def __init__(self, url: str, *, max_attempts: int = 3) -> None:
-        self.url = url
-        self.engine = make_engine(url)
-        self.max_attempts = max_attempts
+def _row(job: JobRequest, status: JobStatus, now: datetime, host: str | None, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": job.name, "status": status.value, "priority": job.priority, "intake_key": job.intake_key,
+        "inputs": list(job.inputs), "prompt": job.prompt, "negative_prompt": job.negative_prompt,
+        "params": job.params.as_dict() if job.params else None, "rejection": job.rejection, "attempts": 0,
+        "created_at": db_time(now), "progress": 0.0, "step": 0, "total_steps": 0, "cancel_requested": False,
+        "tries": [], "intake_host": host, "source": job.source, "idempotency_key": job.idempotency_key,
+        "notes": list(job.notes),
+        "updated_us": now_us(), **extra,
+    }
 
-    def create_schema(self) -> migrate.Upgrade:
+
+class Store:
+    def __init__(self, url: str, *, max_attempts: int = 3, create: bool = True) -> None:
+        """Open the job database; `create=False` (read-only commands) never makes a file that is not there."""
+        self.url = url
+        self.path = sqlite_path(url)
+        if not create and self.path is not None and not os.path.exists(self.path):
+            raise DatabaseGone(
+                f"there is no job database at {self.path}; start the daemon once (`i2v-daemon run`), "
+                "or check data_dir / database_url"
+            )
+        self.engine = make_engine(url, create=create)
+        self.max_attempts = max_attempts
+        self.control = Control(self.engine)
+        self.outbox = Outbox(self.engine)
+        self._identity = self._file_identity()
+
+    def create_schema(self) -> Any:
         """Create or upgrade the schema to this release's revision (Alembic); idempotent, safe to race."""
-        return migrate.upgrade(self.engine)
+        from i2v_daemon import migrate  # Alembic only where the schema may change
+
+        upgrade = migrate.upgrade(self.engine)
+        self._identity = self._file_identity()
+        return upgrade
 
     def close(self) -> None:
         self.engine.dispose()
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check(self) -> None:
+        """Raise DatabaseGone when the SQLite file was deleted or replaced since it was opened.
+
+        SQLite keeps working in an unlinked file, so without this a daemon would go on recording
+        jobs that nobody can ever see.
+        """
+        if self.path is None or self._identity is None:
+            return
+        now = self._file_identity()
+        if now is None:
+            raise DatabaseGone(f"the job database {self.path} was deleted while the daemon ran")
+        if now != self._identity:
+            raise DatabaseGone(f"the job database {self.path} was replaced by another file while the daemon ran")
+
+    def revision(self) -> str | None:
+        """The schema revision recorded in the database (None: empty, or from before migrations)."""
+        from sqlalchemy import inspect, text
+
+        with self._read() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
     def _read(self) -> Any:
         return self.engine.connect().execution_options(readonly=True)
 
-    # ---- intake ---------------------------------------------------------------------------
+    # ---- intake: a row first, in a state no worker takes; then the files; then queued ---------------
+
+    def stage(
+        self, requests: Sequence[JobRequest], *, owner: str, lease_seconds: float, host: str | None = None,
+        now: datetime | None = None,
+    ) -> list[tuple[Job, bool]]:
+        """Insert staging rows owned by `owner` in one transaction; a file instance seen before returns its job."""
+        now = now or utcnow()
+        lease = db_time(now + timedelta(seconds=lease_seconds))
+        out: list[tuple[Job, bool]] = []
+        keys = [r.intake_key for r in requests]
+        existing = {j.extra.get("intake_key"): j for j in self._by_keys(keys)}
+        fresh = [r for r in requests if r.intake_key not in existing]
+        ids: dict[str, int] = {}
+        if fresh:
+            rows = [
+                _row(r, JobStatus.STAGING, now, host, max_attempts=self.max_attempts, worker_id=owner,
+                     lease_until=lease, phase="staging", phase_started_at=db_time(now))
+                for r in fresh
+            ]
+            try:
+                with self.engine.begin() as conn:
+                    made = conn.execute(insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), rows)
+                    for r, new_id in zip(fresh, made.scalars(), strict=True):
+                        ids[r.intake_key] = new_id
+            except IntegrityError:
+                # Another host took one of these files a moment ago: insert one by one, keep theirs.
+                ids = {}
+                for r, row in zip(fresh, rows, strict=True):
+                    try:
+                        with self.engine.begin() as conn:
+                            ids[r.intake_key] = conn.execute(insert(jobs).values(**row)).inserted_primary_key[0]
+                    except IntegrityError:
+                        dup = self.find_by_key(r.intake_key) or self.find_by_idempotency_key(r.idempotency_key)
+                        if dup is None:
+                            raise
+                        existing[r.intake_key] = dup
+        made = {j.id: j for j in self._by_ids(list(ids.values()))}
+        for r in requests:
+            if r.intake_key in ids:
+                out.append((made[ids[r.intake_key]], True))
+            else:
+                out.append((existing[r.intake_key], False))
+        return out
+
+    def mark_staged(self, job_ids: Iterable[int], owner: str) -> list[int]:
+        """staging → queued for the jobs whose files are in work/<id>/input/ (and durable)."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(jobs).where(jobs.c.id.in_(ids), jobs.c.status == _S, jobs.c.worker_id == owner)
+                .values(status=_Q, worker_id=None, lease_until=None, phase=None, phase_started_at=None,
+                        updated_us=now_us())
+                .returning(jobs.c.id)
+            ).scalars().all()
+        return list(rows)
+
+    def unstage(self, job_id: int, owner: str) -> bool:
+        """Forget a staging row whose files could not be moved at all: it never became a job."""
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                jobs.delete().where(jobs.c.id == job_id, jobs.c.status == _S, jobs.c.worker_id == owner)
+            ).rowcount
+        return n == 1
+
+    def claim_staging(
+        self, owner: str, *, lease_seconds: float, now: datetime | None = None, limit: int = 100,
+    ) -> list[Job]:
+        """Staging rows nobody holds (a retry asked for, an intake that died mid-way): take them over."""
+        now = now or utcnow()
+        free = (jobs.c.worker_id.is_(None)) | (jobs.c.lease_until < db_time(now))
+        pick = select(jobs.c.id).where(jobs.c.status == _S, free).order_by(jobs.c.id).limit(limit)
+        with self.engine.begin() as conn:
+            ids = conn.execute(
+                update(jobs).where(jobs.c.id.in_(pick.scalar_subquery()), jobs.c.status == _S, free)
+                .values(worker_id=owner, lease_until=db_time(now + timedelta(seconds=lease_seconds)),
+                        updated_us=now_us())
+                .returning(jobs.c.id)
+            ).scalars().all()
+        return self._by_ids(list(ids))
 
     def enqueue(
         self, req: JobRequest, *, now: datetime | None = None, host: str | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a queued job; if this file instance was seen before (on any host), return that job instead."""
-        now = now or utcnow()
-        row = {
-            "name": req.name,
-            "status": JobStatus.QUEUED.value,
-            "priority": req.priority,
-            "intake_key": req.intake_key,
-            "inputs": list(req.inputs),
-            "prompt": req.prompt,
-            "negative_prompt": req.negative_prompt,
-            "params": req.params.as_dict() if req.params else None,
-            "rejection": req.rejection,
-            "attempts": 0,
-            "max_attempts": self.max_attempts,
-            "created_at": _db_time(now),
-            "progress": 0.0,
-            "step": 0,
-            "total_steps": 0,
-            "cancel_requested": False,
-            "tries": [],
-            "intake_host": host,
-        }
-        try:
-            with self.engine.begin() as conn:
-                job_id = conn.execute(jobs.insert().values(**row)).inserted_primary_key[0]
-            return self.get(job_id), True
-        except IntegrityError:
-            existing = self.find_by_key(req.intake_key)
-            if existing is None:  # not the unique key: a real error
-                raise
-            return existing, False
+        """Insert a queued job whose files are already in place (tests, tools); intake stages instead."""
+        owner = f"enqueue/{os.getpid()}"
+        job, created = self.stage([req], owner=owner, lease_seconds=60, host=host, now=now)[0]
+        if created:
+            self.mark_staged([job.id], owner)
+            job = self.get(job.id) or job
+        return job, created
 
     def find_by_key(self, intake_key: str) -> Job | None:
+        found = self._by_keys([intake_key])
+        return found[0] if found else None
+
+    def find_by_idempotency_key(self, key: str | None) -> Job | None:
+        if not key:
+            return None
         with self._read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.intake_key == intake_key)).mappings().first()
-        return _job(row) if row else None
+            row = conn.execute(select(jobs).where(jobs.c.idempotency_key == key)).mappings().first()
+        return job_from_row(row) if row else None
+
+    def _by_keys(self, keys: list[str]) -> list[Job]:
+        out: list[Job] = []
+        with self._read() as conn:
+            for i in range(0, len(keys), 500):
+                rows = conn.execute(select(jobs).where(jobs.c.intake_key.in_(keys[i:i + 500]))).mappings().all()
+                out += [_with_key(r) for r in rows]
+        return out
+
+    def _by_ids(self, ids: list[int]) -> list[Job]:
+        if not ids:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(select(jobs).where(jobs.c.id.in_(ids)).order_by(jobs.c.id)).mappings().all()
+        return [job_from_row(r) for r in rows]
 
     # ---- the worker's side ----------------------------------------------------------------
 
     def claim_next(
         self, worker_id: str, *, lease_seconds: float, now: datetime | None = None, host: str | None = None,
-        device: str | None = None, job_id: int | None = None,
+        device: str | None = None, job_id: int | None = None, housekeeping: bool = False,
     ) -> Job | None:
-        """Take the next runnable job (rejections and cancels first, then priority, then FIFO)."""
+        """Take the next queued job: rejections, cancels and exhausted jobs first, then priority, then FIFO.
+
+        `housekeeping`: only jobs that need no GPU (a rejection, a cancel, one out of attempts, one
+        whose finish was interrupted), so they end at once even while the GPU worker is busy.
+        Attempts are counted only for jobs that will generate.
+        """
         now = now or utcnow()
-        pick = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value)
-        if job_id is not None:  # a named job (cancel, a rejection) is taken even while in backoff
+        no_gpu = (
+            jobs.c.rejection.is_not(None) | jobs.c.cancel_requested | jobs.c.final_dir.is_not(None)
+            | (jobs.c.attempts >= jobs.c.max_attempts)
+        )
+        pick = select(jobs.c.id).where(jobs.c.status == _Q)
+        if job_id is not None:  # a named job is taken even while in backoff
             pick = pick.where(jobs.c.id == job_id)
         else:
-            pick = pick.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= _db_time(now)))
-        pick = (
-            pick
-            .order_by(
-                (jobs.c.rejection.is_not(None) | jobs.c.cancel_requested).desc(),
-                jobs.c.priority.desc(),
-                jobs.c.id,
-            )
-            .limit(1)
-            .with_for_update(skip_locked=True)
+            pick = pick.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= db_time(now)) | no_gpu)
+        if housekeeping:
+            pick = pick.where(no_gpu)
+        pick = pick.order_by(no_gpu.desc(), jobs.c.priority.desc(), jobs.c.id).limit(1).with_for_update(
+            skip_locked=True
         )
+        counts = jobs.c.rejection.is_(None) & ~jobs.c.cancel_requested & jobs.c.final_dir.is_(None)
         with self.engine.begin() as conn:
             row = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == pick.scalar_subquery())
-                .where(jobs.c.status == JobStatus.QUEUED.value)
+                .where(jobs.c.status == _Q)
                 .values(
-                    status=JobStatus.RUNNING.value,
-                    worker_id=worker_id,
-                    lease_until=_db_time(now + timedelta(seconds=lease_seconds)),
-                    attempts=jobs.c.attempts + 1,
-                    started_at=_db_time(now),
-                    progress=0.0,
-                    step=0,
-                    host=host,
-                    device=device,
+                    status=_R, worker_id=worker_id, lease_until=db_time(now + timedelta(seconds=lease_seconds)),
+                    attempts=jobs.c.attempts + case((counts, 1), else_=0), started_at=db_time(now),
+                    progress=0.0, step=0, host=host, device=device, phase="starting",
+                    phase_started_at=db_time(now), updated_us=now_us(),
                 )
                 .returning(*jobs.c)
             ).mappings().first()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def heartbeat(
         self, job_id: int, worker_id: str, *, lease_seconds: float, now: datetime | None = None,
-        step: int | None = None, total_steps: int | None = None,
+        step: int | None = None, total_steps: int | None = None, phase: str | None = None,
     ) -> bool:
-        """Renew the lease (and record progress); returns whether a cancel was requested.
+        """Renew the lease and record progress; returns whether a cancel was requested.
 
         Raises LeaseLost when the job is no longer ours: the caller must stop touching it.
         """
         now = now or utcnow()
-        values: dict[str, Any] = {"lease_until": _db_time(now + timedelta(seconds=lease_seconds))}
+        lease = db_time(now + timedelta(seconds=lease_seconds))
+        values: dict[str, Any] = {"lease_until": lease, "updated_us": now_us()}
         if step is not None and total_steps:
             values.update(step=step, total_steps=total_steps, progress=min(1.0, step / total_steps))
+        if phase is not None:
+            values.update(phase=phase, phase_started_at=db_time(now))
         with self.engine.begin() as conn:
             row = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id)
-                .where(jobs.c.status == JobStatus.RUNNING.value)
+                .where(jobs.c.status.in_([_R, _S]))
                 .values(**values)
                 .returning(jobs.c.cancel_requested)
             ).first()
@@ -291,8 +368,8 @@ class Store:
         return bool(row[0])
 
     def update_running(self, job_id: int, worker_id: str, **fields: Any) -> None:
-        """Record facts about a running job (effective params, tries, chosen folder); fenced."""
-        allowed = {"effective", "tries", "final_dir", "output", "model", "previous_dir", "prompt"}
+        """Record facts about a job this worker holds (effective params, tries, chosen folder); fenced."""
+        allowed = {"effective", "tries", "final_dir", "output", "model", "previous_dir", "prompt", "error", "notes"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"update_running cannot set {sorted(bad)}")
@@ -300,93 +377,113 @@ class Store:
             n = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id)
-                .where(jobs.c.status == JobStatus.RUNNING.value)
-                .values(**fields)
+                .where(jobs.c.status.in_([_R, _S]))
+                .values(**fields, updated_us=now_us())
             ).rowcount
         if n != 1:
             raise LeaseLost(f"job {job_id} is no longer owned by {worker_id}")
 
     def finish(
         self, job_id: int, worker_id: str, status: JobStatus, *, now: datetime | None = None,
-        error: dict[str, str] | None = None, **fields: Any,
+        error: dict[str, str] | None = None, notify: Sequence[OutboxEntry] = (), frm: JobStatus = JobStatus.RUNNING,
+        **fields: Any,
     ) -> None:
-        """running → succeeded / failed / canceled, only if this worker still holds the lease."""
+        """running (or staging) → succeeded / failed / canceled, only under this worker's lease.
+
+        The notifications owed for it (`notify`: webhooks, the on_finish hook) are written in the
+        same transaction, so a crash either keeps the job unfinished or its notifications owed.
+        """
         if not status.is_terminal:
             raise ValueError(f"finish() takes a terminal status, not {status}")
         now = now or utcnow()
-        values = {"error": error, "finished_at": _db_time(now), "lease_until": None, **fields}
+        values = {"error": error, "finished_at": db_time(now), "lease_until": None, "phase": None, **fields}
         if status is JobStatus.SUCCEEDED:
             values["progress"] = 1.0
-        self._transition(job_id, JobStatus.RUNNING, status, worker_id=worker_id, values=values)
+        self._transition(
+            job_id, frm, status, worker_id=worker_id, values=values,
+            also=lambda conn: self.outbox.add(conn, job_id, notify, now=now),
+        )
 
     def requeue(
-        self, job_id: int, worker_id: str, *, error: dict[str, str] | None = None,
+        self, job_id: int, worker_id: str, *, error: dict[str, Any] | None = None,
         not_before: datetime | None = None, refund_attempt: bool = False,
     ) -> None:
-        """running → queued: a transient error (with backoff) or a shutdown that stopped the job."""
+        """running → queued: a transient or environment error (with backoff), or a shutdown that stopped it."""
         values: dict[str, Any] = {
-            "error": error, "worker_id": None, "lease_until": None, "not_before": _db_time(not_before),
-            "progress": 0.0, "step": 0,
+            "error": error, "worker_id": None, "lease_until": None, "not_before": db_time(not_before),
+            "progress": 0.0, "step": 0, "phase": None, "phase_started_at": None,
         }
-        if refund_attempt:  # a shutdown is not the job's fault
-            values["attempts"] = jobs.c.attempts - 1
+        if refund_attempt:  # not the job's fault: a shutdown, a full disk, a database that went away
+            values["attempts"] = case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0)
         self._transition(job_id, JobStatus.RUNNING, JobStatus.QUEUED, worker_id=worker_id, values=values)
 
     # ---- housekeeping ---------------------------------------------------------------------
 
     def requeue_expired(self, *, now: datetime | None = None) -> list[int]:
-        """Running jobs whose lease ran out (their worker died or hung) go back to the queue."""
+        """Running jobs whose lease ran out (their worker died, hung or stalled) go back to the queue.
+
+        Staging rows whose intake died are released for another intake to finish staging.
+        """
         now = now or utcnow()
-        return self._requeue_where(jobs.c.lease_until < _db_time(now))
+        return self._release_where(jobs.c.lease_until < db_time(now), "its worker stopped renewing its lease")
 
     def requeue_workers(self, worker_ids: Iterable[str]) -> list[int]:
         """Jobs held by workers known to be dead (our own previous run) go back to the queue now."""
         ids = list(worker_ids)
-        return self._requeue_where(jobs.c.worker_id.in_(ids)) if ids else []
+        return self._release_where(jobs.c.worker_id.in_(ids), "its worker had stopped") if ids else []
 
     def running_workers(self) -> list[str]:
         with self._read() as conn:
             rows = conn.execute(
-                select(jobs.c.worker_id).where(jobs.c.status == JobStatus.RUNNING.value).distinct()
+                select(jobs.c.worker_id).where(jobs.c.status.in_([_R, _S])).distinct()
             ).all()
         return [r[0] for r in rows if r[0]]
 
-    def _requeue_where(self, cond: Any) -> list[int]:
+    def _release_where(self, cond: Any, why: str) -> list[int]:
+        assert JobStatus.QUEUED in TRANSITIONS[JobStatus.RUNNING]
         with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs).where(jobs.c.status == _S, jobs.c.worker_id.is_not(None), cond)
+                .values(worker_id=None, lease_until=None, updated_us=now_us())
+            )
             rows = conn.execute(
-                update(jobs)
-                .where(jobs.c.status == JobStatus.RUNNING.value)
-                .where(cond)
-                .values(status=JobStatus.QUEUED.value, worker_id=None, lease_until=None, progress=0.0, step=0)
-                .returning(jobs.c.id)
+                select(jobs.c.id, jobs.c.worker_id, jobs.c.phase).where(jobs.c.status == _R, cond)
             ).all()
+            for job_id, worker, phase in rows:
+                # The reason stays visible on the queued job until it runs again.
+                message = f"{why} ({worker}, in {phase or 'an unknown phase'}); it runs again"
+                conn.execute(
+                    update(jobs).where(jobs.c.id == job_id, jobs.c.status == _R, jobs.c.worker_id == worker)
+                    .values(status=_Q, worker_id=None, lease_until=None, progress=0.0, step=0, phase=None,
+                            phase_started_at=None, error={"type": "lease_expired", "message": message},
+                            updated_us=now_us())
+                )
         return [r[0] for r in rows]
 
-    # ---- people's commands ----------------------------------------------------------------
+    # ---- people's commands: they ask; workers and intake act ------------------------------------
 
     def request_cancel(self, job_id: int) -> Job | None:
-        """Flag a queued or running job for cancellation; the worker (or `cancel`) acts on it."""
+        """Flag a staging, queued or running job for cancellation; a worker finishes it."""
         with self.engine.begin() as conn:
             conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id)
-                .where(jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-                .values(cancel_requested=True)
+                .where(jobs.c.id == job_id, jobs.c.status.in_([_S, _Q, _R]))
+                .values(cancel_requested=True, not_before=None, updated_us=now_us())
             )
         return self.get(job_id)
 
     def retry(self, job_id: int) -> bool:
-        """failed / canceled → queued with a fresh attempt count; its files come back from failed/."""
+        """failed / canceled → staging with a fresh attempt count; intake brings its files back from failed/."""
         job = self.get(job_id)
         if job is None or job.status not in (JobStatus.FAILED, JobStatus.CANCELED):
             return False
         values = {
             "attempts": 0, "error": None, "cancel_requested": False, "finished_at": None, "not_before": None,
             "previous_dir": job.final_dir, "final_dir": None, "output": None, "progress": 0.0, "step": 0,
-            "worker_id": None,
+            "worker_id": None, "lease_until": None, "tries": [], "effective": None, "phase": "staging",
         }
         try:
-            self._transition(job_id, job.status, JobStatus.QUEUED, values=values)
+            self._transition(job_id, job.status, JobStatus.STAGING, values=values)
         except LeaseLost:
             return False
         return True
@@ -396,24 +493,42 @@ class Store:
     def get(self, job_id: int) -> Job | None:
         with self._read() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def list_jobs(self, limit: int = 20, *, statuses: Iterable[JobStatus] | None = None) -> list[Job]:
         q = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
         if statuses is not None:
             q = q.where(jobs.c.status.in_([s.value for s in statuses]))
         with self._read() as conn:
-            return [_job(r) for r in conn.execute(q).mappings().all()]
+            return [job_from_row(r) for r in conn.execute(q).mappings().all()]
 
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in JobStatus}
+        """Jobs by status, exactly the contract's five: a staging job (files on their way) counts as queued."""
+        out = {s.value: 0 for s in JobStatus if s is not JobStatus.STAGING}
         with self._read() as conn:
             for status, n in conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all():
-                out[status] = n
+                key = _Q if status == _S else status
+                out[key] = out.get(key, 0) + n
         return out
 
+    def changes(self, since_us: int | None = None, *, limit: int = 500) -> list[Job]:
+        """Jobs changed at or after `since_us` (µs since the epoch), oldest change first: the events feed."""
+        q = select(jobs).order_by(jobs.c.updated_us, jobs.c.id).limit(limit)
+        if since_us is not None:
+            q = q.where(jobs.c.updated_us >= since_us)
+        with self._read() as conn:
+            return [job_from_row(r) for r in conn.execute(q).mappings().all()]
+
+    def queue(self, limit: int = 1000) -> list[Job]:
+        """Queued jobs in the order workers take them (the page's queue, positions, ETAs)."""
+        first = jobs.c.rejection.is_not(None) | jobs.c.cancel_requested
+        q = (select(jobs).where(jobs.c.status == _Q).order_by(first.desc(), jobs.c.priority.desc(), jobs.c.id)
+             .limit(limit))
+        with self._read() as conn:
+            return [job_from_row(r) for r in conn.execute(q).mappings().all()]
+
     def recent_tries(self, limit: int = 200) -> list[dict[str, Any]]:
-        """Attempts recorded by the newest `limit` jobs that ran, oldest first (to refit the memory model)."""
+        """Attempts recorded by the newest `limit` jobs that ran, oldest first (the memory model, ETAs)."""
         q = select(jobs.c.tries).where(jobs.c.tries.is_not(None)).where(jobs.c.attempts > 0)
         with self._read() as conn:
             rows = conn.execute(q.order_by(jobs.c.id.desc()).limit(limit)).all()
@@ -430,37 +545,23 @@ class Store:
         now = now or utcnow()
         with self._read() as conn:
             server = conn.execute(select(func.timezone("UTC", func.statement_timestamp()))).scalar_one()
-        return (server - _db_time(now)).total_seconds()
+        return (server - db_time(now)).total_seconds()
 
     def has_runnable(self, *, now: datetime | None = None) -> bool:
-        """Whether a queued job is waiting (ignoring backoff when `now` is None)."""
-        q = select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value).limit(1)
+        """Whether a queued (or staging) job is waiting (ignoring backoff when `now` is None)."""
+        q = select(jobs.c.id).where(jobs.c.status.in_([_Q, _S])).limit(1)
         if now is not None:
-            q = q.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= _db_time(now)))
+            q = q.where(or_(jobs.c.not_before.is_(None), jobs.c.not_before <= db_time(now)))
         with self._read() as conn:
             return conn.execute(q).first() is not None
 
-    # ---- pause / resume (`i2v-daemon pause`): every worker checks before claiming -----------------
+    # ---- pause / resume and reported problems: rows every worker sees --------------------------------
 
     def set_paused(self, paused: bool, *, by: str | None = None, now: datetime | None = None) -> None:
-        """Stop (or restart) taking new jobs on every worker sharing this database; a running job finishes."""
-        value = {"paused": paused}
-        row = {"value": value, "updated_at": _db_time(now or utcnow()), "updated_by": by}
-        with self.engine.begin() as conn:
-            if conn.execute(update(control).where(control.c.key == "paused").values(**row)).rowcount == 0:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(control.insert().values(key="paused", **row))
-                except IntegrityError:  # another process inserted it a moment ago: ours is the later word
-                    conn.execute(update(control).where(control.c.key == "paused").values(**row))
+        self.control.set_paused(paused, by=by, now=now)
 
     def pause_state(self) -> dict[str, Any]:
-        """`{"paused": bool, "since": datetime | None, "by": str | None}`."""
-        with self._read() as conn:
-            row = conn.execute(select(control).where(control.c.key == "paused")).mappings().first()
-        if row is None or not (row["value"] or {}).get("paused"):
-            return {"paused": False, "since": None, "by": None}
-        return {"paused": True, "since": _aware(row["updated_at"]), "by": row["updated_by"]}
+        return self.control.pause_state()
 
     def is_paused(self) -> bool:
         return bool(self.pause_state()["paused"])
@@ -470,23 +571,18 @@ class Store:
     def finished_before(self, cutoff: datetime, *, limit: int = 500) -> list[Job]:
         """Succeeded, failed and canceled jobs that finished before `cutoff`, oldest first."""
         q = (
-            select(jobs)
-            .where(jobs.c.status.in_([s.value for s in JobStatus if s.is_terminal]))
-            .where(jobs.c.finished_at < _db_time(cutoff))
-            .order_by(jobs.c.finished_at, jobs.c.id)
-            .limit(limit)
+            select(jobs).where(jobs.c.status.in_(_TERMINAL)).where(jobs.c.finished_at < db_time(cutoff))
+            .order_by(jobs.c.finished_at, jobs.c.id).limit(limit)
         )
         with self._read() as conn:
-            return [_job(r) for r in conn.execute(q).mappings().all()]
+            return [job_from_row(r) for r in conn.execute(q).mappings().all()]
 
     def forget(self, job_id: int, *, finished_before: datetime) -> bool:
         """Delete a finished job's row (never its folder); False if it was retried or is newer meanwhile."""
         with self.engine.begin() as conn:
             n = conn.execute(
-                jobs.delete()
-                .where(jobs.c.id == job_id)
-                .where(jobs.c.status.in_([s.value for s in JobStatus if s.is_terminal]))
-                .where(jobs.c.finished_at < _db_time(finished_before))
+                jobs.delete().where(jobs.c.id == job_id).where(jobs.c.status.in_(_TERMINAL))
+                .where(jobs.c.finished_at < db_time(finished_before))
             ).rowcount
         return n == 1
 
@@ -494,7 +590,7 @@ class Store:
 
     def _transition(
         self, job_id: int, frm: JobStatus, to: JobStatus, *, worker_id: str | None = None,
-        values: dict[str, Any] | None = None,
+        values: dict[str, Any] | None = None, also: Any = None,
     ) -> None:
         if to not in TRANSITIONS[frm]:
             raise ValueError(f"illegal transition {frm.value} → {to.value}")
@@ -502,41 +598,17 @@ class Store:
         if worker_id is not None:
             stmt = stmt.where(jobs.c.worker_id == worker_id)
         with self.engine.begin() as conn:
-            n = conn.execute(stmt.values(status=to.value, **(values or {}))).rowcount
-        if n != 1:
-            raise LeaseLost(f"job {job_id} was not {frm.value}" + (f" under {worker_id}" if worker_id else ""))
+            n = conn.execute(stmt.values(status=to.value, updated_us=now_us(), **(values or {}))).rowcount
+            if n != 1:
+                raise LeaseLost(f"job {job_id} was not {frm.value}" + (f" under {worker_id}" if worker_id else ""))
+            if also is not None:
+                also(conn)
 
 
-def _job(row: Any) -> Job:
-    params = row["params"]
-    return Job(
-        id=row["id"],
-        name=row["name"],
-        status=JobStatus(row["status"]),
-        priority=row["priority"],
-        inputs=tuple(row["inputs"] or ()),
-        prompt=row["prompt"] or "",
-        negative_prompt=row["negative_prompt"] or "",
-        params=Params.from_dict(params) if params else None,
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
-        started_at=_aware(row["started_at"]),
-        finished_at=_aware(row["finished_at"]),
-        worker_id=row["worker_id"],
-        lease_until=_aware(row["lease_until"]),
-        progress=row["progress"] or 0.0,
-        step=row["step"] or 0,
-        total_steps=row["total_steps"] or 0,
-        cancel_requested=bool(row["cancel_requested"]),
-        rejection=row["rejection"],
-        effective=row["effective"],
-        tries=tuple(row["tries"] or ()),
-        error=row["error"],
-        final_dir=row["final_dir"],
-        output=row["output"],
-        model=row["model"],
-        device=row["device"],
-        host=row["host"],
-        extra={k: row[k] for k in ("previous_dir", "intake_host") if row[k]},
-    )
+def _with_key(row: Any) -> Job:
+    job = job_from_row(row)
+    job.extra["intake_key"] = row["intake_key"]
+    return job
+
+
+__all__ += ["aware"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from i2v_daemon.jobs import Job, JobStatus
@@ -13,12 +13,17 @@ def iso(dt: datetime | None) -> str | None:
     return dt.isoformat().replace("+00:00", "Z") if dt else None
 
 
+def shown_status(job: Job) -> str:
+    """The contract's five statuses: a staging job (files on their way into work/) is queued to a user."""
+    return JobStatus.QUEUED.value if job.status is JobStatus.STAGING else job.status.value
+
+
 def job_summary(job: Job) -> dict[str, Any]:
-    """One entry of `status --json` (INTERFACE.md §4)."""
+    """One entry of `status --json` (INTERFACE.md §4), with this release's additions after the contract's keys."""
     return {
         "id": job.id,
         "name": job.name,
-        "status": job.status.value,
+        "status": shown_status(job),
         "progress": round(job.progress, 4),
         "attempts": job.attempts,
         "created_at": iso(job.created_at),
@@ -33,6 +38,12 @@ def job_summary(job: Job) -> dict[str, Any]:
         "folder": job.final_dir,
         "host": job.host,
         "device": job.device,
+        "phase": job.phase if job.status in (JobStatus.RUNNING, JobStatus.STAGING) else None,
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "source": job.source,
+        "cancel_requested": job.cancel_requested,
+        "updated_us": job.updated_us,
     }
 
 
@@ -46,14 +57,37 @@ def job_detail(job: Job) -> dict[str, Any]:
         "effective": job.effective,
         "attempts_detail": list(job.tries),
         "max_attempts": job.max_attempts,
-        "step": job.step,
-        "total_steps": job.total_steps,
         "worker_id": job.worker_id,
         "intake_host": job.extra.get("intake_host"),  # which host took the files from the inbox
         "lease_until": iso(job.lease_until),
-        "cancel_requested": job.cancel_requested,
+        "not_before": iso(job.not_before),
+        "phase_started_at": iso(job.phase_started_at),
         "model": job.model,
         "error_detail": job.error,
+        "notes": list(job.notes),
     }
+
+
+def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: Any = None) -> dict[str, Any]:
+    """`show --json` and the API's job: the detail plus `position` (1 = next, queued only) and `eta_seconds`."""
+    from i2v_daemon.eta import Estimator
+
+    now = now or datetime.now(UTC)
+    estimator = estimator or Estimator.from_tries(store.recent_tries())
+    out = job_detail(job)
+    out["position"] = None
+    out["eta_seconds"] = None
+    out["elapsed_seconds"] = round((now - job.started_at).total_seconds(), 1) if (
+        job.started_at and job.status is JobStatus.RUNNING) else None
+    if job.status is JobStatus.RUNNING:
+        out["eta_seconds"] = estimator.remaining(job, now)
+    elif job.status in (JobStatus.QUEUED, JobStatus.STAGING):
+        queue = store.queue()
+        ids = [q.id for q in queue]
+        if job.id in ids:
+            out["position"] = ids.index(job.id) + 1
+            running = store.list_jobs(100, statuses=[JobStatus.RUNNING])
+            out["eta_seconds"] = estimator.queue_eta(queue[: out["position"]], running, now).get(job.id)
+    return out
 
 

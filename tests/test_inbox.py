@@ -89,13 +89,57 @@ def test_a_change_in_size_resets_the_stability_clock(scanner: InboxScanner, inbo
 
 
 def test_a_change_in_mtime_alone_resets_the_stability_clock(scanner: InboxScanner, inbox: Path) -> None:
-    image, _ = put(inbox, "cat.png", "cat.txt")
-    os.utime(image, (1_000_000, 1_000_000))
-    scanner.scan(now=0.0)
-    os.utime(image, (1_000_100, 1_000_100))  # same size, new mtime
-    assert scanner.scan(now=1.9).ready == []
-    assert scanner.scan(now=3.8).ready == []
-    assert ready_stems(scanner.scan(now=4.0)) == ["cat"]
+    image, side = put(inbox, "cat.png", "cat.txt")
+    wall = 1_000_100.0  # the files' mtimes are recent on this clock: no fast path for old files
+    os.utime(image, (wall, wall))
+    os.utime(side, (wall, wall))
+    scanner.scan(now=0.0, wall_now=wall)
+    os.utime(image, (wall + 1.9, wall + 1.9))  # same size, new mtime (written just now)
+    assert scanner.scan(now=1.9, wall_now=wall + 1.9).ready == []
+    assert scanner.scan(now=3.8, wall_now=wall + 3.8).ready == []
+    assert ready_stems(scanner.scan(now=4.0, wall_now=wall + 4.0)) == ["cat"]
+
+
+def test_a_renamed_in_file_with_an_old_mtime_is_taken_on_the_second_look_that_finds_it_unchanged(
+    scanner: InboxScanner, inbox: Path
+) -> None:
+    for p in put(inbox, "old.png", "old.txt"):
+        os.utime(p, (5_000, 5_000))
+    first = scanner.scan(now=0.0, wall_now=9_999.0)
+    assert first.ready == [] and first.next_check is not None and first.next_check <= 0.1
+    assert ready_stems(scanner.scan(now=0.2, wall_now=9_999.2)) == ["old"]
+
+
+def test_an_old_image_renamed_in_still_waits_for_its_sidecar_from_when_it_was_first_seen(
+    scanner: InboxScanner, inbox: Path
+) -> None:
+    (image,) = put(inbox, "cat.png")
+    os.utime(image, (5_000, 5_000))
+    scanner.scan(now=0.0, wall_now=9_999.0)
+    assert scanner.scan(now=5.0, wall_now=10_004.0).ready == []  # its sidecar may still come
+    assert ready_stems(scanner.scan(now=SIDECAR_WAIT + 0.2, wall_now=10_010.0)) == ["cat"]
+
+
+def test_a_file_in_a_presets_folder_is_a_group_of_that_folder(inbox: Path) -> None:
+    scanner = InboxScanner(inbox, stable_seconds=STABLE, sidecar_wait_seconds=SIDECAR_WAIT, preset_folders=("fast",))
+    (inbox / "fast").mkdir()
+    (inbox / "album").mkdir()
+    put(inbox / "fast", "cat.png", "cat.txt")
+    put(inbox / "album", "dog.png", "dog.txt")
+    put(inbox, "cat.png", "cat.txt")
+    result = scanner.scan(now=0.0, wall_now=1e10, once=True)
+    assert sorted((g.folder, g.stem) for g in result.ready) == [("", "cat"), ("fast", "cat")]
+    fast = next(g for g in result.ready if g.folder == "fast")
+    assert fast.images == [inbox / "fast" / "cat.png"]
+
+
+def test_a_presets_folder_that_is_a_symlink_is_not_followed(inbox: Path, tmp_path: Path) -> None:
+    scanner = InboxScanner(inbox, stable_seconds=STABLE, sidecar_wait_seconds=SIDECAR_WAIT, preset_folders=("fast",))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    put(elsewhere, "cat.png", "cat.txt")
+    (inbox / "fast").symlink_to(elsewhere)
+    assert scanner.scan(now=0.0, wall_now=1e10, once=True).ready == []
 
 
 def test_a_file_replaced_under_the_same_name_resets_the_stability_clock(scanner: InboxScanner, inbox: Path) -> None:

@@ -17,9 +17,12 @@ from i2v_daemon.jobs import TERMINAL, TRANSITIONS, JobRequest, JobStatus, Params
 from i2v_daemon.store import LeaseLost, Store
 
 Q, R, S, F, C = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED
+ST = JobStatus.STAGING
 
 #: Written out by hand from INTERFACE.md and jobs.py's comments, so a change to the table shows up here.
-ALLOWED = {(Q, R), (Q, C), (R, S), (R, F), (R, C), (R, Q), (F, Q), (C, Q)}
+#: A cancel of a queued job goes through running (whoever finishes it holds the lease while moving
+#: files); a retry goes back through staging (intake alone moves files into work/).
+ALLOWED = {(ST, Q), (ST, F), (ST, C), (Q, R), (R, S), (R, F), (R, C), (R, Q), (F, ST), (C, ST)}
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 LEASE = 60.0
@@ -75,12 +78,13 @@ def test_every_status_has_a_row_in_the_transition_table() -> None:
     assert set(TRANSITIONS) == set(JobStatus)
 
 
-def test_terminal_states_have_no_way_out_except_failed_and_canceled_back_to_queued() -> None:
+def test_terminal_states_have_no_way_out_except_failed_and_canceled_back_to_staging() -> None:
     assert {S, F, C} == TERMINAL
     assert all(s.is_terminal for s in TERMINAL) and not Q.is_terminal and not R.is_terminal
+    assert not ST.is_terminal
     assert TRANSITIONS[S] == frozenset()
-    assert TRANSITIONS[F] == frozenset({Q})
-    assert TRANSITIONS[C] == frozenset({Q})
+    assert TRANSITIONS[F] == frozenset({ST})
+    assert TRANSITIONS[C] == frozenset({ST})
 
 
 def test_no_status_can_transition_to_itself() -> None:
@@ -370,10 +374,15 @@ def test_retry_requeues_a_failed_or_canceled_job_with_fresh_attempts_and_remembe
     assert store.retry(job_id) is True
     job = store.get(job_id)
     assert job is not None
-    assert job.status is Q and job.attempts == 0 and job.error is None
+    # Back to staging, unowned: the retry only asks; an intake brings the files back, then queues it.
+    assert job.status is ST and job.attempts == 0 and job.error is None
     assert job.final_dir is None and job.finished_at is None and job.worker_id is None
     assert job.extra["previous_dir"] == "/failed/cat"
-    assert store.retry(job_id) is False  # queued now
+    assert store.retry(job_id) is False  # staging now
+    assert store.claim_next("w2", lease_seconds=LEASE, now=at(2)) is None  # no worker takes a staging job
+    [taken] = store.claim_staging("intake", lease_seconds=LEASE, now=at(2))
+    assert taken.id == job_id and store.claim_staging("other", lease_seconds=LEASE, now=at(2)) == []
+    assert store.mark_staged([job_id], "intake") == [job_id]
     again = store.claim_next("w2", lease_seconds=LEASE, now=at(2))
     assert again is not None and again.id == job_id and again.attempts == 1
 
@@ -410,7 +419,7 @@ def test_two_jobs_cannot_record_the_same_final_folder(store: Store) -> None:
 # ---- reading ------------------------------------------------------------------------------------
 
 
-def test_counts_always_has_all_five_statuses(store: Store) -> None:
+def test_counts_always_has_exactly_the_contracts_five_statuses(store: Store) -> None:
     assert store.counts() == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "canceled": 0}
     store.enqueue(request("a"), now=T0)
     running(store, "b")
