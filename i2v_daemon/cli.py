@@ -1,20 +1,56 @@
-"""`i2v-daemon`: argument parsing and printing. Exit 0 done, 1 failed/not found, 2 usage, 78 config."""
+"""`i2v-daemon`: argument parsing and printing. Exit 0 done, 1 failed/not found, 2 usage, 78 config.
+
+The commands that only read or ask (`status`, `show`, `cancel`, `retry`, `pause`, `resume`) find
+the database with `locate` and import nothing else of weight (no pydantic, no logging stack, no
+torch), never create or migrate a database, and answer in about the time SQLAlchemy takes to import.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
+import time
 from typing import Any
 
 from i2v_daemon import __version__, cli_ops
-from i2v_daemon.errors import ConfigError, InputError
-from i2v_daemon.jobs import Job, JobStatus
-from i2v_daemon.views import iso as _iso
-from i2v_daemon.views import job_detail, job_summary
+from i2v_daemon.errors import ConfigError, DatabaseGone
 
 EX_OK, EX_FAILED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+#: Commands that need only the job database (the fast path).
+LIGHT = frozenset({"status", "show", "cancel", "retry", "pause", "resume"})
+MAX_ID = 2**63 - 1
+
+
+def _job_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a whole number such as 42)") from None
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{text} is not a job id: ids are between 1 and {MAX_ID}")
+    return value
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0 to 1000000")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0.1 to 3600 seconds")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,16 +79,18 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", parents=[common], help="counts by status and the newest jobs")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--limit", type=int, default=20, metavar="N")
+    st.add_argument("--limit", type=_limit, default=20, metavar="N")
+    st.add_argument("--watch", action="store_true", help="redraw every --interval seconds until interrupted")
+    st.add_argument("--interval", type=_seconds, default=2.0, metavar="S")
 
     show = sub.add_parser("show", parents=[common], help="one job in full, with its attempts")
-    show.add_argument("job_id", type=int, metavar="JOB_ID")
+    show.add_argument("job_id", type=_job_id, metavar="JOB_ID")
     show.add_argument("--json", action="store_true")
 
     retry = sub.add_parser("retry", parents=[common], help="requeue a failed or canceled job")
-    retry.add_argument("job_id", type=int, metavar="JOB_ID")
+    retry.add_argument("job_id", type=_job_id, metavar="JOB_ID")
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
-    cancel.add_argument("job_id", type=int, metavar="JOB_ID")
+    cancel.add_argument("job_id", type=_job_id, metavar="JOB_ID")
 
     val = sub.add_parser("validate", parents=[common], help="check sidecars and images without queueing them")
     val.add_argument("paths", nargs="+", metavar="PATH")
@@ -60,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "migrate", parents=[common], help="create or upgrade the job database's schema (run also does it at start)"
     )
+    srv = sub.add_parser("serve", parents=[common], help="the HTTP API and web page (no GPU; beside `run`)")
+    srv.add_argument("--listen", metavar="ADDR", help="host:port to listen on (default api_listen, 127.0.0.1:8765)")
     cli_ops.add_commands(sub, common)  # doctor, pause, resume, retention
     return p
 
@@ -71,8 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"i2v-daemon: {err}", file=sys.stderr)
         return EX_CONFIG
+    except DatabaseGone as err:
+        print(f"i2v-daemon: {err}", file=sys.stderr)
+        return EX_FAILED
     except KeyboardInterrupt:
-        return 130
+        return 130 if args.command != "status" else EX_OK
+    except BrokenPipeError:
+        # `status | head`: the reader left. Point stdout at /dev/null so the exit flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK
+    except Exception as err:
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(err, OperationalError) and "locked" in str(err):
+            print("i2v-daemon: the job database stayed locked by another process for 30 s; try again",
+                  file=sys.stderr)
+            return EX_FAILED
+        raise
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -87,6 +142,8 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in LIGHT:
+        return _light(args)
     from i2v_daemon import logs
 
     settings = _settings(args)
@@ -97,27 +154,55 @@ def _dispatch(args: argparse.Namespace) -> int:
         daemon = Daemon(settings)
         daemon.install_signal_handlers()
         return daemon.run_once() if args.once else daemon.run_forever()
+    if args.command == "serve":
+        from i2v_daemon.api import serve
+
+        return serve(settings, args.listen)
     if args.command == "validate":
-        return _validate(settings, args.paths)
+        from i2v_daemon.validate import validate
+
+        return validate(settings, args.paths)
     if args.command == "migrate":
         return _migrate(settings)
-    if args.command in cli_ops.COMMANDS:
-        return cli_ops.dispatch(args, settings)
-    from i2v_daemon.daemon import open_store
+    return cli_ops.dispatch(args, settings)
 
-    store = open_store(settings)
-    if args.command == "status":
-        return _status(store, args.limit, args.json)
-    job = store.get(args.job_id)
-    if job is None:
-        print(f"i2v-daemon: no job {args.job_id}", file=sys.stderr)
-        return EX_FAILED
+
+def _light(args: argparse.Namespace) -> int:
+    """The commands that need only the job database: no settings model, no logging stack."""
+    from i2v_daemon.locate import locate
+    from i2v_daemon.store import open_existing
+
+    where = locate(args.config, data_dir=args.data_dir, database_url=args.database_url)
+    store = open_existing(where.database_url)
+    try:
+        if args.command == "status":
+            return _status(store, args.limit, args.json, watch=args.watch, interval=args.interval)
+        if args.command in ("pause", "resume"):
+            return cli_ops.pause(store, paused=args.command == "pause")
+        return _job_command(store, args)
+    finally:
+        store.close()
+
+
+def _job_command(store: Any, args: argparse.Namespace) -> int:
+    from i2v_daemon import ops
+
     if args.command == "show":
-        print(json.dumps(job_detail(job), indent=2, ensure_ascii=False) if args.json else _show_text(job))
+        from i2v_daemon.views import describe
+
+        job = store.get(args.job_id)
+        if job is None:
+            print(f"i2v-daemon: no job {args.job_id}", file=sys.stderr)
+            return EX_FAILED
+        detail = describe(store, job)
+        print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else _show_text(detail))
         return EX_OK
-    if args.command == "retry":
-        return _retry(store, job)
-    return _cancel(settings, store, job)
+    outcome = ops.cancel(store, args.job_id) if args.command == "cancel" else ops.retry(store, args.job_id)
+    if not outcome.ok:
+        print(f"i2v-daemon: {outcome.message}", file=sys.stderr)
+        return EX_FAILED
+    print(outcome.message)
+    return EX_OK
 
 
 def _migrate(settings: Any) -> int:
@@ -139,48 +224,52 @@ def _migrate(settings: Any) -> int:
 # ---- status ---------------------------------------------------------------------------------
 
 
-def _status(store: Any, limit: int, as_json: bool) -> int:
-    counts = store.counts()
-    jobs = store.list_jobs(max(0, limit))
-    if as_json:
-        # Exactly INTERFACE.md's two keys; `doctor --json` and the metrics say whether it is paused.
-        print(json.dumps({"counts": counts, "jobs": [job_summary(j) for j in jobs]}, ensure_ascii=False))
+def _status(store: Any, limit: int, as_json: bool, *, watch: bool = False, interval: float = 2.0) -> int:
+    from i2v_daemon.status_view import render_status, status_document
+
+    if not watch:
+        if as_json:
+            # Exactly INTERFACE.md's two keys; `doctor --json` and the metrics say whether it is paused.
+            print(json.dumps(status_document(store, limit), ensure_ascii=False))
+        else:
+            print(render_status(store, limit))
         return EX_OK
-    print("  ".join(f"{k} {v}" for k, v in counts.items()))
-    pause = store.pause_state()
-    if pause["paused"]:
-        since = f"{pause['since']:%Y-%m-%d %H:%M:%S} UTC" if pause["since"] else "?"
-        print(f"paused since {since} by {pause['by'] or '?'}: no new job starts (`i2v-daemon resume`)")
-    if jobs:
-        print(
-            f"{'ID':>6}  {'STATUS':9}  {'PROGRESS':>8}  {'TRIES':>5}  {'SIZE':>13}  {'CREATED':20}  "
-            f"{'HOST/DEVICE':20}  NAME / RESULT"
-        )
-    for j in jobs:
-        size = f"{j.width}x{j.height}x{j.num_frames}" if j.width else "-"
-        result = j.output or ((j.error or {}).get("message") if j.status is not JobStatus.SUCCEEDED else "") or ""
-        created = _iso(j.created_at)[:19].replace("T", " ") if j.created_at else ""
-        where = "/".join(x for x in (j.host, j.device) if x) or "-"  # the host and GPU that ran it last
-        print(
-            f"{j.id:>6}  {j.status.value:9}  {j.progress * 100:7.0f}%  {j.attempts:>5}  {size:>13}  {created:20}  "
-            f"{where:20}  {j.name}{'  ' + result if result else ''}"
-        )
-    return EX_OK
+    tty = sys.stdout.isatty() and not as_json
+    while True:  # until Ctrl-C (exit 0)
+        if as_json:
+            print(json.dumps(status_document(store, limit), ensure_ascii=False), flush=True)
+        elif tty:
+            sys.stdout.write("\033[H\033[2J" + render_status(store, limit) + "\n")
+            sys.stdout.flush()
+        else:
+            print(render_status(store, limit) + "\n", flush=True)
+        time.sleep(interval)
 
 
-def _show_text(job: Job) -> str:
-    d = job_detail(job)
-    lines = [f"job {job.id}: {job.name} ({job.status.value})"]
-    for key in ("inputs", "prompt", "negative_prompt", "requested", "effective", "output", "folder", "created_at",
-                "started_at", "finished_at", "attempts", "max_attempts", "host", "device", "model"):
+def _show_text(d: dict[str, Any]) -> str:
+    lines = [f"job {d['id']}: {d['name']} ({d['status']})"]
+    for key in ("inputs", "source", "prompt", "negative_prompt", "requested", "effective", "output", "folder",
+                "created_at", "started_at", "finished_at", "attempts", "max_attempts", "host", "device", "model"):
         value = d.get(key)
         if value not in (None, "", [], {}):
             lines.append(f"  {key}: {json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}")
-    if job.status is JobStatus.RUNNING:
-        lines.append(f"  progress: step {job.step} of {job.total_steps}")
-    if job.error:
-        lines.append(f"  error: [{job.error.get('type')}] {job.error.get('message')}")
-    for t in job.tries:
+    if d["status"] == "running":
+        from i2v_daemon.status_view import phase_text
+
+        eta = f", about {_duration(d['eta_seconds'])} left" if d.get("eta_seconds") is not None else ""
+        elapsed = f" ({_duration(d['elapsed_seconds'])} in)" if d.get("elapsed_seconds") is not None else ""
+        lines.append(f"  progress: {phase_text(d)}{elapsed}{eta}")
+    if d.get("position"):
+        eta = f"; done in about {_duration(d['eta_seconds'])}" if d.get("eta_seconds") is not None else ""
+        lines.append(f"  position: {d['position']} in the queue{eta}")
+    if d.get("cancel_requested") and d["status"] in ("queued", "running"):
+        lines.append("  cancel requested: a daemon stops it shortly")
+    err = d.get("error_detail")
+    if err:
+        lines.append(f"  {'error' if d['status'] != 'queued' else 'waiting'}: [{err.get('type')}] {err.get('message')}")
+    for note in d.get("notes") or ():
+        lines.append(f"  note: {note}")
+    for t in d.get("attempts_detail") or ():
         lines.append(
             f"  try {t.get('try')}: {t.get('width')}x{t.get('height')} savers={t.get('savers')} "
             f"{t.get('outcome')} in {t.get('seconds')} s"
@@ -190,69 +279,9 @@ def _show_text(job: Job) -> str:
     return "\n".join(lines)
 
 
-# ---- commands that change a job -------------------------------------------------------------
-
-
-def _retry(store: Any, job: Job) -> int:
-    if job.rejection:
-        print(
-            f"i2v-daemon: job {job.id} was rejected for its input ({job.rejection['message']}); "
-            "fix the files and drop them in the inbox again", file=sys.stderr,
-        )
-        return EX_FAILED
-    if not store.retry(job.id):
-        print(f"i2v-daemon: job {job.id} is {job.status.value}; only failed or canceled jobs can be retried",
-              file=sys.stderr)
-        return EX_FAILED
-    print(f"job {job.id} queued again; its files come back from {job.final_dir} when a worker takes it")
-    return EX_OK
-
-
-def _cancel(settings: Any, store: Any, job: Job) -> int:
-    if job.status.is_terminal:
-        print(f"i2v-daemon: job {job.id} is already {job.status.value}; nothing to cancel", file=sys.stderr)
-        return EX_FAILED
-    store.request_cancel(job.id)
-    if job.status is JobStatus.QUEUED:
-        from i2v_daemon.worker import Worker, make_worker_id
-
-        dest = Worker(settings, store, worker_id=make_worker_id("cli")).cancel_queued(job.id)
-        if dest is not None:
-            print(f"job {job.id} canceled; its files are in {dest}")
-            return EX_OK
-    print(f"job {job.id} is running; cancel requested, it stops at its next step")
-    return EX_OK
-
-
-def _validate(settings: Any, paths: list[str]) -> int:
-    from i2v_daemon.choices import check_choices
-    from i2v_daemon.images import IMAGE_SUFFIXES, inspect_image
-    from i2v_daemon.sidecar import SIDECAR_SUFFIXES, parse_sidecar
-
-    bad = 0
-    presets = settings.all_presets()
-    for raw in paths:
-        path = Path(raw)
-        suffix = path.suffix.lower()
-        try:
-            if suffix in SIDECAR_SUFFIXES:
-                side = parse_sidecar(path, max_bytes=settings.max_sidecar_bytes)
-                preset = side.values.get("preset")
-                if preset is not None and preset not in presets:
-                    raise InputError(f"{path.name}: unknown preset {preset!r}; use one of {', '.join(sorted(presets))}")
-                check_choices(side.values, settings, path.name)  # model allowed, LoRA file present
-                notes = side.notes
-            elif suffix in IMAGE_SUFFIXES:
-                info = inspect_image(path, max_pixels=settings.max_image_pixels)
-                notes = (f"{info.format} {info.width}x{info.height}", *info.notes)
-            else:
-                raise InputError(f"{path.name}: not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
-        except InputError as err:
-            bad += 1
-            print(f"invalid {raw}: {err}")
-            continue
-        print(f"ok {raw}" + (f" ({'; '.join(notes)})" if notes else ""))
-    return EX_FAILED if bad else EX_OK
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 EX_OK, EX_FAILED = 0, 1
-COMMANDS = frozenset({"doctor", "pause", "resume", "retention"})
+COMMANDS = frozenset({"doctor", "retention"})  # pause and resume take cli.py's fast path
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -34,13 +34,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 def dispatch(args: argparse.Namespace, settings: Any) -> int:
     if args.command == "doctor":
         return _doctor(settings, args.json, args.min_free_gib)
-    from i2v_daemon.daemon import open_store
+    from i2v_daemon.store import open_existing
 
-    store = open_store(settings)
+    store = open_existing(settings.database_url)  # retention never creates or migrates a database
     try:
-        if args.command == "retention":
-            return _retention(store, settings, args)
-        return _pause(store, paused=args.command == "pause")
+        return _retention(store, settings, args)
     finally:
         store.close()
 
@@ -56,7 +54,8 @@ def _doctor(settings: Any, as_json: bool, min_free_gib: float) -> int:
     return exit_code(checks)
 
 
-def _pause(store: Any, *, paused: bool) -> int:
+def pause(store: Any, *, paused: bool) -> int:
+    """`pause` / `resume`: one row every daemon sharing the database obeys."""
     was = store.is_paused()
     store.set_paused(paused, by=f"{getpass.getuser()}@{socket.gethostname()}")
     if paused:

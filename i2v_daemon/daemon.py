@@ -1,15 +1,15 @@
-"""The composition root: builds the parts, runs intake beside the worker, and shuts down in order.
+"""The composition root: builds the parts, runs intake and housekeeping beside the worker, shuts down in order.
 
-Threads: the main thread runs the worker (one job at a time, the GPU is the bottleneck); one
-intake thread scans the inbox (woken early by watchdog events); APScheduler runs the lease
-reaper, the heartbeat and the shutdown clock. Signal handlers only set flags.
+Threads: the main thread runs the GPU worker (one job at a time, the GPU is the bottleneck); one
+intake thread scans the inbox (woken early by watchdog events, debounced); APScheduler runs the
+lease reaper, the liveness beat, housekeeping (rejections, cancels, retries' staging) and the
+clock; the outbox sender delivers webhooks and the hook; `signals.Stopper` turns SIGTERM, SIGINT
+and SIGHUP into a graceful stop without doing anything unsafe inside a signal handler.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -18,19 +18,28 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from i2v_daemon import folders
-from i2v_daemon.errors import ConfigError
-from i2v_daemon.inbox import NETWORK_FS, Group, InboxScanner, ScanResult, Watcher, filesystem_type
-from i2v_daemon.intake import build_request, intake_key
-from i2v_daemon.jobs import JobStatus
-from i2v_daemon.logs import JobLog, get_logger
+from i2v_daemon.errors import ConfigError, DatabaseGone, EnvironmentProblem
+from i2v_daemon.finish import Finisher
+from i2v_daemon.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_type
+from i2v_daemon.intake import Intake
+from i2v_daemon.logs import get_logger
 from i2v_daemon.migrate import Upgrade
 from i2v_daemon.models.holder import ModelHolder
+from i2v_daemon.notifications import Sender
+from i2v_daemon.params import BUILTIN_PRESETS
 from i2v_daemon.service import Service
 from i2v_daemon.settings import Settings
-from i2v_daemon.store import LeaseLost, Store
-from i2v_daemon.worker import Worker, dead_local_workers, make_worker_id
+from i2v_daemon.signals import Stopper
+from i2v_daemon.store import Store
+from i2v_daemon.worker import StopDaemon, Worker, dead_local_workers, make_worker_id
 
 log = get_logger()
+
+EX_CONFIG = 78
+#: After a file event, wait this long for more before scanning: a burst of renames is one pass.
+DEBOUNCE_SECONDS = 0.1
+#: A model that cannot be fetched now is tried again after this long, doubling up to the maximum.
+MODEL_RETRY_SECONDS, MODEL_RETRY_MAX = 30.0, 600.0
 
 
 def open_store(settings: Settings) -> Store:
@@ -46,12 +55,15 @@ def open_and_upgrade(settings: Settings) -> tuple[Store, Upgrade]:
     except ConfigError:
         raise
     except Exception as err:
-        # One line: the driver's own message, without SQLAlchemy's statement echo and link.
-        detail = "; ".join(line.strip() for line in str(getattr(err, "orig", None) or err).splitlines() if line.strip())
-        raise ConfigError(f"database_url / I2V_DATABASE_URL: cannot open {safe_url(url)}: {detail}") from err
+        raise ConfigError(f"database_url / I2V_DATABASE_URL: cannot open {safe_url(url)}: {one_line(err)}") from err
     if upgrade.changed:
         log.info("database_schema_upgraded", before=upgrade.before, after=upgrade.after, stamped=upgrade.stamped)
     return store, upgrade
+
+
+def one_line(err: BaseException) -> str:
+    """The driver's own message, without SQLAlchemy's statement echo and link."""
+    return "; ".join(line.strip() for line in str(getattr(err, "orig", None) or err).splitlines() if line.strip())
 
 
 def safe_url(url: str) -> str:
@@ -63,27 +75,31 @@ def safe_url(url: str) -> str:
 
 
 def _warn_if_sqlite_on_a_network_share(store: Store) -> None:
-    url = store.engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+    if store.path is None:
         return
-    fstype = filesystem_type(Path(url.database).parent)
+    fstype = filesystem_type(Path(store.path).parent)
     if fstype in NETWORK_FS:
         # SQLite's locks and WAL's shared memory do not work across hosts: two daemons on two hosts
         # would corrupt the file. One host alone usually gets away with it, but nothing promises that.
         log.warning(
-            "sqlite_on_network_filesystem", database=url.database, filesystem=fstype,
+            "sqlite_on_network_filesystem", database=store.path, filesystem=fstype,
             fix="keep jobs.db on a local disk (database_url), or use PostgreSQL for several hosts",
         )
 
 
 def ensure_folders(settings: Settings) -> None:
-    for key, path in settings.folders().items():
+    """The four folders, and the built-in presets' inbox folders (inbox/fast/, …)."""
+    wanted = dict(settings.folders())
+    for name in BUILTIN_PRESETS:
+        wanted[f"inbox_dir/{name}"] = Path(settings.inbox_dir) / name  # type: ignore[arg-type]
+    for key, path in wanted.items():
+        env = key.split("/")[0]
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"{key} / I2V_{key.upper()}: cannot create {path}: {err.strerror}") from None
+            raise ConfigError(f"{env} / I2V_{env.upper()}: cannot create {path}: {err.strerror}") from None
         if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key} / I2V_{key.upper()}: {path} is not writable by this user")
+            raise ConfigError(f"{env} / I2V_{env.upper()}: {path} is not writable by this user")
 
 
 class Daemon:
@@ -93,79 +109,97 @@ class Daemon:
         self.store = open_store(settings)
         _warn_if_sqlite_on_a_network_share(self.store)
         self.models = models or ModelHolder.from_settings(settings, history=self.store.recent_tries)
-        # host/pid/device: one daemon per GPU, so `status` and the logs say which GPU holds a job.
-        self.worker = Worker(settings, self.store, worker_id=make_worker_id(settings.device), models=self.models)
-        # Rejections are finished by the intake thread at once, under their own worker id.
-        self.intake_worker = Worker(settings, self.store, worker_id=make_worker_id("intake"))
-        # sd_notify, metrics, webhooks, retention: hooked into both workers (see service.py).
         self.service = Service(settings, self.store)
+        # host/pid/device: one daemon per GPU, so `status` and the logs say which GPU holds a job.
+        self.worker = Worker(settings, self.store, worker_id=make_worker_id(settings.device), models=self.models,
+                             on_alive=self.service.alive)
+        # Jobs that need no GPU (rejections, cancels, interrupted finishes) end at once, even mid-job.
+        self.housekeeper = Worker(settings, self.store, worker_id=make_worker_id("housekeeping"), housekeeping=True)
         self.service.attach(self.worker)
-        self.intake_worker.on_finish = self.service.on_finish
-        self.scanner = InboxScanner(
-            settings.inbox_dir,  # type: ignore[arg-type]
-            stable_seconds=settings.stable_seconds,
-            sidecar_wait_seconds=settings.sidecar_wait_seconds,
-            on_skip=lambda name, why: log.info("inbox_file_skipped", file=name, reason=why),
+        self.housekeeper.on_finish = self.service.on_finish
+        self.finisher = Finisher(settings, self.store, model_info=self.worker._model_info)
+        self.intake = Intake(
+            settings, self.store, owner=make_worker_id("intake"), host=self.worker.host,
+            finish_rejected=self._finish_rejected, on_queued=self._wake_worker,
         )
+        self.sender = self._sender()
         self.intake_wake = threading.Event()
         self.worker_wake = threading.Event()
-        self.stop_requested: float | None = None  # monotonic time of the first SIGTERM/SIGINT
-        self._signals = 0
+        self.stopper = Stopper(self.s.shutdown_grace_seconds, on_stop=self._on_stop, on_grace_over=self._grace_over)
+        self.model_ready = False
+        self._model_retry_at = 0.0
+        self._model_wait = MODEL_RETRY_SECONDS
+
+    @property
+    def stop_requested(self) -> float | None:
+        return self.stopper.since
+
+    # ---- the parts' wiring --------------------------------------------------------------------
+
+    def _sender(self) -> Sender:
+        from i2v_daemon import hooks_delivery  # webhooks and hooks: delivered from the outbox
+
+        return Sender(self.store.outbox, make_worker_id("outbox"), hooks_delivery.deliverers(self.s),
+                      retries=self.s.webhook_retries)
+
+    def _finish_rejected(self, job: Any, owner: str) -> None:
+        from i2v_daemon.jobs import JobStatus
+
+        latest = self.store.get(job.id) or job
+        error = latest.rejection or latest.error or {"type": "invalid_input", "message": "invalid input"}
+        self.finisher.finish(latest, JobStatus.FAILED, error, worker_id=owner, frm=JobStatus.STAGING)
+        final = self.store.get(job.id)
+        if final is not None:
+            self.service.on_finish(final)
+
+    def _wake_worker(self) -> None:
+        self.worker_wake.set()
+
+    def _on_stop(self, signum: int) -> None:
+        self.worker.stopping = True
+        if self.s.shutdown_grace_seconds == 0:
+            self.worker.stop_now = True
+        self.intake_wake.set()
+        self.worker_wake.set()
+
+    def _grace_over(self) -> None:
+        if not self.worker.stop_now:
+            log.warning("grace_period_over", job_id=self.worker.current, action="stopping at the next step")
+            self.worker.stop_now = True
 
     # ---- intake -------------------------------------------------------------------------------
 
     def intake_pass(self, *, once: bool = False) -> ScanResult:
-        """One full scan of the inbox; every ready group becomes a job (or a rejected one)."""
-        result = self.scanner.scan(once=once)
-        for group in result.ready:
-            self.take(group)
-        return result
-
-    def take(self, group: Group) -> None:
-        inbox: Path = self.s.inbox_dir  # type: ignore[assignment]
-        files = group.images + group.sidecars
-        try:
-            key = intake_key(inbox, files)
-        except FileNotFoundError:
-            return  # moved away between the scan and now; the next scan decides again
-        req = build_request(group.stem, group.images, group.sidecars, self.s, key)
-        job, created = self.store.enqueue(req, host=self.worker.host)
-        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-            folders.stage_inputs(job.inputs, inbox, self.worker.job_dir(job.id))
-        self.scanner.forget([p.name for p in files])
-        if not created:
-            return
-        jlog = JobLog(self.worker.job_dir(job.id) / "job.log", job.id, job.name)
-        jlog.info("received", inputs=list(job.inputs), priority=job.priority)
-        for note in req.notes:
-            jlog.info("note", message=note)
-        if req.rejection:
-            jlog.error("invalid_input", error=req.rejection["message"])
-            self._finish_rejection(job.id)
-        else:
-            jlog.info("queued", **(req.params.as_dict() if req.params else {}))
-            self.worker_wake.set()
-
-    def _finish_rejection(self, job_id: int) -> None:
-        claimed = self.store.claim_next(
-            self.intake_worker.worker_id, lease_seconds=self.s.lease_seconds, job_id=job_id, host=self.worker.host
-        )
-        if claimed is not None:
-            with contextlib.suppress(LeaseLost):
-                self.intake_worker.process(claimed)
+        """One full scan of the inbox (and staging left by others); every ready group becomes a job."""
+        self.store.check()
+        return self.intake.pass_once(once=once)
 
     def _intake_loop(self) -> None:
         while self.stop_requested is None:
             try:
                 result = self.intake_pass()
+            except DatabaseGone:
+                return  # the main loop sees it too and stops the daemon
             except Exception:
                 log.exception("intake_pass_failed")  # keep serving; the next pass tries again
                 result = ScanResult(next_check=5.0)
             timeout = self.s.rescan_seconds
             if result.next_check is not None:
-                timeout = min(timeout, max(0.2, result.next_check + 0.05))
-            self.intake_wake.wait(timeout)
+                timeout = min(timeout, max(0.05, result.next_check + 0.02))
+            if self.intake_wake.wait(timeout):
+                time.sleep(DEBOUNCE_SECONDS)  # let a burst of renames settle into one pass
             self.intake_wake.clear()
+
+    def housekeeping(self) -> None:
+        """Finish what needs no GPU: staging others left (retries), rejections, cancels, interrupted finishes."""
+        try:
+            self.intake.recover()
+            while self.stop_requested is None and self.housekeeper.run_once():
+                pass
+        except StopDaemon:
+            pass  # the main loop meets the same database and stops
+        except Exception:
+            log.exception("housekeeping_failed")
 
     # ---- start-up and housekeeping --------------------------------------------------------------
 
@@ -182,6 +216,7 @@ class Daemon:
         requeued = self.store.requeue_workers(dead) + self.store.requeue_expired()
         if requeued:
             log.warning("recovered_jobs", job_ids=requeued, reason="left running by a stopped worker")
+        folders.remove_stale_uploads(Path(self.s.work_dir))  # type: ignore[arg-type]
 
     def _reap(self) -> None:
         requeued = self.store.requeue_expired()
@@ -194,112 +229,178 @@ class Daemon:
             log.info("model_unloaded", idle_seconds=self.s.model_idle_unload_seconds, reason="idle")
 
     def _tick(self) -> None:
-        since = self.stop_requested
-        if since is not None and not self.worker.stop_now and time.monotonic() - since >= self.s.shutdown_grace_seconds:
-            log.warning("grace_period_over", job_id=self.worker.current, action="stopping at the next step")
-            self.worker.stop_now = True
-        self.service.tick(stop_requested=since, running=self.worker.current, now=time.monotonic())
+        now = time.monotonic()
+        self.service.tick(stop_requested=self.stop_requested, running=self.worker.current, now=now)
+        stalled = self.worker.stalled_at
+        if stalled is not None and now - stalled > max(30.0, self.s.stall_seconds / 2):
+            # The job was requeued, but the call it is stuck in never returned (a hung driver): a fresh
+            # process is the only way on. The supervisor (systemd) starts it again.
+            log.critical("worker_hung", job_id=self.worker.current, action="exiting with status 75 to be restarted")
+            os._exit(75)
+
+    def _load_model(self) -> bool:
+        """Load the default model (ConfigError: it can never load; a fetch problem is retried with backoff)."""
+        if self.model_ready:
+            return True
+        if time.monotonic() < self._model_retry_at:
+            return False
+        self.service.loading()
+        try:
+            model = self.models.get()
+        except EnvironmentProblem as err:
+            self._model_retry_at = time.monotonic() + self._model_wait
+            message = f"cannot load the model {self.s.model}: {err}"
+            log.error("model_unavailable", model=self.s.model, error=str(err), retry_in_seconds=self._model_wait)
+            self.store.control.report("model", message, fix=f"queued jobs wait; retried every {self._model_wait:.0f} s "
+                                      "(see `i2v-daemon doctor`)", by=self.worker.worker_id)
+            self.service.status(f"waiting for the model: {err}")
+            self._model_wait = min(MODEL_RETRY_MAX, self._model_wait * 2)
+            return False
+        self.model_ready = True
+        self.store.control.resolve("model", by=self.worker.worker_id)
+        # `auto` and `cuda` resolve to a real device now; nothing was claimed yet, so the id can follow.
+        resolved = getattr(model, "device", None)
+        if resolved and resolved != self.worker.device:
+            self.worker.device = resolved
+            self.worker.worker_id = make_worker_id(resolved)
+        return True
 
     # ---- running --------------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """`run --once`: take what is in the inbox now, process every queued job, return 0."""
+        """`run --once`: take what is in the inbox now, process every queued job, return 0 (78: cannot run)."""
         self.service.start(serve_http=False)
+        self.sender.start()
         try:
             return self._drain()
+        except (StopDaemon, DatabaseGone) as err:
+            log.error("stopped", reason=str(err))
+            return EX_CONFIG
         finally:
+            self.sender.drain(timeout=self.s.webhook_timeout_seconds * 2)
+            self.sender.close()
             self.service.close()
+            self.store.control.resolve_all(by=self.intake.owner)
 
     def _drain(self) -> int:
         self.recover()
-        while True:
+        while self.stop_requested is None:
             result = self.intake_pass(once=True)
             if result.pending == 0:
                 break
             time.sleep(min(max(result.next_check or 0.1, 0.05), 1.0))
         while self.stop_requested is None:
+            self.housekeeping()
+            if not self.store.has_runnable(now=None):
+                break
+            if not self._load_model():
+                problems = [p for p in self.store.control.problems() if p.get("what") == "model"]
+                log.error("jobs_wait_for_the_model", fix=problems[0]["message"] if problems else self.s.model)
+                return EX_CONFIG
             if self.worker.run_once():
                 continue
             if self.worker.paused:
                 log.warning("paused", action="queued jobs stay queued; `i2v-daemon resume` lets them run")
                 break
-            if not self.store.has_runnable():
+            if not self._wait_for_backoff():
                 break
-            time.sleep(0.2)  # a job is waiting out its retry backoff
         return 0
+
+    def _wait_for_backoff(self) -> bool:
+        """Jobs wait out a retry backoff: sleep for the next one if it is due soon; False: leave them queued."""
+        from i2v_daemon.jobs import JobStatus
+
+        waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED, JobStatus.STAGING])
+        if not waiting:
+            return False
+        soonest = min((j.not_before for j in waiting if j.not_before), default=None)
+        from i2v_daemon.schema import utcnow
+
+        left = (soonest - utcnow()).total_seconds() if soonest else 0.2
+        if left > 60:
+            log.warning("jobs_left_waiting", job_ids=[j.id for j in waiting],
+                        reasons=sorted({(j.error or {}).get("message", "") for j in waiting}))
+            return False
+        time.sleep(max(0.05, min(left, 1.0)))
+        return True
 
     def run_forever(self) -> int:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self.recover()
         self.service.start()  # a metrics port in use fails here (exit 78), before the model loads
-        self.service.loading()
-        model = self.models.get()  # fail fast (exit 78) if the model cannot load; then it stays warm
-        # `auto` and `cuda` resolve to a real device now; nothing was claimed yet, so the id can follow.
-        resolved = getattr(model, "device", None)
-        if resolved and resolved != self.worker.device:
-            self.worker.device = resolved
-            self.worker.worker_id = make_worker_id(resolved)
-        watcher = Watcher(self.s.inbox_dir, self.intake_wake, mode=self.s.observer, poll_seconds=self.s.poll_seconds)  # type: ignore[arg-type]
+        self._load_model()  # ConfigError (exit 78) when it can never load; a fetch problem is retried
+        watcher = Watcher(
+            self.s.inbox_dir, self.intake_wake, mode=self.s.observer, poll_seconds=self.s.poll_seconds,  # type: ignore[arg-type]
+            folders=tuple(self.intake.scanner.folders().values()),
+        )
         watcher.start()
         intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
         intake.start()
+        self.sender.start()
         scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         scheduler.add_job(self._reap, "interval", seconds=max(1.0, self.s.lease_seconds / 2), id="reaper")
-        scheduler.add_job(self.worker.heartbeat, "interval", seconds=max(1.0, self.s.lease_seconds / 3), id="heartbeat")
+        scheduler.add_job(self.worker.beat, "interval", seconds=max(1.0, min(5.0, self.s.lease_seconds / 3)), id="beat")
+        scheduler.add_job(self.housekeeping, "interval", seconds=1, id="housekeeping")
         scheduler.add_job(self._tick, "interval", seconds=1, id="tick")
         scheduler.add_job(self._unload_idle_model, "interval", seconds=30, id="idle-unload")
         self.service.schedule(scheduler)
         scheduler.start()
         log.info(
             "ready", inbox=str(self.s.inbox_dir), observer="polling" if watcher.polling else "native",
-            model=self.s.model, worker=self.worker.worker_id,
+            model=self.s.model, worker=self.worker.worker_id, model_loaded=self.model_ready,
         )
-        self.service.ready()  # READY=1: the model is loaded and the inbox is watched
-        failures = 0
+        self.service.ready()  # READY=1: the inbox is watched (and the model loaded, unless it waits for it)
+        code = 0
         try:
-            while self.stop_requested is None:
-                self.service.loop(paused=self.worker.paused)  # feeds the watchdog
-                try:
-                    busy = self.worker.run_once()
-                    failures = 0
-                except ConfigError:
-                    raise
-                except Exception:
-                    # The database or the disk is failing us; leases keep the job safe. Back off, go on.
-                    failures += 1
-                    log.exception("worker_loop_error", consecutive=failures)
-                    busy = False
-                    time.sleep(min(60.0, 2.0**failures))
-                if not busy:
-                    self.worker_wake.wait(1.0)
-                    self.worker_wake.clear()
+            code = self._main_loop()
         finally:
-            log.info("stopping", reason="signal")
+            log.info("stopping", reason="signal" if self.stop_requested is not None else "error")
             self.service.stopping()
             watcher.stop()
             self.intake_wake.set()
             intake.join(timeout=10)
             scheduler.shutdown(wait=False)
+            self.sender.close()
             self.service.close()
             self.models.unload()
+            for owner in (self.worker.worker_id, self.intake.owner):
+                try:
+                    self.store.control.resolve_all(by=owner)
+                except Exception:  # the database may be what stopped us
+                    break
             self.store.close()
-        log.info("stopped")
+        log.info("stopped", exit_status=code)
+        return code
+
+    def _main_loop(self) -> int:
+        failures = 0
+        while self.stop_requested is None:
+            self.service.loop(paused=self.worker.paused)  # feeds the watchdog
+            try:
+                self.store.check()
+                busy = self._load_model() and self.worker.run_once()
+                if failures:
+                    log.info("worker_loop_recovered", after_failures=failures)
+                failures = 0
+            except (StopDaemon, DatabaseGone) as err:
+                log.error("daemon_cannot_go_on", error=str(err), fix="see the message; restart the daemon once fixed")
+                self.service.status(f"stopped: {err}")
+                return EX_CONFIG
+            except ConfigError:
+                raise
+            except Exception as err:
+                # The database or the disk is failing us; leases keep the job safe. Back off, go on.
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    log.exception("worker_loop_error", consecutive=failures, error=str(err))
+                self.service.status(f"retrying: {one_line(err)[:200]}")
+                busy = False
+                self.worker_wake.wait(min(60.0, 2.0**failures))
+            if not busy:
+                self.worker_wake.wait(1.0)
+                self.worker_wake.clear()
         return 0
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        # Only flags here: logging and I/O are not safe inside a signal handler.
-        self._signals += 1
-        if self._signals > 1:
-            # Everything on disk is written atomically and the lease recovers the job: safe to go.
-            os._exit(128 + signum)
-        self.stop_requested = time.monotonic()
-        self.worker.stopping = True
-        if self.s.shutdown_grace_seconds == 0:
-            self.worker.stop_now = True
-        self.intake_wake.set()
-        self.worker_wake.set()
+        self.stopper.install()

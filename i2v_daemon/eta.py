@@ -56,8 +56,9 @@ class Estimator:
         """Seconds until a running job ends (None when nothing says)."""
         if job.status is not JobStatus.RUNNING:
             return None
-        if job.phase == "denoising" and job.step > 0 and job.total_steps and job.phase_started_at:
-            per_step = max(0.0, (now - job.phase_started_at).total_seconds()) / job.step
+        if job.phase == "denoising" and job.step > 1 and job.total_steps and job.phase_started_at:
+            # phase_started_at is when step 1 was reported: since then, step - 1 steps ran.
+            per_step = max(0.0, (now - job.phase_started_at).total_seconds()) / (job.step - 1)
             left = (job.total_steps - job.step) * per_step
             return round(left + TAIL_SHARE * job.total_steps * per_step, 1)
         if job.phase in ("decoding", "encoding", "interpolating", "publishing"):

@@ -1,17 +1,28 @@
-"""Crash points for the crash tests: `I2V_TEST_CRASH_AT=NAME` kills the process at that point.
+"""Faults the crash and stall tests inject into the real daemon process, through its environment.
 
-The tests run the real daemon in a subprocess and need it to die between two finishing steps
-exactly as a power cut would (no cleanup, no flush). Unset, this costs one dict lookup.
+`I2V_TEST_CRASH_AT=NAME` kills the process at that point, as a power cut would (no cleanup, no
+flush); `I2V_TEST_HANG_AT=PHASE` makes the worker hang, using no CPU and doing no I/O, when the
+job enters that phase (a driver that never returns). The tests run the daemon in a subprocess,
+so its environment is the one seam that reaches it. Unset, each costs one dict lookup.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
-#: The finishing steps, in order (see worker.py). A crash after any of them must be recoverable.
+#: The finishing steps, in order (see finish.py). A crash after any of them must be recoverable.
 POINTS = ("video_written", "manifest_written", "destination_recorded", "folder_published")
+#: The staging steps (see intake.py): rows inserted, files moved (not yet synced), queued.
+STAGING_POINTS = ("rows_staged", "files_moved", "jobs_queued")
 
 
 def crashpoint(name: str) -> None:
     if os.environ.get("I2V_TEST_CRASH_AT") == name:
         os._exit(99)
+
+
+def hangpoint(phase: str) -> None:
+    if os.environ.get("I2V_TEST_HANG_AT") == phase:
+        while True:
+            time.sleep(3600)

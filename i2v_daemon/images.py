@@ -64,9 +64,12 @@ class ImageInfo:
     notes: tuple[str, ...] = ()
 
 
-def inspect_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Check an image (format, pixel cap, full decode) and describe it; raise InputError if it is unusable."""
-    return _read(path, max_pixels, want_rgb=False)[0]
+def inspect_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> ImageInfo:
+    """Check an image (format, pixel cap, full decode) and describe it; raise InputError if it is unusable.
+
+    `name`: the file's name as the user knows it, when `path` is a temporary copy (an upload).
+    """
+    return _read(path, max_pixels, want_rgb=False, name=name)[0]
 
 
 def load_rgb(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[str, ...]]:
@@ -87,8 +90,11 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def _read(path: Path, max_pixels: int, *, want_rgb: bool) -> tuple[ImageInfo, Image.Image | None]:
-    name = path.name
+def _read(
+    path: Path, max_pixels: int, *, want_rgb: bool, name: str | None = None,
+) -> tuple[ImageInfo, Image.Image | None]:
+    name = name or path.name
+    suffix = Path(name).suffix
     with open_regular(path) as (fh, _size):
         head = fh.read(64)
         if not head:
@@ -99,10 +105,10 @@ def _read(path: Path, max_pixels: int, *, want_rgb: bool) -> tuple[ImageInfo, Im
         if fmt is None:
             raise InputError(_foreign_message(name, head))
         notes: list[str] = []
-        expected = _SUFFIX_FORMAT.get(path.suffix.lower())
+        expected = _SUFFIX_FORMAT.get(suffix.lower())
         if expected is not None and expected != fmt:
             notes.append(
-                f"{name} holds a {_FORMAT_NAME[fmt]} image despite its {path.suffix} extension; read it as one"
+                f"{name} holds a {_FORMAT_NAME[fmt]} image despite its {suffix} extension; read it as one"
             )
         # PIL's WebP reader allocates the whole canvas while opening, so check the header ourselves first.
         webp_size = _webp_canvas_size(head) if fmt == "WEBP" else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from datetime import datetime
 from typing import Any
@@ -11,8 +12,9 @@ from i2v_daemon.jobs import Job, JobStatus
 from i2v_daemon.views import iso
 
 
+@functools.cache
 def library_versions() -> dict[str, str | None]:
-    """Versions from package metadata: cheap, and needs no torch import (for rejected jobs too)."""
+    """Versions from package metadata, read once per process; needs no torch import (for rejected jobs too)."""
     out: dict[str, str | None] = {"i2v-daemon": __version__}
     for dist in ("torch", "diffusers", "transformers"):
         try:
@@ -31,8 +33,9 @@ def build(
     output: str | None,
     model: dict[str, Any] | None,
     notes: list[str] | tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest for `job` as it ends with `status` (INTERFACE.md §3)."""
+    """The manifest for `job` as it ends with `status` (INTERFACE.md §3, §5, §6); `extra`: poster, postprocess."""
     params = job.params.as_dict() if job.params else None
     requested = None
     if params is not None:
@@ -50,7 +53,7 @@ def build(
         "attempts": list(job.tries),
         "attempt_count": job.attempts,
         "model": model,
-        "versions": library_versions(),
+        "versions": dict(library_versions()),
         "device": job.device,
         "host": job.host,
         "created_at": iso(job.created_at),
@@ -59,4 +62,8 @@ def build(
         "output": output,
         "error": error,
         "notes": list(notes),
+        "folder": job.source or "inbox",  # the inbox folder it came from ("inbox/fast"), or "api"
+        "poster": None,
+        "postprocess": [],
+        **(extra or {}),
     }

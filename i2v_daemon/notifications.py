@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -74,6 +75,13 @@ class Sender:
             return
         if left:
             log.info("outbox_pending_at_stop", notifications=left, note="the next daemon to start delivers them")
+
+    def drain(self, timeout: float) -> None:
+        """Deliver what is due now, for up to `timeout` seconds (`run --once` before it exits)."""
+        deadline = time.monotonic() + timeout
+        for kind in self.deliver:
+            while time.monotonic() < deadline and self.run_once(kind):
+                pass
 
     def run_once(self, kind: str, now: datetime | None = None) -> bool:
         """Deliver one due item of `kind`; True if there was one (more may be waiting)."""

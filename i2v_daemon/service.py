@@ -1,9 +1,9 @@
-"""What the daemon owes systemd and its operators besides videos: sd_notify, metrics, webhooks, retention.
+"""What the daemon owes systemd and its operators besides videos: sd_notify, metrics, retention.
 
 `daemon.py` builds one `Service`, lets it hook into the workers (`attach`), and calls it at the
 few moments that matter: started, ready, each main-loop turn, each scheduler tick, stopping.
-Every hook is cheap and never raises into the worker: a webhook or a metrics file must not
-fail a job.
+Every hook is cheap and never raises into the worker: a metrics file must not fail a job.
+Webhooks and the on_finish hook are owed in the database's outbox (see notifications.py).
 """
 
 from __future__ import annotations
@@ -34,13 +34,6 @@ class Service:
             from i2v_daemon.metrics import Metrics  # prometheus_client only when asked for
 
             self.metrics = Metrics(store)
-        self.webhooks = None
-        if settings.webhooks:
-            from i2v_daemon.webhooks import WebhookSender
-
-            self.webhooks = WebhookSender(
-                list(settings.webhooks), timeout=settings.webhook_timeout_seconds, retries=settings.webhook_retries,
-            )
         self._http: Any = None
         self._started = False
         self._paused = False
@@ -48,23 +41,22 @@ class Service:
         self._stop_since: float | None = None  # monotonic time the stop was first seen
 
     def attach(self, worker: Any) -> None:
-        """Hook into a worker's progress, tries and finished jobs."""
+        """Hook into a worker's progress, phases, tries and finished jobs."""
         self._worker = worker
         worker.on_progress = self.on_progress
+        worker.on_phase = self.on_phase
         worker.on_try = self.on_try
         worker.on_finish = self.on_finish
 
     # ---- life cycle -------------------------------------------------------------------------------
 
     def start(self, *, serve_http: bool = True) -> None:
-        """Open the metrics port (a port in use is a configuration error) and start the webhook threads."""
+        """Open the metrics port (a port in use is a configuration error)."""
         if self._started:
             return
         self._started = True
         if self.metrics is not None and self.s.metrics == "http" and serve_http:
             self._http = self.metrics.serve(self.s.metrics_address, self.s.metrics_port)
-        if self.webhooks is not None:
-            self.webhooks.start()
 
     def schedule(self, scheduler: Any) -> None:
         """Add the periodic duties to the daemon's APScheduler."""
@@ -75,7 +67,15 @@ class Service:
             scheduler.add_job(self.retention, "interval", hours=24, next_run_time=first, id="retention")
 
     def loading(self) -> None:
+        self.notifier.alive()  # a start-up load is progress: the watchdog is not yet armed for it anyway
         self.notifier.status(f"loading the model {self.s.model}", force=True)
+
+    def alive(self) -> None:
+        """The running job made progress (a phase, a step, or work in an opaque phase): feed the watchdog."""
+        self.notifier.alive()
+
+    def status(self, text: str) -> None:
+        self.notifier.status(text, force=True)
 
     def ready(self) -> None:
         """The model is loaded and the inbox watched."""
@@ -111,13 +111,11 @@ class Service:
         self.notifier.stopping()
 
     def close(self) -> None:
-        """Final metrics, then webhooks get a few seconds to go out (what cannot is logged), then quiet."""
+        """Final metrics, then quiet."""
         self.write_textfile()
         if self._http is not None:
             self._http.shutdown()
             self._http = None
-        if self.webhooks is not None and self._started:
-            self.webhooks.close(timeout=max(5.0, self.s.webhook_timeout_seconds))
         self.notifier.close()
 
     # ---- hooks from the workers -------------------------------------------------------------------
@@ -130,6 +128,9 @@ class Service:
         if self._worker is not None and self._worker.stopping:  # a stop came: tell systemd now, not at the tick
             self._during_stop(job.id, time.monotonic())
 
+    def on_phase(self, job: Job, phase: str) -> None:
+        self.notifier.status(f"job {job.id} ({job.name}): {phase}", force=True)
+
     def on_try(self, job: Job, entry: dict[str, Any]) -> None:
         self.notifier.alive()
         if self.metrics is not None:
@@ -140,10 +141,6 @@ class Service:
         if self.metrics is not None:
             self.metrics.finished(job)
             self.write_textfile()
-        if self.webhooks is not None:
-            from i2v_daemon.webhooks import job_payload
-
-            self.webhooks.submit(job_payload(job))
 
     # ---- periodic ---------------------------------------------------------------------------------
 

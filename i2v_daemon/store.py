@@ -115,6 +115,31 @@ def _row(job: JobRequest, status: JobStatus, now: datetime, host: str | None, **
     }
 
 
+def open_existing(url: str) -> Store:
+    """The job database for a command that reads or asks: never created, never migrated.
+
+    Raises DatabaseGone when there is none, ConfigError when its schema is not this release's.
+    """
+    store = Store(url, create=False)
+    try:
+        revision = store.revision()
+    except Exception as err:
+        store.close()
+        detail = str(getattr(err, "orig", None) or err).strip().splitlines()
+        raise DatabaseGone(f"cannot open the job database: {detail[0] if detail else type(err).__name__}") from err
+    if revision != HEAD:
+        store.close()
+        from i2v_daemon.errors import ConfigError
+
+        older = revision is None or revision < HEAD
+        raise ConfigError(
+            f"the job database is at schema revision {revision or 'of the first release'}, "
+            + (f"older than this i2v-daemon's {HEAD}: start the daemon (or run `i2v-daemon migrate`) to upgrade it"
+               if older else f"newer than this i2v-daemon's {HEAD}: upgrade i2v-daemon on this host")
+        )
+    return store
+
+
 class Store:
     def __init__(self, url: str, *, max_attempts: int = 3, create: bool = True) -> None:
         """Open the job database; `create=False` (read-only commands) never makes a file that is not there."""

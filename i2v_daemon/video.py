@@ -16,6 +16,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from i2v_daemon.errors import TransientError
+from i2v_daemon.folders import fsync_dir
 
 #: x264 constant quality: 18 is visually near-lossless; files stay small at these lengths.
 CRF = 18
@@ -38,21 +39,33 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
     """
     frames = _even_sized(_check_frames(frames))
     path = Path(path)
-    temp = path.with_name(f".{path.name}.part")
+    # A temporary name that does not grow with the file's own: a 251-byte name must still work.
+    temp = path.with_name(f".encode-{os.getpid()}.mp4.part")
     try:
         _encode(frames, temp, fps)
         _fsync_file(temp)
         os.replace(temp, path)
-        _fsync_dir(path.parent)
-    except OSError as err:  # disk full or gone while syncing or renaming: worth another try later
+        fsync_dir(path.parent)
+    except OSError as err:  # disk full or gone while syncing or renaming: the failure policy decides
         raise TransientError(f"could not finish writing {path}: {err}") from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
 
 
+def mp4_info(path: Path) -> dict[str, Any]:
+    """What an mp4 written by us holds, read from its container (no decode): width, height, num_frames, fps,
+    codec, pix_fmt. Raises TransientError when the file is not a readable mp4 with one video track."""
+    from i2v_daemon.mp4 import read_video_track
+
+    try:
+        return read_video_track(path)
+    except (OSError, ValueError) as err:
+        raise TransientError(f"{path} is not a readable mp4: {err}") from err
+
+
 def probe_mp4(path: Path) -> dict[str, Any]:
-    """What a video file holds: width, height, num_frames (decoded), fps, codec, pix_fmt."""
+    """What a video file holds, by decoding all of it: width, height, num_frames, fps, codec, pix_fmt."""
     # Decoding every frame (to the null muxer) both counts them and proves the file is readable.
     cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0", "-f", "null", "-"]
     result = _run(cmd, timeout=TIMEOUT_BASE_S, what=f"reading {path}")
@@ -134,15 +147,6 @@ def _ffmpeg() -> str:
 def _fsync_file(path: Path) -> None:
     """Make the file's bytes durable before the rename makes it visible."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:

@@ -1,39 +1,45 @@
-"""The worker: claim one job, run it, write its folder, finish it. `run_once()` is one unit of work.
+"""The worker, only the runner: claim one job, generate it, write its video and poster, hand it to finish.
 
-Order of the finishing steps, each one safe to crash after:
-  video written (temp, fsync, rename) → job.json written into work/<id>/ → the destination
-  recorded in the database → work/<id>/ renamed to output/S (or failed/S) → status written.
-A job claimed with its destination already recorded was interrupted while finishing; it is
-finished from its manifest rather than run again.
+`run_once()` is one unit of work. Every exception in a job's life goes to the one failure policy
+(`policy.decide`) and becomes a state change of that job; none escapes as a loop failure except
+"stop" (the daemon itself cannot go on). The job's phases and steps are its liveness (`progress.py`).
+A `housekeeping` worker takes only jobs that need no GPU (a rejection, a cancel, a job out of
+attempts, a finish that was interrupted), so those end at once even while the GPU is busy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
-import traceback
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError, OperationalError
-
-from i2v_daemon import folders, manifest
-from i2v_daemon.errors import ConfigError, GenerationError, InputError, JobCanceled, TransientError
-from i2v_daemon.faults import crashpoint
+from i2v_daemon import postprocess
+from i2v_daemon.errors import ConfigError, GenerationError, JobCanceled
+from i2v_daemon.faults import crashpoint, hangpoint
+from i2v_daemon.finish import Finisher
 from i2v_daemon.jobs import Job, JobStatus
 from i2v_daemon.logs import JobLog, get_logger
-from i2v_daemon.models.holder import ModelHolder
-from i2v_daemon.settings import Settings
+from i2v_daemon.policy import Verdict, decide
+from i2v_daemon.progress import JobProgress
 from i2v_daemon.store import LeaseLost, Store, utcnow
 
 log = get_logger()
 
 
-def _model_name(job: Job) -> str:
+class StopDaemon(Exception):
+    """The daemon cannot go on (its database vanished, its default model can never load); exit 78."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", ""))
+        self.error = error
+
+
+def model_name(job: Job) -> str:
     """The config's name of the model this job asked for (a sidecar's `model`), "default" if none."""
     return (job.params.model if job.params else None) or "default"
 
@@ -66,8 +72,8 @@ def dead_local_workers(worker_ids: list[str], host: str | None = None) -> list[s
 
 class Worker:
     def __init__(
-        self, settings: Settings, store: Store, *, worker_id: str | None = None,
-        models: ModelHolder | None = None, device: str | None = None,
+        self, settings: Any, store: Store, *, worker_id: str | None = None, models: Any = None,
+        device: str | None = None, housekeeping: bool = False, on_alive: Callable[[], None] = lambda: None,
     ) -> None:
         self.s = settings
         self.store = store
@@ -75,36 +81,42 @@ class Worker:
         self.host = socket.gethostname()
         self.device = device or settings.device
         self.models = models
+        self.housekeeping = housekeeping
+        self.on_alive = on_alive
+        self.finisher = Finisher(settings, store, model_info=self._model_info)
         self.stopping = False  # set by a shutdown: a canceled step means "requeue", not "canceled"
         self.stop_now = False  # set when the grace period is over: stop at the next step
         self.current: int | None = None
+        self.progress: JobProgress | None = None
+        self.stalled_at: float | None = None  # monotonic time the current job was declared stalled
         self.on_progress: Callable[[Job, int, int], None] | None = None
+        self.on_phase: Callable[[Job, str], None] | None = None
         self.on_try: Callable[[Job, dict[str, Any]], None] | None = None  # one try of the OOM ladder ended
         self.on_finish: Callable[[Job], None] | None = None  # the job's final row, after its folder moved
         self.paused = False  # `i2v-daemon pause` is in force: run_once claims nothing
 
     def job_dir(self, job_id: int) -> Path:
-        return self.s.work_dir / str(job_id)  # type: ignore[operator]
+        return Path(self.s.work_dir) / str(job_id)
 
     # ---- one unit of work ---------------------------------------------------------------------
 
     def run_once(self, now: datetime | None = None) -> bool:
         """Claim and process one job; True if one was processed (more may be waiting)."""
-        if self._check_paused():
+        if not self.housekeeping and self._check_paused():
             return False
         job = self.store.claim_next(
-            self.worker_id, lease_seconds=self.s.lease_seconds, now=now, host=self.host, device=self.device
+            self.worker_id, lease_seconds=self.s.lease_seconds, now=now, host=self.host, device=self.device,
+            housekeeping=self.housekeeping,
         )
         if job is None:
             return False
         self.current = job.id
         try:
             self.process(job)
-        except LeaseLost as err:
-            # Another worker owns it now (our lease expired while we were stuck); leave it alone.
-            log.warning("lease_lost", job_id=job.id, error=str(err))
         finally:
             self.current = None
+            self.progress = None
+            self.stalled_at = None
         return True
 
     def _check_paused(self) -> bool:
@@ -114,89 +126,102 @@ class Worker:
             log.info("paused" if paused else "resumed", worker=self.worker_id)
         return paused
 
-    def heartbeat(self) -> None:
-        """Renew the current job's lease (called from a timer while encoders or ffmpeg run)."""
-        job_id = self.current
-        if job_id is not None:
-            with contextlib.suppress(LeaseLost):
-                self.store.heartbeat(job_id, self.worker_id, lease_seconds=self.s.lease_seconds)
-
     def process(self, job: Job) -> None:
+        """Run or end one claimed job; every way it can go wrong ends in a state change of that job."""
+        where = ["starting"]
+        try:
+            self._process(job, where)
+        except StopDaemon:
+            raise
+        except BaseException as err:
+            if not isinstance(err, Exception):  # KeyboardInterrupt and the like: not the job's
+                raise
+            self._judge(job, err, where[0])
+
+    def _process(self, job: Job, where: list[str]) -> None:
         jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
         if job.final_dir:
-            self._complete_interrupted_finish(job, jlog)
-            return
-        previous = Path(job.extra["previous_dir"]) if job.extra.get("previous_dir") else None
-        missing = folders.stage_inputs(job.inputs, self.s.inbox_dir, self.job_dir(job.id), previous)  # type: ignore[arg-type]
-        if missing:
-            err = InputError(
-                f"{', '.join(missing)}: left the inbox before the job could take it; drop the files again"
-            )
-            self.end(job, JobStatus.FAILED, err.as_dict(), jlog)
+            where[0] = "publishing"
+            self._finished(self.finisher.complete_interrupted(job, worker_id=self.worker_id), job)
         elif job.rejection:
-            self.end(job, JobStatus.FAILED, job.rejection, jlog)
+            self._end(job, JobStatus.FAILED, job.rejection)
         elif job.cancel_requested:
-            msg = "canceled with `i2v-daemon cancel` before it started"
-            self.end(job, JobStatus.CANCELED, {"type": "canceled", "message": msg}, jlog)
+            self._end(job, JobStatus.CANCELED, {"type": "canceled", "message": _canceled_before(job)})
         elif job.attempts > job.max_attempts:
             last = (job.error or {}).get("message", "the worker stopped without a word (crash or kill)")
             msg = f"gave up after {job.max_attempts} attempts (max_attempts); the last one: {last}"
-            self.end(job, JobStatus.FAILED, {"type": "gave_up", "message": msg}, jlog)
+            self._end(job, JobStatus.FAILED, {"type": "gave_up", "message": msg})
         else:
-            self._run(job, jlog)
+            jlog.info("started", attempt=job.attempts, of=job.max_attempts, worker=self.worker_id, device=self.device)
+            self._run(job, jlog, where)
 
     # ---- generating ---------------------------------------------------------------------------
 
-    def _run(self, job: Job, jlog: JobLog) -> None:
-        jlog.info("started", attempt=job.attempts, of=job.max_attempts, worker=self.worker_id, device=self.device)
-        try:
-            output, notes = self._generate_and_write(job, jlog)
-        except JobCanceled:
-            if self.stopping and not self.store.get(job.id).cancel_requested:  # type: ignore[union-attr]
-                jlog.warning("stopped by shutdown at a step boundary; back in the queue")
-                self.store.requeue(job.id, self.worker_id, refund_attempt=True)
-            else:
-                msg = "canceled with `i2v-daemon cancel` while running"
-                self.end(job, JobStatus.CANCELED, {"type": "canceled", "message": msg}, jlog)
-        except (InputError, GenerationError) as err:
-            self.end(job, JobStatus.FAILED, err.as_dict(), jlog)
-        except ConfigError:
-            # The model cannot be loaded: not this job's fault. Put it back and let the caller stop.
-            self.store.requeue(job.id, self.worker_id, refund_attempt=True)
-            raise
-        except LeaseLost:
-            raise
-        except (TransientError, OperationalError, OSError) as err:
-            self._retry_or_fail(job, err, jlog)
-        except Exception as err:  # a bug or a library error we do not know: retry, bounded by max_attempts
-            jlog.error("unexpected_error", error=f"{type(err).__name__}: {err}", trace=traceback.format_exc(limit=8))
-            self._retry_or_fail(job, err, jlog)
-        else:
-            self.end(job, JobStatus.SUCCEEDED, None, jlog, output=output, notes=notes)
+    def _run(self, job: Job, jlog: JobLog, where: list[str]) -> None:
+        if self.models is None:
+            raise ConfigError("model: this worker cannot generate videos")
+        progress = self.progress = JobProgress(
+            self.store, job.id, self.worker_id, lease_seconds=self.s.lease_seconds,
+            stall_seconds=self.s.stall_seconds, on_alive=self.on_alive,
+        )
 
-    def _generate_and_write(self, job: Job, jlog: JobLog) -> tuple[str, list[str]]:
+        def enter(phase: str) -> None:
+            where[0] = phase
+            hangpoint(phase)
+            if progress.enter(phase) or self.stop_now:
+                raise JobCanceled(f"stopped while {phase}")
+            self._hook(self.on_phase, job, phase)
+
+        enter("loading")
+        model = self.models.get(model_name(job))
+        enter("generating")
+        frames, effective, notes = self._generate(job, model, progress, jlog)
+        if self.models is not None:
+            self.models.touch()
+        output, effective, post = postprocess.deliver(
+            frames, job, effective, self.job_dir(job.id), enter=enter, settings=self.s, device=self.device,
+            jlog=jlog, notes=notes, on_alive=progress.enter,
+        )
+        del frames
+        self.store.update_running(job.id, self.worker_id, effective=effective, notes=notes)
+        crashpoint("video_written")
+        enter("publishing")
+        dest = self.finisher.finish(
+            job, JobStatus.SUCCEEDED, None, worker_id=self.worker_id, output=output, notes=notes,
+            extra={"postprocess": post},
+        )
+        self._finished(dest, job)
+
+    def _generate(self, job: Job, model: Any, progress: JobProgress, jlog: JobLog) -> tuple[Any, dict, list[str]]:
+        """The frames of this job: from an earlier attempt that got as far as generating them, or generated now."""
+        saved = postprocess.saved_frames(self.job_dir(job.id), job)
+        if saved is not None:
+            jlog.info("frames_reused", reason="an earlier attempt generated them; only the encoding is done again")
+            return saved, dict(job.effective or {}), list(job.notes)
         from i2v_daemon.generate import generate  # torch lives behind this import
         from i2v_daemon.images import load_rgb
-        from i2v_daemon.video import probe_mp4, write_mp4
 
         assert job.params is not None
         jdir = self.job_dir(job.id)
         image, image_notes = load_rgb(jdir / "input" / job.inputs[0], max_pixels=self.s.max_image_pixels)
-        model = self._model(job)
         self.store.update_running(job.id, self.worker_id, model=model.info.model_id)
         tries = list(job.tries)
 
         def on_try(entry: dict[str, Any]) -> None:
-            tries.append({**entry, "try": len(tries) + 1})
+            entry = {**entry, "try": len(tries) + 1, "model_name": model_name(job)}
+            entry.setdefault("steps", job.params.steps if job.params else None)
+            entry.setdefault("denoise_seconds", progress.denoise_seconds())
+            progress.step_times.clear()
+            tries.append(entry)
             self.store.update_running(job.id, self.worker_id, tries=tries)
-            jlog.info("try_finished", **{k: v for k, v in tries[-1].items() if v is not None})
-            self._hook(self.on_try, job, tries[-1])
+            jlog.info("try_finished", **{k: v for k, v in entry.items() if v is not None})
+            self._hook(self.on_try, job, entry)
 
         def on_step(step: int, total: int) -> None:
-            cancel = self.store.heartbeat(
-                job.id, self.worker_id, lease_seconds=self.s.lease_seconds, step=step, total_steps=total
-            )
+            cancel = progress.advance(step, total)
             self._hook(self.on_progress, job, step, total)
+            if step == total:
+                progress.enter("decoding")
             if cancel or self.stop_now:
                 raise JobCanceled(f"stopped at step {step} of {total}")
 
@@ -205,127 +230,137 @@ class Worker:
             ladder=self.s.resolution_ladder, on_step=on_step, on_try=on_try,
             memory=self.models.memory if self.models else None, lora_dir=self.s.lora_dir,
         )
-        if self.models:
-            self.models.touch()
-        notes = list(image_notes) + outcome.notes
-        for note in notes:
+        notes = [*job.notes, *image_notes, *outcome.notes]
+        for note in outcome.notes:
             jlog.info("note", message=note)
-        video = f"{job.name}.mp4"
-        eff = outcome.effective
-        try:
-            write_mp4(outcome.frames, jdir / video, eff["fps"])
-        except OSError as err:
-            raise TransientError(f"could not write the video: {err}") from err
-        probe = probe_mp4(jdir / video)
-        made = (probe["width"], probe["height"], probe["num_frames"])
-        if made != (eff["width"], eff["height"], eff["num_frames"]):
-            raise TransientError(f"the encoded video does not match what was generated: {probe}")
-        self.store.update_running(job.id, self.worker_id, effective=eff)
-        crashpoint("video_written")
-        jlog.info("video_written", file=video, **{k: eff[k] for k in ("width", "height", "num_frames", "fps", "seed")})
-        return video, notes
+        self.store.update_running(job.id, self.worker_id, effective=outcome.effective, notes=notes)
+        postprocess.save_frames(outcome.frames, jdir, outcome.effective)
+        return outcome.frames, outcome.effective, notes
 
-    def _model(self, job: Job) -> Any:
-        if self.models is None:
-            raise ConfigError("model: this command cannot generate videos")
-        return self.models.get(_model_name(job))
+    # ---- the one failure policy, applied ------------------------------------------------------------
 
-    def _retry_or_fail(self, job: Job, err: BaseException, jlog: JobLog) -> None:
-        message = f"{type(err).__name__}: {err}"
-        if job.attempts >= job.max_attempts:
-            msg = f"gave up after {job.attempts} attempts (max_attempts); the last one: {message}"
-            self.end(job, JobStatus.FAILED, {"type": "gave_up", "message": msg}, jlog)
-            return
-        delay = self.s.retry_backoff_seconds * 2 ** (job.attempts - 1)
-        jlog.warning("will_retry", error=message, attempt=job.attempts, of=job.max_attempts, in_seconds=delay)
-        self.store.requeue(
-            job.id, self.worker_id, error={"type": "transient", "message": message},
-            not_before=utcnow() + timedelta(seconds=delay),
+    def _judge(self, job: Job, err: Exception, where: str) -> None:
+        latest = self._latest(job)
+        verdict = decide(
+            err, attempts=job.attempts, max_attempts=job.max_attempts, backoff_seconds=self.s.retry_backoff_seconds,
+            waits=int((latest.error or {}).get("waits", 0)) if latest else 0, stopping=self.stopping,
+            cancel_requested=bool(latest and latest.cancel_requested), where=where,
         )
+        jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+        try:
+            self._apply(job, verdict, jlog, where, err)
+        except StopDaemon:
+            raise
+        except LeaseLost as lost:
+            log.warning("lease_lost", job_id=job.id, error=str(lost))
+        except Exception as again:  # finishing the job failed too (a full disk while writing failed/)
+            fallback = decide(again, attempts=job.attempts, max_attempts=job.max_attempts,
+                              backoff_seconds=self.s.retry_backoff_seconds, where="publishing")
+            if fallback.action not in ("wait", "retry"):
+                fallback = Verdict("wait", {"type": "environment", "message": f"{type(again).__name__}: {again}"},
+                                   60.0, True)
+            log.error("finishing_failed", job_id=job.id, error=f"{type(again).__name__}: {again}",
+                      action="the job stays queued and is finished later")
+            with contextlib.suppress(LeaseLost):
+                self._requeue(job, fallback)
+
+    def _apply(self, job: Job, verdict: Verdict, jlog: JobLog, where: str, err: Exception) -> None:
+        action = verdict.action
+        if action == "drop":
+            log.warning("lease_lost", job_id=job.id, error=str(err), note="another worker owns it now")
+        elif action == "cancel":
+            latest = self._latest(job) or job
+            msg = _canceled_while(latest, where) if latest.tries or where != "starting" else _canceled_before(latest)
+            self._end(job, JobStatus.CANCELED, {"type": "canceled", "message": msg})
+        elif action == "requeue":
+            jlog.info("requeued", reason=f"stopped by a shutdown while {where}; back in the queue")
+            self.store.requeue(job.id, self.worker_id, refund_attempt=True)
+        elif action == "fail":
+            self._end(job, JobStatus.FAILED, verdict.error)
+        elif action in ("retry", "wait"):
+            level = jlog.warning if action == "retry" else jlog.error
+            level("will_retry" if action == "retry" else "waiting", error=(verdict.error or {}).get("message"),
+                  attempt=job.attempts, of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
+            if action == "retry" and not isinstance(err, GenerationError):
+                log.debug("retry_cause", job_id=job.id, error=repr(err))
+            self._requeue(job, verdict)
+        elif action == "stop":
+            jlog.error("daemon_stopping", error=(verdict.error or {}).get("message"))
+            with contextlib.suppress(LeaseLost):
+                self.store.requeue(job.id, self.worker_id, error=verdict.error, refund_attempt=True)
+            raise StopDaemon(verdict.error or {"message": str(err)})
+
+    def _requeue(self, job: Job, verdict: Verdict) -> None:
+        self.store.requeue(
+            job.id, self.worker_id, error=verdict.error, not_before=utcnow() + timedelta(seconds=verdict.delay),
+            refund_attempt=verdict.refund,
+        )
+
+    def _latest(self, job: Job) -> Job | None:
+        try:
+            return self.store.get(job.id)
+        except Exception:
+            return None
 
     # ---- finishing ----------------------------------------------------------------------------
 
-    def end(
-        self, job: Job, status: JobStatus, error: dict[str, str] | None, jlog: JobLog, *,
-        output: str | None = None, notes: list[str] | tuple[str, ...] = (),
-    ) -> Path:
-        """Write the manifest, move the job folder to output/ or failed/, then record the status."""
-        job = self.store.get(job.id) or job  # the latest tries and effective values
-        jdir = self.job_dir(job.id)
-        jdir.mkdir(parents=True, exist_ok=True)
-        finished = utcnow()
-        default = {"id": self.s.model, "family": None, "revision": None}
-        model = self.models.info(_model_name(job)) if self.models else default
-        doc = manifest.build(job, status, finished_at=finished, error=error, output=output, model=model, notes=notes)
-        if error:
-            jlog.error(status.value, error=error["message"])
-        else:
-            jlog.info(status.value, output=output)
-        folders.write_json(jdir / "job.json", doc)
-        crashpoint("manifest_written")
-        root = self.s.output_dir if status is JobStatus.SUCCEEDED else self.s.failed_dir
-        dest = self._record_destination(job, root)  # type: ignore[arg-type]
-        crashpoint("destination_recorded")
-        folders.publish(jdir, dest)
-        crashpoint("folder_published")
-        self.store.finish(
-            job.id, self.worker_id, status, now=finished, error=error,
-            output=str(dest / output) if output else None,
-        )
-        self._finished(job.id)
+    def _end(self, job: Job, status: JobStatus, error: dict[str, Any] | None) -> Path:
+        dest = self.finisher.finish(job, status, error, worker_id=self.worker_id)
+        self._finished(dest, job)
         return dest
 
-    def _record_destination(self, job: Job, root: Path) -> Path:
-        taken: set[str] = set()
-        while True:
-            dest = folders.free_name(root, job.name, taken)
-            try:
-                self.store.update_running(job.id, self.worker_id, final_dir=str(dest))
-                return dest
-            except IntegrityError:  # another job chose that name a moment ago
-                taken.add(str(dest))
-
-    def _complete_interrupted_finish(self, job: Job, jlog: JobLog) -> None:
-        dest = Path(job.final_dir)  # type: ignore[arg-type]
-        jdir = self.job_dir(job.id)
-        doc_path = jdir / "job.json" if (jdir / "job.json").exists() else dest / "job.json"
-        doc = json.loads(doc_path.read_text())
-        folders.publish(jdir, dest)
-        status = JobStatus(doc["status"])
-        output = doc.get("output")
-        JobLog(dest / "job.log", job.id, job.name).info("finish_completed_after_restart", status=status.value)
-        self.store.finish(
-            job.id, self.worker_id, status, error=doc.get("error"), output=str(dest / output) if output else None,
-        )
-        self._finished(job.id)
-
-    def _finished(self, job_id: int) -> None:
-        """Hand the job's final row (status, folder, times) to `on_finish`."""
+    def _finished(self, dest: Path, job: Job) -> None:
+        """Hand the job's final row (status, folder, times) to `on_finish` (metrics, sd_notify)."""
         if self.on_finish is None:
             return
         try:
-            final = self.store.get(job_id)
-        except Exception:  # the job is finished and safe; only its notification is lost, and said so
-            log.exception("hook_failed", hook="on_finish", job_id=job_id)
+            final = self.store.get(job.id)
+        except Exception:  # the job is finished and safe; only its metrics are lost, and said so
+            log.exception("hook_failed", hook="on_finish", job_id=job.id)
             return
         if final is not None:
             self._hook(self.on_finish, final)
 
+    def _model_info(self, job: Job) -> dict[str, Any]:
+        if self.models is None:
+            return {"name": model_name(job), "id": self.s.model_choices().get(model_name(job)), "family": None,
+                    "revision": None}
+        return self.models.info(model_name(job))
+
     def _hook(self, hook: Callable[..., None] | None, *args: Any) -> None:
-        """Metrics, webhooks, sd_notify: their failure is logged and never touches the job."""
+        """Metrics and sd_notify: their failure is logged and never touches the job."""
         if hook is not None:
             try:
                 hook(*args)
             except Exception:
                 log.exception("hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
-    def cancel_queued(self, job_id: int) -> Path | None:
-        """Cancel a queued job right away (from the CLI): claim it, then finish it as canceled."""
-        job = self.store.claim_next(self.worker_id, lease_seconds=self.s.lease_seconds, job_id=job_id, host=self.host)
-        if job is None:
-            return None
-        jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
-        previous = Path(job.extra["previous_dir"]) if job.extra.get("previous_dir") else None
-        folders.stage_inputs(job.inputs, self.s.inbox_dir, self.job_dir(job.id), previous)  # type: ignore[arg-type]
-        msg = "canceled with `i2v-daemon cancel` before it started"
-        return self.end(job, JobStatus.CANCELED, {"type": "canceled", "message": msg}, jlog)
+    # ---- liveness, from the daemon's timer --------------------------------------------------------
+
+    def beat(self) -> None:
+        """Renew the running job's lease while it progresses; a stalled job is put back in the queue."""
+        progress, job_id = self.progress, self.current
+        if progress is None or job_id is None or self.stalled_at is not None:
+            return
+        try:
+            if progress.beat():
+                return
+        except LeaseLost:
+            return
+        self.stalled_at = time.monotonic()
+        msg = (f"no progress for {progress.stalled_for():.0f} s while {progress.phase} (stall_seconds = "
+               f"{self.s.stall_seconds:g}); stopped and put back in the queue")
+        log.error("job_stalled", job_id=job_id, phase=progress.phase, worker=self.worker_id, error=msg)
+        with contextlib.suppress(LeaseLost):
+            self.store.requeue(job_id, self.worker_id, error={"type": "stalled", "message": msg},
+                               not_before=utcnow() + timedelta(seconds=self.s.retry_backoff_seconds))
+
+
+def _canceled_before(job: Job) -> str:
+    if job.tries or job.step:
+        return "canceled with `i2v-daemon cancel` while queued (it had run before and was put back in the queue)"
+    return "canceled with `i2v-daemon cancel` before it started"
+
+
+def _canceled_while(job: Job, where: str) -> str:
+    return f"canceled with `i2v-daemon cancel` while {where}"

@@ -49,7 +49,23 @@ def make_data(root: Path) -> Data:
 
 @pytest.fixture()
 def empty(tmp_path: Path) -> Data:
-    return make_data(tmp_path)
+    """A data folder whose database exists (a daemon ran once) and holds no job."""
+    data = make_data(tmp_path)
+    store = Store(f"sqlite:///{data.folder / 'jobs.db'}")
+    store.create_schema()
+    store.close()
+    return data
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["show", "1"], ["cancel", "1"],
+                                     ["retry", "1"], ["pause"], ["resume"]])
+def test_a_command_that_only_reads_or_asks_never_creates_a_database(tmp_path: Path, command: list[str]) -> None:
+    data = make_data(tmp_path)
+    proc = data.cli(*command)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("i2v-daemon: there is no job database at ")
+    assert "start the daemon once" in proc.stderr and "Traceback" not in proc.stderr
+    assert not data.folder.exists()  # neither the database nor its folder was made
 
 
 @pytest.fixture(scope="module")

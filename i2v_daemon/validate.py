@@ -1,0 +1,45 @@
+"""`i2v-daemon validate PATH…`: check sidecars and images exactly as intake would, without queueing them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from i2v_daemon.errors import InputError
+
+EX_OK, EX_FAILED = 0, 1
+
+
+def check_path(settings: Any, path: Path) -> tuple[str, ...]:
+    """Notes on a good file; InputError saying what to fix on a bad one."""
+    from i2v_daemon.choices import check_choices
+    from i2v_daemon.images import IMAGE_SUFFIXES, inspect_image
+    from i2v_daemon.params import merge
+    from i2v_daemon.sidecar import SIDECAR_SUFFIXES, parse_sidecar
+
+    suffix = path.suffix.lower()
+    if suffix in SIDECAR_SUFFIXES:
+        side = parse_sidecar(path, max_bytes=settings.max_sidecar_bytes)
+        # The folder it sits in may be a preset's (inbox/fast/), which is then its default preset.
+        folder = path.parent.name if path.parent.name in settings.all_presets() else None
+        merge(side.values, presets=settings.all_presets(), default_preset=folder or settings.default_preset,
+              defaults=settings.job_defaults(), rife_model=settings.rife_model, where=path.name)
+        check_choices(side.values, settings, path.name)  # model allowed, LoRA file present
+        return side.notes
+    if suffix in IMAGE_SUFFIXES:
+        info = inspect_image(path, max_pixels=settings.max_image_pixels)
+        return (f"{info.format} {info.width}x{info.height}", *info.notes)
+    raise InputError(f"{path.name}: not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
+
+
+def validate(settings: Any, paths: list[str]) -> int:
+    bad = 0
+    for raw in paths:
+        try:
+            notes = check_path(settings, Path(raw))
+        except InputError as err:
+            bad += 1
+            print(f"invalid {raw}: {err}")
+            continue
+        print(f"ok {raw}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return EX_FAILED if bad else EX_OK
