@@ -1,4 +1,11 @@
-"""Logging: structlog to stderr (readable on a terminal, JSON lines otherwise) and each job's job.log."""
+"""Logging: one structlog pipeline to stderr (readable on a terminal, JSON lines otherwise) and each job's job.log.
+
+Everything the process logs goes through one handler on the root logger: our own events, the
+libraries' stdlib loggers (huggingface_hub, diffusers, transformers, torch, …), `warnings.warn`
+and uncaught exceptions. Libraries that install their own stderr handler at import (which made
+every Hub retry print twice, once bare and once through `basicConfig`'s handler) are refused
+that handler, before or after `configure`.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,20 @@ import json
 import logging
 import os
 import sys
+import threading
+import warnings
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TextIO
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+#: The stdlib logger our own structlog events go through; everything else is a library.
+OWN_LOGGER = "i2v_daemon"
 
 #: syslog priority (RFC 5424) per level: a leading `<N>` on a line sets its priority in the journal.
 SYSLOG_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7}
@@ -30,53 +43,234 @@ class SyslogPrefixRenderer:
         return f"<{SYSLOG_PRIORITY.get(level, 6)}>{self.inner(logger, method_name, event_dict)}"
 
 
-class _SyslogFormatter(logging.Formatter):
-    """The same `<N>` prefix for libraries that log through the standard library."""
+# ---- the libraries' own handlers ----------------------------------------------------------------
 
-    def format(self, record: logging.LogRecord) -> str:
-        levels = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
-        prio = next((p for at_least, p in levels if record.levelno >= at_least), 7)
-        return f"<{prio}>{super().format(record)}"
+_console_streams: list[Any] = []  # what counts as "the console": stderr, stdout and our own stream
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler that writes to this process's stderr or stdout (a FileHandler is not one)."""
+    if getattr(handler, "_i2v_daemon", False) or isinstance(handler, logging.FileHandler):
+        return False
+    stream = getattr(handler, "stream", None)
+    consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__, *_console_streams)
+    return isinstance(handler, logging.StreamHandler) and any(stream is s for s in consoles if s is not None)
+
+
+class _AdoptedLogger(logging.Logger):
+    """A logger that may not print to the console itself: its records go to the root handler instead.
+
+    huggingface_hub, transformers, diffusers and torch each add a bare StreamHandler(stderr) to
+    their loggers at import (the last three also turn propagation off). Here such a handler is
+    refused, and a logger that tried propagates to the root with its level left to ours, so each
+    line is written once, by the one pipeline, at the daemon's `log_level`.
+    """
+
+    _refused_console = False
+    _wants_propagate = True
+
+    def addHandler(self, hdlr: logging.Handler) -> None:
+        if _is_console(hdlr):
+            self._refused_console = True
+            super().setLevel(logging.NOTSET)  # through setLevel: it also clears the loggers' level caches
+            return
+        super().addHandler(hdlr)
+
+    def setLevel(self, level: int | str) -> None:
+        # A library's own verbosity call (diffusers' set_verbosity_error, its import-time WARNING)
+        # would hide what log_level = "debug" asks for, or show what "error" hides.
+        if not self._refused_console:
+            super().setLevel(level)
+
+    @property  # type: ignore[override]
+    def propagate(self) -> bool:  # type: ignore[override]
+        return self._refused_console or self._wants_propagate
+
+    @propagate.setter
+    def propagate(self, value: bool) -> None:
+        self._wants_propagate = bool(value)
+
+
+def _adopt_existing_loggers() -> None:
+    """Take the console handlers off loggers made before `configure` (a library imported first)."""
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger):
+            continue  # a PlaceHolder: becomes an _AdoptedLogger when created
+        if type(logger) is logging.Logger:  # so that it refuses the handlers a library adds later too
+            wanted = logger.__dict__.pop("propagate", True)
+            logger.__class__ = _AdoptedLogger  # adds no slots, so the instance can switch class
+            logger.propagate = wanted
+        consoles = [h for h in logger.handlers if _is_console(h)]
+        for h in consoles:
+            logger.removeHandler(h)
+        if consoles:
+            if isinstance(logger, _AdoptedLogger):
+                logger._refused_console = True
+            else:  # a library's own Logger subclass: it keeps its class, and propagates from now on
+                logger.propagate = True
+            logging.Logger.setLevel(logger, logging.NOTSET)
+
+
+# ---- records from the standard library (libraries, warnings) --------------------------------------
+
+
+def _library_fields(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor for stdlib records: a library's warning is a warning, its info is debug noise; who logged it."""
+    record: logging.LogRecord = event_dict["_record"]
+    own = record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + ".")
+    if own or record.levelno >= logging.WARNING:
+        name = logging.getLevelName(record.levelno).lower()
+        event_dict["level"] = {"warn": "warning", "fatal": "critical"}.get(name, name)
+    else:
+        event_dict["level"] = "debug"
+    if not own:
+        event_dict["logger"] = record.name
+    for key in ("category", "source"):  # what _showwarning attached
+        if hasattr(record, f"i2v_{key}"):
+            event_dict[key] = getattr(record, f"i2v_{key}")
+    return event_dict
+
+
+class _Threshold(logging.Filter):
+    """Lets our own records through (structlog filtered them already) and library ones at `threshold` up."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if hasattr(record, "_logger") or record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + "."):
+            return True
+        return record.levelno >= self.threshold
+
+
+_original_showwarning = warnings.showwarning
+
+
+def _showwarning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int,
+    file: TextIO | None = None, line: str | None = None,
+) -> None:
+    """`warnings.warn` as one `py.warnings` record (what logging.captureWarnings does, with fields)."""
+    if file is not None:  # someone asked for a particular file: not ours to redirect
+        _original_showwarning(message, category, filename, lineno, file, line)
+        return
+    logging.getLogger("py.warnings").warning(
+        str(message), extra={"i2v_category": category.__name__, "i2v_source": f"{filename}:{lineno}"},
+    )
+
+
+def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """An uncaught exception as one critical line, not a bare traceback between JSON lines."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    get_logger().critical("uncaught_exception", exc_info=(exc_type, exc, tb))
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    thread = args.thread.name if args.thread else None
+    get_logger(thread=thread).critical(
+        "uncaught_exception", exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
+# ---- set-up -------------------------------------------------------------------------------------
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed, or not a real file
+        return False
+
+
+def _quiet_progress_bars() -> None:
+    """No tqdm bars when stderr is not a terminal: in the journal they are screens of noise."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub at import
+    # Already imported: tell them directly (importing them here would cost seconds of torch).
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.disable_progress_bar()
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None, syslog_prefix: bool | None = None) -> None:
-    """Set up structlog once per process: `fmt` is auto (console on a TTY), console or json.
+    """Set up the one logging pipeline: `fmt` is auto (console on a TTY), console or json.
 
     `syslog_prefix` (default: when stderr is the journal) starts each line with its priority.
+    May be called again (tests do); the last call wins.
     """
     if syslog_prefix is None:
         syslog_prefix = stream is None and journal_stream()
     stream = stream or sys.stderr
+    tty = _isatty(stream)
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if tty else "json"
     renderer: Any
+    # format_exc_info turns a traceback into one JSON string; the console renderer prints it itself.
+    final: list[Any] = []
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty() and not syslog_prefix)
+        renderer = structlog.dev.ConsoleRenderer(colors=tty and not syslog_prefix)
     else:
         renderer = structlog.processors.JSONRenderer()
+        final.append(structlog.processors.format_exc_info)
     if syslog_prefix:
         renderer = SyslogPrefixRenderer(renderer)
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
+            timestamper,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
-    # Libraries log through stdlib logging; keep their noise at warning and in the same stream.
+    # Libraries: their warnings always, their info (as debug) only when log_level = "debug", their own
+    # debug never: torch's compiler and httpcore would bury the daemon's lines (and slow it down).
+    threshold = logging.INFO if level == "debug" else max(logging.WARNING, _LEVELS[level])
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.contextvars.merge_contextvars, _library_fields, timestamper],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final, renderer],
+    )
     handler = logging.StreamHandler(stream)
-    line = "%(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(_SyslogFormatter(line) if syslog_prefix else logging.Formatter(line))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    handler._i2v_daemon = True  # type: ignore[attr-defined]
+    handler.setFormatter(formatter)
+    handler.addFilter(_Threshold(threshold))
+
+    _console_streams[:] = [stream]
+    logging.setLoggerClass(_AdoptedLogger)
+    _adopt_existing_loggers()
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_i2v_daemon", False) or _is_console(old):  # ours from before, or basicConfig's
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    own = logging.getLogger(OWN_LOGGER)
+    own.setLevel(_LEVELS[level])  # structlog's filter decides; this only must not stop what it let pass
+    own.propagate = True
+
+    warnings.showwarning = _showwarning
+    sys.excepthook = _excepthook
+    threading.excepthook = _thread_excepthook
+    if not tty:
+        _quiet_progress_bars()
 
 
 def get_logger(**bind: Any) -> Any:
-    return structlog.get_logger("i2v_daemon").bind(**bind)
+    """Our structlog logger with `bind` as its context; resolved at each call, so it follows `configure`."""
+    # Lazy: a module-level `log = get_logger()` made before configure() still ends in the one pipeline.
+    return structlog.get_logger(OWN_LOGGER, **bind)
 
 
 class JobLog:
