@@ -7,14 +7,21 @@ TORCH_SPEC ?= torch
 TEST_TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-test run test lint clean
+.PHONY: install install-test run serve test test-fast lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# On a machine with an NVIDIA GPU, a CPU-only PyTorch (left by `make test`) is replaced by the CUDA build.
 install: $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && \
+	    $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)" 2>/dev/null; then \
+	    echo "make: a GPU is here but the installed PyTorch is a CPU build; installing the CUDA build ($(TORCH_SPEC))"; \
+	    $(BIN)/pip install -q --force-reinstall "$(TORCH_SPEC)"; \
+	else \
+	    $(BIN)/pip install -q "$(TORCH_SPEC)"; \
+	fi
 	$(BIN)/pip install -q -e .
 
 install-test: $(BIN)/python
@@ -26,11 +33,24 @@ install-test: $(BIN)/python
 run: install
 	$(BIN)/i2v-daemon run
 
+# The HTTP API and page on 127.0.0.1:8765, beside `make run` (same data folder).
+serve: install
+	$(BIN)/i2v-daemon serve
+
 lint: install-test
 	$(BIN)/ruff check i2v_daemon tests $(wildcard bench)
 
-test: install-test lint
+typecheck: install-test
+	$(BIN)/mypy
+
+# The whole suite: about 15 minutes on two cores (the tests drive the real daemon, ffmpeg, a browser).
+test: install-test lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Day-to-day: the quick unit tests only (no daemon subprocesses), a few minutes on two cores.
+test-fast: install-test
+	$(BIN)/ruff check i2v_daemon tests $(wildcard bench)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .mypy_cache

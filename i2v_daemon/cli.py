@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         from sqlalchemy.exc import OperationalError
 
         if isinstance(err, OperationalError) and "locked" in str(err):
-            print("i2v-daemon: the job database stayed locked by another process for 30 s; try again",
-                  file=sys.stderr)
+            print("i2v-daemon: the job database stayed locked by another process for 10 s; try again "
+                  "(a daemon in the middle of a large intake pass holds it only briefly)", file=sys.stderr)
             return EX_FAILED
         raise
 
@@ -169,9 +169,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _light(args: argparse.Namespace) -> int:
     """The commands that need only the job database: no settings model, no logging stack."""
-    from i2v_daemon.locate import locate
+    from i2v_daemon.locate import check_once, locate
     from i2v_daemon.store import open_existing
 
+    flags = {"data_dir": args.data_dir, "database_url": args.database_url}
+    check_once(args.config, flags, lambda: _settings(args))  # a bad config is exit 78 here too, checked once
     where = locate(args.config, data_dir=args.data_dir, database_url=args.database_url)
     store = open_existing(where.database_url)
     try:

@@ -139,8 +139,9 @@ class Daemon:
     def _sender(self) -> Sender:
         from i2v_daemon import hooks_delivery  # webhooks and hooks: delivered from the outbox
 
-        return Sender(self.store.outbox, make_worker_id("outbox"), hooks_delivery.deliverers(self.s),
-                      retries=self.s.webhook_retries)
+        stopping = threading.Event()  # set by Sender.close: it also ends a hook that is still running
+        return Sender(self.store.outbox, make_worker_id("outbox"), hooks_delivery.deliverers(self.s, stopping),
+                      retries=self.s.webhook_retries, stopping=stopping)
 
     def _finish_rejected(self, job: Any, owner: str) -> None:
         from i2v_daemon.jobs import JobStatus
@@ -232,7 +233,7 @@ class Daemon:
         now = time.monotonic()
         self.service.tick(stop_requested=self.stop_requested, running=self.worker.current, now=now)
         stalled = self.worker.stalled_at
-        if stalled is not None and now - stalled > max(30.0, self.s.stall_seconds / 2):
+        if stalled is not None and now - stalled > max(5.0, self.s.stall_seconds / 2):
             # The job was requeued, but the call it is stuck in never returned (a hung driver): a fresh
             # process is the only way on. The supervisor (systemd) starts it again.
             log.critical("worker_hung", job_id=self.worker.current, action="exiting with status 75 to be restarted")

@@ -82,6 +82,7 @@ class Finisher:
         dest = self._publish(job, jdir, dest, root, worker_id)
         crashpoint("folder_published")
         self._record(job, status, error, dest, output, worker_id, finished, frm)
+        crashpoint("job_finished")
         return dest
 
     def complete_interrupted(self, job: Job, *, worker_id: str) -> Path:

@@ -69,7 +69,7 @@ def _syncfs(path: Path) -> bool:
         return False
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return libc.syncfs(fd) == 0
+        return bool(libc.syncfs(fd) == 0)
     finally:
         os.close(fd)
 
@@ -225,7 +225,7 @@ def remove_stale_uploads(work_dir: Path, *, older_than: float = STALE_UPLOAD_SEC
     """Delete upload leftovers in work/ that no request can still be writing (a crash in the middle)."""
     import time
 
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(work_dir))
     except FileNotFoundError:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,56 +179,3 @@ class _Tail:
     def text(self) -> str:
         with self.lock:
             return bytes(self.buf).decode("utf-8", errors="replace")
-
-
-class HookRunner:
-    """Runs the hook for each finished job in one background thread, in order; `submit` never blocks."""
-
-    def __init__(
-        self, argv: list[str], *, timeout: float, queue_size: int = 256, run: Callable[..., HookResult] = run_hook,
-    ) -> None:
-        self.argv, self.timeout, self.run = list(argv), timeout, run
-        self.queue: queue.Queue[dict[str, str]] = queue.Queue(maxsize=queue_size)
-        self.closing = threading.Event()  # no more submissions: the thread ends once the queue is empty
-        self.stop = threading.Event()  # the shutdown deadline passed: the running hook is ended
-        self.results: list[HookResult] = []  # the latest runs, newest last
-        self.thread = threading.Thread(target=self._loop, name="on_finish hook", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def submit(self, env: dict[str, str]) -> bool:
-        """Queue one job's hook run; False (and a log line) when too many already wait."""
-        try:
-            self.queue.put_nowait(env)
-            return True
-        except queue.Full:
-            reason = f"{self.queue.maxsize} finished jobs already wait for on_finish"
-            get_logger(job_id=env.get("I2V_JOB_ID")).error("hook_dropped", reason=reason)
-            return False
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            try:
-                env = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                if self.closing.is_set():
-                    return
-                continue
-            result = self.run(self.argv, env, timeout=self.timeout, stop=self.stop)
-            self.results = [*self.results[-99:], result]
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Let queued hooks run for up to `timeout` seconds; then end the running one and log the rest as skipped."""
-        self.closing.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout)
-        self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join(KILL_GRACE_S + 5.0)
-        while True:
-            try:
-                env = self.queue.get_nowait()
-            except queue.Empty:
-                return
-            get_logger(job_id=env.get("I2V_JOB_ID")).error("hook_skipped", reason="the daemon stopped before it ran")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from i2v_daemon.notifications import Attempt, Deliver
 from i2v_daemon.outbox import OutboxItem
 
 
-def deliverers(settings: Any) -> dict[str, Deliver]:
-    """{"webhook": …, "hook": …} for the sender, with this daemon's timeouts."""
+def deliverers(settings: Any, stop: threading.Event | None = None) -> dict[str, Deliver]:
+    """{"webhook": …, "hook": …} for the sender, with this daemon's timeouts; `stop` ends a running hook."""
 
     def webhook(item: OutboxItem) -> Attempt:
         from i2v_daemon.webhooks import post
@@ -21,7 +22,7 @@ def deliverers(settings: Any) -> dict[str, Deliver]:
         from i2v_daemon.hooks import run_hook
 
         argv = json.loads(item.target)
-        result = run_hook(argv, item.payload.get("env", {}), timeout=settings.on_finish_timeout_seconds)
+        result = run_hook(argv, item.payload.get("env", {}), timeout=settings.on_finish_timeout_seconds, stop=stop)
         # A failing hook changes nothing about the job and is not run again: it is the user's program.
         if result.exit_code == 0 and not result.timed_out:
             return Attempt(True)

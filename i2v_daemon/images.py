@@ -178,7 +178,8 @@ def _describe(
             notes.append("16-bit image scaled to 8 bits per channel")
         if img.mode == "CMYK":
             notes.append("CMYK colours converted to RGB; they may shift slightly")
-        if rgba is not None and rgba.getchannel("A").getextrema()[0] < 255:
+        low = rgba.getchannel("A").getextrema()[0] if rgba is not None else 255
+        if isinstance(low, int | float) and low < 255:
             notes.append("transparent areas filled with white")
         rgb = _to_rgb(img, rgba, orientation) if want_rgb else None
     except ValueError as err:

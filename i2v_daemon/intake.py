@@ -392,16 +392,31 @@ def cannot_move(path: Path) -> str | None:
     except OSError as err:
         return err.strerror or str(err)
     me = os.geteuid()
-    if me == 0:
-        return None
+    if _capable(CAP_DAC_OVERRIDE) and _capable(CAP_FOWNER):
+        return None  # root with its capabilities: permissions and the sticky bit do not apply
     if not os.access(path.parent, os.W_OK | os.X_OK):
         return f"the folder {path.parent} is not writable by this user (uid {me}); make it group-writable"
-    if folder.st_mode & stat.S_ISVTX and st.st_uid != me and folder.st_uid != me:
+    if folder.st_mode & stat.S_ISVTX and st.st_uid != me and folder.st_uid != me and not _capable(CAP_FOWNER):
         return (
             f"it belongs to uid {st.st_uid} and {path.parent} is sticky (chmod +t), so only its owner may move it; "
             f"remove the sticky bit (chmod -t {path.parent}) or have the file owned by the daemon's user"
         )
     return None
+
+
+CAP_DAC_OVERRIDE, CAP_FOWNER = 1, 3
+
+
+def _capable(bit: int) -> bool:
+    """Whether this process holds a Linux capability (root without it is bound by permissions like anyone)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
 
 
 def _actual(folder: Path, shown: str) -> str:

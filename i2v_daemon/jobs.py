@@ -124,9 +124,8 @@ class Job:
     @property
     def num_frames(self) -> int | None:
         eff = self.effective or {}
-        if "num_frames" in eff:
-            return eff["num_frames"]
-        return (self.params_data or {}).get("num_frames")
+        value = eff["num_frames"] if "num_frames" in eff else (self.params_data or {}).get("num_frames")
+        return int(value) if value is not None else None
 
 
 def __getattr__(name: str) -> Any:

@@ -2,14 +2,19 @@
 
 `status`, `show`, `cancel`, `retry`, `pause` and `resume` need only the database: they read
 `data_dir` and `database_url` with the same precedence as everything else (flags > `I2V_*`
-environment > TOML file > defaults) but skip pydantic, so they answer in a fraction of a second.
+environment > TOML file > defaults) and skip pydantic, so they answer in a fraction of a second.
+The configuration is still checked in full (a bad key is exit 78 for every command), but only
+once per distinct configuration: a successful check leaves a marker named by a hash of the config
+file's bytes, the `I2V_*` environment and the flags, so the next command finds it and skips it.
 `settings.py` uses the same functions for the same defaults.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,3 +94,38 @@ def locate(config: str | None = None, *, data_dir: str | None = None, database_u
     folder = Path(pick("data_dir", data_dir) or default_data_dir()).expanduser()
     url = pick("database_url", database_url) or sqlite_url(folder / "jobs.db")
     return Location(folder, url, path)
+
+
+def _marker(config: Path | None, flags: dict[str, str | None]) -> Path | None:
+    """Where the "this exact configuration was checked" marker lives (None: no cache folder can be had)."""
+    from i2v_daemon import __version__
+
+    h = hashlib.sha256(f"i2v-daemon {__version__}\0".encode())
+    if config is not None:
+        try:
+            h.update(str(config.resolve()).encode() + b"\0" + config.read_bytes())
+        except OSError:
+            return None  # unreadable: the full check says why
+    for key, value in sorted(os.environ.items()):
+        if key.startswith("I2V_") or key in ("STATE_DIRECTORY", "XDG_DATA_HOME"):
+            h.update(f"\0{key}={value}".encode())
+    for key, value in sorted(flags.items()):
+        h.update(f"\0--{key}={value}".encode())
+    base = os.environ.get("XDG_CACHE_HOME") or (str(Path.home() / ".cache") if Path.home() != Path("/") else "")
+    if not base:
+        return None
+    return Path(base) / "i2v-daemon" / "checked-config" / h.hexdigest()
+
+
+def check_once(config: str | None, flags: dict[str, str | None], check: Callable[[], object]) -> None:
+    """Run the full configuration `check` unless this exact configuration passed it before (then skip it)."""
+    marker = _marker(config_path(config), flags)
+    if marker is not None and marker.exists():
+        return
+    check()  # raises ConfigError, exit 78
+    if marker is not None:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass  # no writable cache: every command checks in full, a little slower

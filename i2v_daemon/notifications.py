@@ -45,6 +45,7 @@ class Sender:
     def __init__(
         self, outbox_: Outbox, owner: str, deliver: dict[str, Deliver], *, retries: int = 3,
         backoff: float = 1.0, max_backoff: float = 300.0, idle_seconds: float = 1.0,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.outbox = outbox_
         self.owner = owner
@@ -54,7 +55,7 @@ class Sender:
         self.max_backoff = max_backoff
         self.idle_seconds = idle_seconds
         self.wake = threading.Event()
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, args=(kind,), name=f"outbox-{kind}", daemon=True) for kind in deliver
         ]

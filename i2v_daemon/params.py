@@ -187,7 +187,8 @@ def _kind(name: str) -> str:
     origin = getattr(inner, "__origin__", inner)
     if getattr(inner, "__origin__", None) is Literal:
         return "choice"
-    return {int: "int", float: "float", str: "text"}.get(origin, "text")
+    kinds: dict[Any, str] = {int: "int", float: "float", str: "text"}
+    return kinds.get(origin, "text")
 
 
 #: Inclusive bounds of every whole-number key, and of every key that takes any finite number.
@@ -242,8 +243,8 @@ def _wrong(key: str, value: Any, kind: str) -> str:
         low, high = INT_RANGES[key]
         return f"'{key}' must be a whole number between {low} and {high}, got {got}"
     if key in FLOAT_RANGES:
-        low, high = FLOAT_RANGES[key]
-        return f"'{key}' must be a number between {low:g} and {high:g}, got {got}"
+        lo, hi = FLOAT_RANGES[key]
+        return f"'{key}' must be a number between {lo:g} and {hi:g}, got {got}"
     if key in CHOICES:
         return f"'{key}' must be one of {', '.join(repr(c) for c in CHOICES[key])}, got {got}"
     return f"'{key}' must be text in quotes, got {got}"
@@ -290,6 +291,10 @@ def clip(text: str, limit: int = 40) -> str:
 # ---- the merge: config defaults < preset < the user's values -------------------------------------
 
 
+#: Keys `merge` decides itself rather than taking them as given.
+_DECIDED = ("preset", "interpolation", "output_fps")
+
+
 def merge(
     values: Mapping[str, Any], *, presets: Mapping[str, Preset], default_preset: str,
     defaults: Mapping[str, Any] | None = None, rife_model: Path | None = None, where: str = "sidecar",
@@ -309,28 +314,19 @@ def merge(
     output_fps = chosen.get("output_fps")
     asked = values.get("interpolation") or preset.get("interpolation")  # named by the user or the preset
     mode = asked or (defaults or {}).get("interpolation") or "motion"
-    if output_fps is not None and output_fps < fps:
-        raise InputError(
-            f"{where}: 'output_fps' {output_fps} is below 'fps' {fps}; interpolation only adds frames — "
-            f"set 'output_fps' to {fps} or more, or leave it out"
-        )
-    if asked and (output_fps is None or output_fps == fps):
-        raise InputError(
-            f"{where}: 'interpolation' is {asked!r} but 'output_fps' is not above 'fps' ({fps}); "
-            f"set 'output_fps' (e.g. {fps * 3}), or remove 'interpolation'"
-        )
     interpolating = output_fps is not None and output_fps > fps
-    if interpolating and mode == "rife" and rife_model is None:
-        raise InputError(
-            f"{where}: 'interpolation' is 'rife', but this daemon has no rife_model (a local RIFE weights file "
-            "in the config); use 'motion' or 'blend', or ask the operator to set rife_model"
-        )
+    from i2v_daemon.interpolate import check_request  # the interpolation rules live with interpolation
+
+    try:
+        check_request(fps, output_fps, asked or (mode if interpolating else None), rife_model)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
     if chosen.get("scheduler") == "default":
         chosen.pop("scheduler")
     try:
         return Params(
-            **{k: v for k, v in chosen.items() if k in Params.model_fields and k != "interpolation"},
-            preset=name, interpolation=mode if interpolating else None,
+            **{k: v for k, v in chosen.items() if k in Params.model_fields and k not in _DECIDED},
+            preset=name, interpolation=mode if interpolating else None,  # type: ignore[arg-type]
             output_fps=output_fps if interpolating else None,
         )
     except ValidationError as err:  # a preset and a sidecar that are each fine but not together

@@ -39,7 +39,6 @@ ENVIRONMENT_ERRNOS = frozenset({
 })
 #: Longest wait between two looks at an environment problem.
 MAX_WAIT_SECONDS = 600.0
-FIRST_WAIT_SECONDS = 30.0
 
 
 class JobStalled(I2VError):
@@ -73,7 +72,8 @@ def decide(
         return Verdict("stop", error={"type": getattr(err, "kind", "config"), "message": str(err)}, refund=True)
     environment = _environment(err)
     if environment is not None:
-        delay = min(MAX_WAIT_SECONDS, FIRST_WAIT_SECONDS * 2**waits)
+        # retry_backoff_seconds (30 s by default) doubling; at least a second, at most ten minutes
+        delay = min(MAX_WAIT_SECONDS, max(1.0, backoff_seconds) * 2**waits)
         message = f"{environment}; the job waits and runs again in {delay:.0f} s without using an attempt"
         return Verdict("wait", {"type": "environment", "message": message, "waits": waits + 1}, delay, True)
     permanent = _permanent(err, where)

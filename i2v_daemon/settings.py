@@ -238,12 +238,10 @@ class Settings(BaseSettings):
         return {**self.models, "default": self.model}
 
     def folders(self) -> dict[str, Path]:
-        return {
-            "inbox_dir": self.inbox_dir,
-            "output_dir": self.output_dir,
-            "failed_dir": self.failed_dir,
-            "work_dir": self.work_dir,
-        }  # type: ignore[dict-item]
+        """The four folders by setting name (all set once validated)."""
+        out = {"inbox_dir": self.inbox_dir, "output_dir": self.output_dir, "failed_dir": self.failed_dir,
+               "work_dir": self.work_dir}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def load_settings(config: str | None = None, **overrides: Any) -> Settings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,7 +46,7 @@ def sqlite_path(url: str) -> str | None:
     return os.path.abspath(parsed.database)
 
 
-def make_engine(url: str, *, create: bool = True) -> Engine:
+def make_engine(url: str, *, create: bool = True, busy_seconds: float = 30.0) -> Engine:
     """An engine with the settings the queue's guarantees rest on (WAL, FULL sync, immediate writes)."""
     parsed = make_url(url)
     if parsed.drivername == "postgresql":  # SQLAlchemy's default driver is psycopg2; we ship psycopg (3)
@@ -64,7 +65,21 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
     path = sqlite_path(url)
     if path is not None and create:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+    made = {"file": path is not None and os.path.exists(path)}
+
+    def connect() -> sqlite3.Connection:
+        # Once the file exists it is opened read-write only, never created again: a jobs.db deleted
+        # under a running daemon must be an error, not a silent new empty database.
+        if path is None:
+            return sqlite3.connect(parsed.database or ":memory:", timeout=busy_seconds, check_same_thread=False)
+        if made["file"] or not create:
+            uri = "file:" + urllib.parse.quote(path) + "?mode=rw"
+            return sqlite3.connect(uri, uri=True, timeout=busy_seconds, check_same_thread=False)
+        conn = sqlite3.connect(path, timeout=busy_seconds, check_same_thread=False)
+        made["file"] = True
+        return conn
+
+    engine = create_engine(parsed, creator=connect)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -72,7 +87,7 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
         # transaction that later writes can fail with "database is locked" despite busy_timeout.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_seconds * 1000)}")
         _enable_wal(cur)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
@@ -115,12 +130,16 @@ def _row(job: JobRequest, status: JobStatus, now: datetime, host: str | None, **
     }
 
 
+#: How long a command waits for a database another process holds locked (a daemon waits 30 s).
+CLI_BUSY_SECONDS = 10.0
+
+
 def open_existing(url: str) -> Store:
     """The job database for a command that reads or asks: never created, never migrated.
 
     Raises DatabaseGone when there is none, ConfigError when its schema is not this release's.
     """
-    store = Store(url, create=False)
+    store = Store(url, create=False, busy_seconds=CLI_BUSY_SECONDS)
     try:
         revision = store.revision()
     except Exception as err:
@@ -141,7 +160,7 @@ def open_existing(url: str) -> Store:
 
 
 class Store:
-    def __init__(self, url: str, *, max_attempts: int = 3, create: bool = True) -> None:
+    def __init__(self, url: str, *, max_attempts: int = 3, create: bool = True, busy_seconds: float = 30.0) -> None:
         """Open the job database; `create=False` (read-only commands) never makes a file that is not there."""
         self.url = url
         self.path = sqlite_path(url)
@@ -150,7 +169,7 @@ class Store:
                 f"there is no job database at {self.path}; start the daemon once (`i2v-daemon run`), "
                 "or check data_dir / database_url"
             )
-        self.engine = make_engine(url, create=create)
+        self.engine = make_engine(url, create=create, busy_seconds=busy_seconds)
         self.max_attempts = max_attempts
         self.control = Control(self.engine)
         self.outbox = Outbox(self.engine)
@@ -197,7 +216,8 @@ class Store:
         with self._read() as conn:
             if not inspect(conn).has_table("alembic_version"):
                 return None
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return str(found) if found is not None else None
 
     def _read(self) -> Any:
         return self.engine.connect().execution_options(readonly=True)
@@ -224,8 +244,8 @@ class Store:
             ]
             try:
                 with self.engine.begin() as conn:
-                    made = conn.execute(insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), rows)
-                    for r, new_id in zip(fresh, made.scalars(), strict=True):
+                    inserted = conn.execute(insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), rows)
+                    for r, new_id in zip(fresh, inserted.scalars(), strict=True):
                         ids[r.intake_key] = new_id
             except IntegrityError:
                 # Another host took one of these files a moment ago: insert one by one, keep theirs.
@@ -233,16 +253,17 @@ class Store:
                 for r, row in zip(fresh, rows, strict=True):
                     try:
                         with self.engine.begin() as conn:
-                            ids[r.intake_key] = conn.execute(insert(jobs).values(**row)).inserted_primary_key[0]
+                            key = conn.execute(insert(jobs).values(**row)).inserted_primary_key
+                            ids[r.intake_key] = int(key[0]) if key else 0
                     except IntegrityError:
                         dup = self.find_by_key(r.intake_key) or self.find_by_idempotency_key(r.idempotency_key)
                         if dup is None:
                             raise
                         existing[r.intake_key] = dup
-        made = {j.id: j for j in self._by_ids(list(ids.values()))}
+        by_id = {j.id: j for j in self._by_ids(list(ids.values()))}
         for r in requests:
             if r.intake_key in ids:
-                out.append((made[ids[r.intake_key]], True))
+                out.append((by_id[ids[r.intake_key]], True))
             else:
                 out.append((existing[r.intake_key], False))
         return out
@@ -339,11 +360,12 @@ class Store:
             jobs.c.rejection.is_not(None) | jobs.c.cancel_requested | jobs.c.final_dir.is_not(None)
             | (jobs.c.attempts >= jobs.c.max_attempts)
         )
+        asked = jobs.c.rejection.is_not(None) | jobs.c.cancel_requested  # ended at once, whatever the backoff
         pick = select(jobs.c.id).where(jobs.c.status == _Q)
         if job_id is not None:  # a named job is taken even while in backoff
             pick = pick.where(jobs.c.id == job_id)
         else:
-            pick = pick.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= db_time(now)) | no_gpu)
+            pick = pick.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= db_time(now)) | asked)
         if housekeeping:
             pick = pick.where(no_gpu)
         pick = pick.order_by(no_gpu.desc(), jobs.c.priority.desc(), jobs.c.id).limit(1).with_for_update(
@@ -502,7 +524,7 @@ class Store:
         job = self.get(job_id)
         if job is None or job.status not in (JobStatus.FAILED, JobStatus.CANCELED):
             return False
-        values = {
+        values: dict[str, Any] = {
             "attempts": 0, "error": None, "cancel_requested": False, "finished_at": None, "not_before": None,
             "previous_dir": job.final_dir, "final_dir": None, "output": None, "progress": 0.0, "step": 0,
             "worker_id": None, "lease_until": None, "tries": [], "effective": None, "phase": "staging",
@@ -570,7 +592,7 @@ class Store:
         now = now or utcnow()
         with self._read() as conn:
             server = conn.execute(select(func.timezone("UTC", func.statement_timestamp()))).scalar_one()
-        return (server - db_time(now)).total_seconds()
+        return float((server - db_time(now)).total_seconds())
 
     def has_runnable(self, *, now: datetime | None = None) -> bool:
         """Whether a queued (or staging) job is waiting (ignoring backoff when `now` is None)."""

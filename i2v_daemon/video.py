@@ -78,7 +78,7 @@ def probe_mp4(path: Path) -> dict[str, Any]:
     size = _SIZE.search(line[0]) if line else None
     if codec_pix is None or size is None or not counts:
         raise TransientError(f"ffmpeg found no readable video stream in {path}: {_tail(log)}")
-    fps = _FPS.search(line[0])
+    fps = _FPS.search(line[0]) if line else None
     return {
         "width": int(size["w"]),
         "height": int(size["h"]),
@@ -109,7 +109,7 @@ def _run(cmd: list[str], timeout: float, what: str, stdin: np.ndarray | None = N
     """Run ffmpeg to completion, turning any failure into a TransientError that quotes it."""
     # imageio_ffmpeg.write_frames would let ffmpeg's stderr go to ours and never checks its exit
     # status, so a failure at the end (disk full while +faststart rewrites) would pass unseen.
-    data = memoryview(stdin).cast("B") if stdin is not None else None
+    data = memoryview(stdin).cast("B") if stdin is not None else None  # type: ignore[arg-type]  # no copy
     try:
         result = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as err:

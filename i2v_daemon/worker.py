@@ -167,8 +167,9 @@ class Worker:
 
         def enter(phase: str) -> None:
             where[0] = phase
+            cancel = progress.enter(phase)
             hangpoint(phase)
-            if progress.enter(phase) or self.stop_now:
+            if cancel or self.stop_now:
                 raise JobCanceled(f"stopped while {phase}")
             self._hook(self.on_phase, job, phase)
 

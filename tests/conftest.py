@@ -26,11 +26,25 @@ from tests.fixtures_models import (  # noqa: F401
     tiny_model,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 #: One torch thread: on two shared cores a second thread makes tiny jobs 10-50x slower, not faster.
 SUBPROCESS_ENV = {"I2V_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 #: A preset small enough for two CPU cores: 4 frames at 64 px in 2 steps.
 TINY_PRESET = {"resolution": 64, "num_frames": 4, "steps": 2, "guidance_scale": 2.0, "fps": 4}
+
+
+def unprivileged_prefix() -> list[str]:
+    """A command prefix that runs the daemon without privileges: as root, with every capability dropped.
+
+    Root without CAP_DAC_OVERRIDE and CAP_FOWNER is held to file permissions and the sticky bit
+    like any user (and, unlike another uid, can still run the interpreter under /root). Already
+    unprivileged: nothing to drop.
+    """
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--no-new-privs", "--"]
 
 
 def make_image(path: Path, size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (200, 80, 40)) -> Path:
@@ -85,6 +99,10 @@ class Env:
     def inbox(self) -> Path:
         return self.data / "inbox"
 
+    def inbox_files(self) -> list[Path]:
+        """What is still in the inbox, its presets' folders included (the empty folders themselves are not)."""
+        return sorted(p for p in self.inbox.rglob("*") if p.is_symlink() or not p.is_dir())
+
     @property
     def output(self) -> Path:
         return self.data / "output"
@@ -93,13 +111,20 @@ class Env:
     def failed(self) -> Path:
         return self.data / "failed"
 
-    def cli(self, *args: str, check: bool = False, timeout: float = 300, env: dict[str, str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
+    def command(self, *args: str, unprivileged: bool = False) -> list[str]:
+        prefix = unprivileged_prefix() if unprivileged else []
+        return [*prefix, sys.executable, "-m", "i2v_daemon.cli", args[0], "--config", str(self.config), *args[1:]]
+
+    def environ(self, env: dict[str, str] | None = None) -> dict[str, str]:
         full_env = {**os.environ, **SUBPROCESS_ENV, **(env or {})}
         full_env.pop("I2V_CONFIG", None)
+        return full_env
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 300, env: dict[str, str] | None = None,
+            unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [sys.executable, "-m", "i2v_daemon.cli", args[0], "--config", str(self.config), *args[1:]],
-            capture_output=True, text=True, timeout=timeout, env=full_env,
+            self.command(*args, unprivileged=unprivileged), capture_output=True, text=True, timeout=timeout,
+            env=self.environ(env), cwd=ROOT,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
@@ -108,20 +133,70 @@ class Env:
     def status(self) -> dict[str, Any]:
         return json.loads(self.cli("status", "--json", "--limit", "1000", check=True).stdout)
 
+    def start(self, *args: str, env: dict[str, str] | None = None, unprivileged: bool = False,
+              ) -> subprocess.Popen[str]:
+        """The long-running daemon (`run`, or `run --once` with args) in a subprocess; stderr to a file."""
+        log = open(self.data.parent / f"daemon-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 (read back later)
+        proc = subprocess.Popen(
+            self.command("run", *args, unprivileged=unprivileged), stdout=subprocess.DEVNULL, stderr=log, text=True,
+            env=self.environ(env), cwd=ROOT,
+        )
+        proc.log = log  # type: ignore[attr-defined]
+        return proc
 
-def write_config(path: Path, data: Path, model_dir: Path, **extra: Any) -> Path:
-    lines = [
-        f'data_dir = "{data}"',
-        f'model = "{model_dir}"',
-        'device = "cpu"',
-        'default_preset = "tiny"',
-        "stable_seconds = 0.5",
-        "sidecar_wait_seconds = 1",
-        "retry_backoff_seconds = 0",
-    ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+
+def daemon_log(proc: subprocess.Popen[str]) -> str:
+    """Everything the daemon started with `Env.start` wrote to stderr so far."""
+    log = proc.log  # type: ignore[attr-defined]
+    log.flush()
+    return Path(log.name).read_text()
+
+
+def wait_ready(proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Until the daemon said `ready` (its model loaded and its inbox watched); its log in the failure."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = daemon_log(proc)
+        if '"event": "ready"' in text or '"ready"' in text:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {proc.returncode}:\n{text[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"the daemon did not get ready:\n{daemon_log(proc)[-3000:]}")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop_daemon(proc: subprocess.Popen[str], sig: int = 15, timeout: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def write_config(path: Path, data: Path, model_dir: Path, presets_extra: dict[str, dict[str, Any]] | None = None,
+                 **extra: Any) -> Path:
+    values: dict[str, Any] = {
+        "data_dir": str(data), "model": str(model_dir), "device": "cpu", "default_preset": "tiny",
+        "stable_seconds": 0.5, "sidecar_wait_seconds": 1, "retry_backoff_seconds": 0, **extra,
+    }
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     lines.append("[presets.tiny]")
     lines += [f"{k} = {json.dumps(v)}" for k, v in TINY_PRESET.items()]
+    for name, values in (presets_extra or {}).items():
+        lines.append(f"[presets.{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -30,12 +30,13 @@ def store_of(env: Env) -> Store:
 def assert_one_clean_output(env: Env, stem: str, dropped: dict[str, bytes]) -> dict:
     """Exactly one output folder, complete, with the inputs' bytes; nothing left in work/ or the inbox."""
     folder = env.output / stem
-    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{stem}.mp4", "job.json", "job.log", "input"])
+    expected = [f"{stem}.mp4", "job.json", "job.log", "input", "poster.jpg"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
     assert not (env.output / f"{stem}-2").exists()
     assert not list(env.failed.glob("*")) if env.failed.exists() else True
     assert {p.name: p.read_bytes() for p in (folder / "input").iterdir()} == dropped
     assert list((env.data / "work").iterdir()) == []
-    assert list(env.inbox.iterdir()) == []
+    assert env.inbox_files() == []
     assert not list(env.data.rglob(".*.part"))
     manifest = json.loads((folder / "job.json").read_text())
     assert manifest["status"] == "succeeded"
@@ -111,7 +112,7 @@ def test_sigterm_mid_job_stops_at_a_step_boundary_requeues_it_and_exits_0(env, d
     requeued = store_of(env).get(job.id)
     assert requeued.status is JobStatus.QUEUED and requeued.attempts == 0  # a shutdown costs no attempt
     assert 0 < job.step < 1000
-    assert "stopped by shutdown" in (env.data / "work" / str(job.id) / "job.log").read_text()
+    assert "stopped by a shutdown" in (env.data / "work" / str(job.id) / "job.log").read_text()
 
     # Finish it quickly: the next run picks it up where the queue left it (with fewer steps via retry is
     # not possible, so shorten by config: the job keeps its own parameters; just run it).
@@ -196,7 +197,7 @@ def test_processes_racing_for_the_queue_claim_each_job_exactly_once(tmp_path, da
     url = database_url
     store = Store(url)
     store.create_schema()
-    params = Params("fast", 64, 4, 2, 1.0, 4)
+    params = Params(preset="fast", resolution=64, num_frames=4, steps=2, guidance_scale=1.0, fps=4)
     n_jobs, n_procs = 500, 4
     for i in range(n_jobs):
         store.enqueue(JobRequest(f"j{i}", (f"j{i}.png",), f"key{i}", "p", "", params, i % 3))
@@ -247,7 +248,7 @@ def test_repeated_kill_9_at_random_moments_loses_no_job_and_publishes_none_twice
     assert status["counts"]["succeeded"] == len(stems), status["counts"]  # none lost
     assert sorted(p.name for p in env.output.iterdir()) == sorted(stems)  # none published twice
     assert {p.name: p.read_bytes() for p in env.output.glob("*/input/*")} == dropped
-    assert list((env.data / "work").iterdir()) == [] and list(env.inbox.iterdir()) == []
+    assert list((env.data / "work").iterdir()) == [] and env.inbox_files() == []
     started = sum((env.output / s / "job.log").read_text().count(" started ") for s in stems)
     print(f"\n{kills} kill -9s over {len(stems)} jobs: 0 lost, 0 published twice, {started - len(stems)} re-runs")
 

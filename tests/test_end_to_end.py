@@ -23,7 +23,8 @@ def test_three_kinds_of_sidecar_produce_the_contracts_output(env, drop):
 
     for stem, frames, fps, image in (("cat", 4, 4, "cat.png"), ("dog", 3, 6, "dog.png"), ("owl", 4, 4, "owl.jpg")):
         folder = env.output / stem
-        assert sorted(p.name for p in folder.iterdir()) == sorted([f"{stem}.mp4", "job.json", "job.log", "input"])
+        listing = sorted(p.name for p in folder.iterdir())
+        assert listing == sorted([f"{stem}.mp4", "job.json", "job.log", "input", "poster.jpg"])
         meta = probe_mp4(folder / f"{stem}.mp4")
         # A 96x64 image at resolution 64: the short side is 64, the long side follows the aspect ratio.
         assert (meta["width"], meta["height"], meta["num_frames"], meta["fps"]) == (96, 64, frames, fps)
@@ -58,7 +59,7 @@ def test_three_kinds_of_sidecar_produce_the_contracts_output(env, drop):
     owl_manifest = json.loads((env.output / "owl" / "job.json").read_text())
     assert owl_manifest["negative_prompt"] == "blurry" and owl_manifest["effective"]["steps"] == 1
 
-    assert list(env.inbox.iterdir()) == []
+    assert env.inbox_files() == []
     status = env.status()
     assert status["counts"] == {"queued": 0, "running": 0, "succeeded": 3, "failed": 0, "canceled": 0}
     assert [j["name"] for j in status["jobs"]] == ["owl", "dog", "cat"]  # newest first
@@ -143,8 +144,13 @@ def test_show_cancel_and_retry_work_on_a_job_through_the_cli(env, drop):
 
     out = env.cli("cancel", str(job_id), check=True).stdout
     assert "canceled" in out
+    # The CLI only asks; a daemon finishes the job (it moves the files, under its own lease and umask).
+    assert not (env.failed / "later").exists()
+    env.cli("run", "--once", check=True)
     manifest = json.loads((env.failed / "later" / "job.json").read_text())
     assert manifest["status"] == "canceled" and manifest["error"]["type"] == "canceled"
+    assert manifest["error"]["message"] == "canceled with `i2v-daemon cancel` before it started"
+    assert manifest["attempt_count"] == 0  # a job canceled before it ran used no attempt
     assert (env.failed / "later" / "input" / "later.png").exists()
     assert env.cli("cancel", str(job_id)).returncode == 1  # already canceled
 

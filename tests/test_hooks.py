@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from i2v_daemon.hooks import TAIL_BYTES, HookRunner, hook_env, run_hook
+from i2v_daemon.hooks import TAIL_BYTES, hook_env, run_hook
 from i2v_daemon.jobs import JobStatus
 
 #: A hook that writes its whole environment, as JSON, to the file named by its first argument.
@@ -132,37 +131,3 @@ def test_an_empty_hook_is_reported_not_raised() -> None:
     assert result.exit_code is None and result.error is not None and "on_finish" in result.error
 
 
-def test_the_runner_returns_at_once_and_runs_hooks_in_order_in_the_background(tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    order = tmp_path / "order"
-    # Each run waits for the gate file, so a submit that waited for its hook would never return.
-    wait_then_log = sh(f'while [ ! -e {gate} ]; do sleep 0.02; done; echo "$I2V_JOB_ID" >> {order}')
-    runner = HookRunner(wait_then_log, timeout=30)
-    runner.start()
-    submitted = threading.Event()
-
-    def submit_all() -> None:
-        for job_id in (1, 2, 3):
-            runner.submit({"I2V_JOB_ID": str(job_id)})
-        submitted.set()
-
-    threading.Thread(target=submit_all, daemon=True).start()
-    assert submitted.wait(10)
-    assert not order.exists()  # nothing ran yet: the hooks wait for the gate, the submits did not
-    gate.touch()
-    runner.close(timeout=30)
-    assert order.read_text().split() == ["1", "2", "3"]
-    assert [r.exit_code for r in runner.results] == [0, 0, 0]
-
-
-def test_closing_the_runner_ends_a_running_hook_and_skips_the_queued_ones(tmp_path: Path) -> None:
-    runner = HookRunner(sh("sleep 300"), timeout=600)
-    runner.start()
-    runner.submit({"I2V_JOB_ID": "1"})
-    runner.submit({"I2V_JOB_ID": "2"})
-    with capture_logs() as logs:
-        runner.close(timeout=0.5)
-    assert not runner.thread.is_alive()
-    [first] = runner.results
-    assert first.error == "stopped: the daemon is shutting down" and not first.timed_out
-    assert [(e["event"], e["job_id"]) for e in logs if e["event"] == "hook_skipped"] == [("hook_skipped", "2")]

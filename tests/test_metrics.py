@@ -39,7 +39,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def finished_job(job_id: int, status: JobStatus, seconds: float) -> Job:
     return Job(
         id=job_id, name=f"j{job_id}", status=status, priority=0, inputs=("a.png",), prompt="", negative_prompt="",
-        params=PARAMS, attempts=1, max_attempts=3, created_at=T0, started_at=T0,
+        params_data=PARAMS.as_dict(), attempts=1, max_attempts=3, created_at=T0, started_at=T0,
         finished_at=T0 + timedelta(seconds=seconds),
     )
 

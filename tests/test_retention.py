@@ -93,10 +93,10 @@ def test_archive_moves_folders_into_the_archive_then_forgets_the_rows(store: Sto
 
 
 def test_a_job_retried_meanwhile_is_not_forgotten(store: Store, jobs: dict[str, int], tmp_path: Path):
-    assert store.retry(jobs["dog"])  # failed → queued again
+    assert store.retry(jobs["dog"])  # failed → staging (its files come back), then queued
     result = apply_retention(store, settings_for(tmp_path, retention_days=30), now=NOW)
     assert jobs["dog"] not in result.forgotten
-    assert store.get(jobs["dog"]).status is JobStatus.QUEUED  # type: ignore[union-attr]
+    assert store.get(jobs["dog"]).status is JobStatus.STAGING  # type: ignore[union-attr]
 
 
 def test_the_daemon_schedules_retention_daily_only_when_it_is_on(store: Store, tmp_path: Path):
@@ -130,4 +130,4 @@ def test_a_job_retried_while_its_folder_is_being_archived_gets_its_folder_back(s
     assert jobs["dog"] not in result.forgotten and jobs["dog"] in dict(result.skipped)
     assert (data / "failed" / "dog" / "job.json").exists()  # where the retried job will look for it
     assert not (data / "archive" / "failed" / "dog").exists()
-    assert store.get(jobs["dog"]).status is JobStatus.QUEUED  # type: ignore[union-attr]
+    assert store.get(jobs["dog"]).status is JobStatus.STAGING  # type: ignore[union-attr]

@@ -154,6 +154,9 @@ def test_pause_holds_jobs_back_resume_runs_them_and_the_finished_job_reaches_met
     write_config(env.config, env.data, env.model_dir, metrics="textfile", metrics_textfile=str(prom),
                  webhooks=[receiver.url], webhook_timeout_seconds=2)
     try:
+        # `pause` never creates a database (it only asks): make it as a daemon would, then pause.
+        assert env.cli("pause").returncode == 1
+        env.cli("migrate", check=True)
         assert "paused" in env.cli("pause", check=True).stdout
         drop("cat", (".txt", "a cat turns its head"))
         once = env.cli("run", "--once", check=True)  # paused: takes the files in, runs nothing, exits
