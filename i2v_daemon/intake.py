@@ -378,6 +378,23 @@ class Intake:
         return self.store.get(job.id) or job, True
 
 
+def submit(
+    settings: Any, store: Any, *, image: Path, image_name: str, sidecar: Path | None = None,
+    sidecar_name: str | None = None, params: dict[str, Any] | None = None, idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """The HTTP API's way in (`serve` runs no intake loop): one upload becomes a queued job, as `Intake.submit`."""
+    import socket
+
+    host = socket.gethostname()
+
+    def never(job: Job, owner: str) -> None:  # submit raises InputError before a row exists: no rejection
+        raise AssertionError(f"job {job.id}: an upload is refused before it becomes a job")
+
+    intake = Intake(settings, store, owner=f"{host}/{os.getpid()}/api", host=host, finish_rejected=never)
+    return intake.submit(image=image, image_name=image_name, sidecar=sidecar, sidecar_name=sidecar_name,
+                         params=params, idempotency_key=idempotency_key)
+
+
 def cannot_move(path: Path) -> str | None:
     """Why this process may not rename `path` out of its folder (None: it may), checked before trying.
 
@@ -442,4 +459,4 @@ def _upload_name(name: str, what: str) -> str:
     return base
 
 
-__all__ = ["Intake", "build_request", "cannot_move", "display", "intake_key"]
+__all__ = ["Intake", "build_request", "cannot_move", "display", "intake_key", "submit"]

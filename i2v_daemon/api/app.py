@@ -1,0 +1,136 @@
+"""`create_app(settings, store)`: the FastAPI application of `i2v-daemon serve`, with JSON errors and safe headers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from i2v_daemon.api import auth, page, routes
+from i2v_daemon.api.context import ApiError, Context, authenticated
+from i2v_daemon.api.events import EventHub
+from i2v_daemon.logs import get_logger
+from i2v_daemon.settings import Settings
+from i2v_daemon.store import Store
+
+#: The page loads nothing from anywhere but here, and no other site may frame it.
+CSP = (
+    "default-src 'self'; img-src 'self'; media-src 'self'; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+)
+HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),  # the sign-in URL carries the token; never pass it on
+    (b"x-frame-options", b"DENY"),
+]
+_STATUS_KIND = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 401: "unauthorized"}
+
+
+def create_app(
+    settings: Settings, store: Store, *, token: auth.Token | None = None, on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The API and page over `store` (opened by the caller, not migrated: the daemon migrates)."""
+    if token is None:
+        token, _ = auth.load_or_create_token(settings.api_token_file)  # type: ignore[arg-type]
+    hub = EventHub(store)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if on_ready is not None:
+            on_ready()
+        yield
+        await hub.close()
+
+    # No docs pages: they load scripts from a CDN and would be open to anyone. The schema is at
+    # /api/v1/openapi.json, behind the token like the rest.
+    app = FastAPI(
+        title="i2v-daemon", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+    )
+    app.state.ctx = Context(settings=settings, store=store, token=token, hub=hub)
+    app.include_router(routes.router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/api/v1/openapi.json", include_in_schema=False, dependencies=[Depends(authenticated)])
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    _errors(app)
+    app.add_middleware(_Edge)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, err: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": 'Bearer realm="i2v-daemon"'} if err.status == 401 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "header", "body"))
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid request"))
+        return JSONResponse({"error": {"type": "invalid_input", "message": message}}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        kind = _STATUS_KIND.get(err.status_code, "error")
+        message = str(err.detail)
+        if err.status_code == 404:
+            message = f"no such path {request.url.path}; the API is under /api/v1/ (README: HTTP API)"
+        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(_request: Request, _err: ClientDisconnect) -> Response:
+        return Response(status_code=400)  # nobody is listening; the upload was discarded
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, err: Exception) -> JSONResponse:
+        get_logger().error("api_request_failed", method=request.method, path=request.url.path, exc_info=err)
+        message = "the server failed on this request; its log (journalctl -u i2v-daemon-api) says why"
+        return JSONResponse({"error": {"type": "internal", "message": message}}, status_code=500)
+
+
+class _Edge:
+    """Safe headers on every answer, and one log line per request (the path only: a query may hold the token)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 0
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), *HEADERS]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            get_logger().info(
+                "http_request", method=scope["method"], path=scope["path"], status=status,
+                ms=round((time.monotonic() - started) * 1000, 1), client=(scope.get("client") or ("", 0))[0],
+            )

@@ -1,0 +1,117 @@
+"""The events hub over a real store (SQLite and PostgreSQL): each state once, progress held to two a second.
+
+The hub is driven one poll at a time (`poll_once`) with time as a parameter, so the gap between two
+progress events is checked without sleeping; the job rows are written by the store's own
+transactions, as a worker writes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from i2v_daemon.api.events import PAGE, EventHub, Subscriber, parse_event_id, read_changes
+from i2v_daemon.jobs import JobRequest, JobStatus
+from i2v_daemon.params import Params
+from i2v_daemon.store import Store
+
+PARAMS = Params(preset="standard", resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8)
+
+
+def request(name: str) -> JobRequest:
+    return JobRequest(name=name, inputs=(f"{name}.png",), intake_key=name, prompt=f"{name} moves", params=PARAMS)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drain(sub: Subscriber) -> list[tuple[str, Any]]:
+    out = []
+    while not sub.queue.empty():
+        item = sub.queue.get_nowait()
+        out.append((item.event, json.loads(item.raw_data) if item.raw_data else None))
+    return out
+
+
+def jobs_in(events: list[tuple[str, Any]]) -> list[tuple[str, float]]:
+    return [(d["status"], d["progress"]) for kind, d in events if kind == "job"]
+
+
+def test_each_state_goes_out_once_and_progress_at_most_every_half_second(store: Store):
+    async def scenario() -> None:
+        clock = Clock()
+        hub = EventHub(store, clock=clock)
+        sub = Subscriber()
+        hub.subscribers.add(sub)
+
+        job, _ = store.enqueue(request("elk"))
+        await hub.poll_once()
+        first = drain(sub)
+        assert jobs_in(first) == [("queued", 0.0)]
+        assert any(kind == "summary" and d["counts"]["queued"] == 1 for kind, d in first)
+        await hub.poll_once()
+        assert jobs_in(drain(sub)) == []  # read again within the overlap window: not sent again
+
+        assert store.claim_next("w1", lease_seconds=60) is not None
+        await hub.poll_once()
+        assert jobs_in(drain(sub)) == [("running", 0.0)]  # a status change goes out at once
+        store.heartbeat(job.id, "w1", lease_seconds=60, step=1, total_steps=10)
+        await hub.poll_once()
+        store.heartbeat(job.id, "w1", lease_seconds=60, step=2, total_steps=10)
+        await hub.poll_once()
+        assert jobs_in(drain(sub)) == []  # progress within half a second of the last event: held
+        clock.now += 0.5
+        await hub.poll_once()
+        assert jobs_in(drain(sub)) == [("running", 0.2)]  # the newest of what was held
+
+        store.heartbeat(job.id, "w1", lease_seconds=60, step=3, total_steps=10)
+        await hub.poll_once()
+        store.finish(job.id, "w1", JobStatus.SUCCEEDED)
+        await hub.poll_once()
+        assert jobs_in(drain(sub)) == [("succeeded", 1.0)]  # the held step 3 is superseded, never sent
+        clock.now += 5
+        await hub.poll_once()
+        assert jobs_in(drain(sub)) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_reconnecting_client_gets_the_current_state_of_what_changed_since_its_last_event(store: Store):
+    async def scenario() -> None:
+        hub = EventHub(store)
+        elk, _ = store.enqueue(request("elk"))
+        last = f"{elk.updated_us}-{elk.id}"
+        store.enqueue(request("owl"))
+        store.claim_next("w1", lease_seconds=60, job_id=elk.id)
+        got = []
+        async with contextlib.aclosing(hub.stream(last)) as events:
+            async for item in events:
+                got.append(item)
+                if item.event == "summary":
+                    break
+        await hub.close()
+        assert hub.subscribers == set()  # a client that goes leaves nothing behind
+        jobs = [json.loads(i.raw_data) for i in got if i.event == "job"]
+        assert sorted((j["name"], j["status"]) for j in jobs) == [("elk", "running"), ("owl", "queued")]
+        assert [parse_event_id(i.id) for i in got if i.event == "job"] == sorted(
+            parse_event_id(i.id) for i in got if i.event == "job")  # in the order they changed
+        assert got[0].retry == 2000  # EventSource waits two seconds before it reconnects
+
+    asyncio.run(scenario())
+
+
+def test_changes_are_read_past_a_page_even_when_one_instant_fills_it(store: Store):
+    owner = "test/1/intake"
+    staged = store.stage([request(f"cat{i}") for i in range(PAGE * 2 + 50)], owner=owner, lease_seconds=60)
+    store.mark_staged([job.id for job, _ in staged], owner)  # one transaction: very likely one instant for all
+    rows = read_changes(store, 0, limit=10_000)
+    assert len(rows) == PAGE * 2 + 50 and len({j.id for j in rows}) == len(rows)
+    assert [(j.updated_us, j.id) for j in rows] == sorted((j.updated_us, j.id) for j in rows)
+    assert all(j.status is JobStatus.QUEUED for j in rows)
