@@ -1,27 +1,46 @@
-"""One job through a model: size and seed decided once, the OOM ladder, every try recorded.
+"""One job through a model: size, steps and seed decided once, the OOM ladder, every try recorded.
 
-This module and `models/` are the only ones that import torch.
+This module and `models/` are the only ones that import torch (here only through models/).
 """
 
 from __future__ import annotations
 
-import gc
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from i2v_daemon.choices import resolve_lora
 from i2v_daemon.errors import OutOfMemory
-from i2v_daemon.jobs import Params
-from i2v_daemon.memory import ANCHOR_SLOPE, GIB, MemoryModel, choose_start
-from i2v_daemon.models.base import SAVERS, GenerationRequest, LoraChoice, StepCallback, VideoModel
+from i2v_daemon.memory import DEFAULT_FAST_DECODE_CHUNK, MemoryModel, choose_start
+from i2v_daemon.models.base import (
+    SAVERS,
+    GenerationRequest,
+    LoraChoice,
+    PhaseCallback,
+    StepCallback,
+    VideoModel,
+)
+from i2v_daemon.models.gpu import (
+    allocated_bytes,
+    card,
+    free_memory,
+    gpu_budget_bytes,
+    gpu_name,
+    is_oom,
+    memory_model_for,
+    peak_bytes,
+    reset_peak,
+)
+
+if TYPE_CHECKING:
+    # Only its attributes are read: the benchmark passes a plain stand-in where pydantic is missing.
+    from i2v_daemon.params import Params
 
 #: Cheapest first: slicing/tiling only touch the VAE decode, chunking costs a little speed,
 #: offload costs a lot of speed. (Issue 4's benchmark refines this order on real cards.)
@@ -44,19 +63,26 @@ class Rung:
     width: int
     height: int
     savers: tuple[str, ...]
+    accelerated: bool = False  # the fast path; an OOM there retries eagerly at the same size first
 
 
-def plan_rungs(model: VideoModel, plan_w: int, plan_h: int, ladder: list[int]) -> list[Rung]:
-    """The tries in order: the planned size with ever more savers, then smaller sizes with all of them."""
+def plan_rungs(
+    model: VideoModel, plan_w: int, plan_h: int, ladder: list[int], *, accelerate: bool = False
+) -> list[Rung]:
+    """The tries in order: (the fast path,) the planned size with ever more savers, then smaller sizes with all."""
     supported = set(model.info.savers)
     if not model.device.startswith("cuda"):
         supported.discard("cpu_offload")
-    steps = [()]
+    steps: list[tuple[str, ...]] = [()]
     for s in SAVER_STEPS:
         kept = tuple(x for x in s if x in supported)
         if kept and kept != steps[-1]:
             steps.append(kept)
     rungs = [Rung(plan_w, plan_h, s) for s in steps]
+    if accelerate:
+        # Only the saver-free try at the planned size: once a job has run out of memory the eager
+        # path's smaller peak is worth more than the compiled one's speed.
+        rungs.insert(0, Rung(plan_w, plan_h, (), accelerated=True))
     short = min(plan_w, plan_h)
     for r in ladder:
         if r < short:
@@ -66,77 +92,16 @@ def plan_rungs(model: VideoModel, plan_w: int, plan_h: int, ladder: list[int]) -
     return rungs
 
 
-def is_oom(err: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    return isinstance(err, oom | torch.cuda.OutOfMemoryError)
+def decode_chunk_for(model: VideoModel, rung: Rung, num_frames: int, memory: MemoryModel | None) -> int | None:
+    """Frames the VAE decodes at once in this try: the family's default eagerly, as many as fit on the fast path.
 
-
-
-def free_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _peak_reset(device: str) -> None:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats(torch.device(device))
-
-
-def _peak(device: str) -> int | None:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated(torch.device(device)))
-    return None
-
-
-def allocated_bytes(device: str) -> int:
-    """What PyTorch holds on `device` now (0 on the CPU): between jobs, the warm models' weights."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.memory_allocated(torch.device(device)))
-    return 0
-
-
-def gpu_budget_bytes(device: str, vram_budget_gib: float | None) -> int:
-    """The card's memory, or `vram_budget_gib` of it where that is smaller."""
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return min(total, int(vram_budget_gib * GIB)) if vram_budget_gib else total
-
-
-def gpu_name(device: str) -> str | None:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return None
-
-
-def memory_model_for(model: VideoModel, vram_budget_gib: float | None, margin: float) -> MemoryModel | None:
-    """The memory model for a loaded model on a CUDA card (None on the CPU: no prediction there).
-
-    `vram_budget_gib` also caps PyTorch's allocator, so the daemon never takes more of a shared
-    card than it was given; going over raises OutOfMemoryError and the ladder steps down.
+    Only for families whose VAE decodes in chunks (I2VGen-XL, SVD); the others decode the video whole.
     """
-    if not (model.device.startswith("cuda") and torch.cuda.is_available()):
+    if not rung.accelerated or not model.info.decode_chunks:
         return None
-    dev = torch.device(model.device)
-    total = torch.cuda.get_device_properties(dev).total_memory
-    budget = total
-    if vram_budget_gib:
-        budget = min(total, int(vram_budget_gib * GIB))
-        torch.cuda.set_per_process_memory_fraction(budget / total, dev)
-    return MemoryModel(
-        budget_bytes=budget,
-        resident_bytes=torch.cuda.memory_allocated(dev),
-        dtype_scale=2.0 if model.dtype == "float32" else 1.0,
-        margin=margin,
-        # The anchors were measured on I2VGen-XL; other families learn theirs from their own tries.
-        anchor_slope=ANCHOR_SLOPE if model.info.family == "i2vgen-xl" else None,
-    )
-
-
-def _card(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.device(device))
-        return f"{props.name} with {props.total_memory / 2**30:.1f} GiB"
-    return device
+    if memory is None:
+        return min(num_frames, DEFAULT_FAST_DECODE_CHUNK)
+    return memory.decode_chunk(rung.width, rung.height, num_frames, rung.savers)
 
 
 def generate(
@@ -152,12 +117,14 @@ def generate(
     seed: int | None = None,
     memory: MemoryModel | None = None,
     lora_dir: Path | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> Outcome:
     """Run the job, stepping down the ladder on out-of-memory; raises OutOfMemory past the last rung.
 
-    The model plans the size, the frame count and its own conditioning first; what it cannot
-    honour is adjusted with a note, or refused with an InputError before any work is done.
-    With a memory model, rungs predicted not to fit are skipped without a try.
+    The model plans the size, the frame count, the steps and its own conditioning first; what it
+    cannot honour is adjusted with a note, or refused with an InputError before any work is done.
+    With a memory model, rungs predicted not to fit are skipped without a try. A ValueError the
+    pipeline raises (a size it refuses) propagates as it is: the worker fails the job for good.
     """
     notes: list[str] = []
     plan = model.plan_size(image.size, params.resolution, params.width, params.height)
@@ -165,6 +132,8 @@ def generate(
     frame_plan = model.plan_frames(params.num_frames)
     notes.extend(frame_plan.notes)
     num_frames = frame_plan.num_frames
+    steps, step_notes = model.plan_steps(params.steps)
+    notes.extend(step_notes)
     seed = params.seed if params.seed is not None else (seed if seed is not None else secrets.randbelow(2**32))
     lora = None
     if params.lora:
@@ -172,11 +141,12 @@ def generate(
         lora = LoraChoice(params.lora, str(path), 1.0 if params.lora_scale is None else params.lora_scale)
     base = GenerationRequest(
         image=image, prompt=prompt, negative_prompt=negative_prompt, width=plan.width, height=plan.height,
-        num_frames=num_frames, steps=params.steps, guidance_scale=params.guidance_scale, fps=params.fps,
-        seed=seed, motion=params.motion, lora=lora,
+        num_frames=num_frames, steps=steps, guidance_scale=params.guidance_scale, fps=params.fps,
+        seed=seed, motion=params.motion, lora=lora, scheduler=params.scheduler,
     )
-    conditioning = model.plan_conditioning(base)
+    conditioning = model.plan_conditioning(base)  # an unknown scheduler is refused here, before any work
     notes.extend(conditioning.notes)
+    scheduler = model.scheduler_for(params.scheduler)
     limit = model.info.max_prompt_tokens
     if model.info.takes_prompt and limit:
         for label, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -185,54 +155,73 @@ def generate(
                 notes.append(
                     f"{label} is {n} tokens; {model.info.family} reads only the first {limit}, the rest is ignored"
                 )
-    rungs = plan_rungs(model, plan.width, plan.height, ladder)
+    fast = model.info.accelerated and model.fast_path_for(replace(base, accelerated=True))
+    rungs = plan_rungs(model, plan.width, plan.height, ladder, accelerate=fast)
     start, skipped = choose_start(memory, rungs, num_frames)
     notes.extend(skipped)
-    last_err: BaseException | None = None
+    last_error = ""
     for n, rung in enumerate(rungs[start:], start + 1):
-        req = replace(base, width=rung.width, height=rung.height, savers=rung.savers)
+        chunk = decode_chunk_for(model, rung, num_frames, memory)
+        req = replace(base, width=rung.width, height=rung.height, savers=rung.savers, accelerated=rung.accelerated,
+                      decode_chunk=chunk)
         entry: dict[str, Any] = {
-            "try": n, "width": rung.width, "height": rung.height, "num_frames": num_frames,
-            "savers": list(rung.savers), "gpu": gpu_name(model.device), "dtype": model.dtype,
-            "family": model.info.family,
+            "try": n, "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
+            "savers": list(rung.savers), "accelerated": rung.accelerated, "gpu": gpu_name(model.device),
+            "dtype": model.dtype, "family": model.info.family,
         }
+        if chunk is not None:
+            entry["decode_chunk"] = chunk
         if memory is not None:
             entry["budget_bytes"] = memory.budget_bytes
-            entry["predicted_peak_bytes"] = memory.predict(rung.width, rung.height, num_frames, rung.savers)
-        _peak_reset(model.device)
+            entry["predicted_peak_bytes"] = memory.predict(
+                rung.width, rung.height, num_frames, rung.savers, rung.accelerated, chunk)
+        reset_peak(model.device)
         t0 = time.monotonic()
+        oom = None
+        stale = getattr(model, "last_run", None)  # the model replaces it when it starts a call
         try:
-            video = model.generate(req, on_step)
+            video = model.generate(req, on_step, on_phase)
         except BaseException as err:
-            entry.update(seconds=round(time.monotonic() - t0, 3), peak_vram_bytes=_peak(model.device))
-            if is_oom(err):
-                entry.update(outcome="out_of_memory", error=(str(err).splitlines() or ["out of memory"])[0][:300])
+            entry.update(seconds=round(time.monotonic() - t0, 3), peak_vram_bytes=peak_bytes(model.device))
+            _record_run(model, entry, stale, finished=False)
+            if not is_oom(err):
+                entry.update(outcome=getattr(err, "kind", "error"), error=f"{type(err).__name__}: {err}"[:500])
                 on_try(entry)
-                if memory is not None:
-                    memory.learn([entry])
-                last_err = err
-                del err  # the traceback holds the frames that hold the tensors
-                free_memory(model.device)
-                continue
-            entry.update(outcome=getattr(err, "kind", "error"), error=f"{type(err).__name__}: {err}"[:500])
+                raise
+            # Keep the message only: the error's traceback holds the failed try's frames, and with
+            # them every tensor it allocated.
+            oom = (str(err).splitlines() or ["out of memory"])[0][:300]
+        if oom is not None:
+            # Out of the except block, so nothing of the failed try is referenced while memory is freed.
+            free_memory(model.device)
+            entry.update(outcome="out_of_memory", error=oom)
             on_try(entry)
-            raise
+            if memory is not None:
+                memory.learn([entry])
+            last_error = oom
+            continue
         entry.update(
             outcome="succeeded", error=None, seconds=round(time.monotonic() - t0, 3),
-            peak_vram_bytes=_peak(model.device),
+            peak_vram_bytes=peak_bytes(model.device),
         )
+        _record_run(model, entry, stale, finished=True)
         on_try(entry)
         if memory is not None:
             memory.learn([entry])
         if n > 1:
+            first = rungs[start]
+            where = " on the fast path" if first.accelerated and n > start + 1 else ""
             notes.append(
-                f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}; "
+                f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}{where}; "
                 f"made it at {rung.width}x{rung.height} with savers {list(rung.savers) or 'none'}"
             )
+        if entry.get("fell_back"):
+            notes.append(entry["fell_back"])
         effective: dict[str, Any] = {
-            "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": params.steps,
+            "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
             "guidance_scale": params.guidance_scale, "fps": params.fps, "seed": seed, "savers": list(rung.savers),
-            "model": params.model or "default", "family": model.info.family,
+            "model": params.model or "default", "family": model.info.family, "scheduler": scheduler,
+            "accelerated": entry["accelerated"],
         }
         if params.motion is not None and model.info.motion:
             effective["motion"] = params.motion
@@ -241,16 +230,33 @@ def generate(
         effective["conditioning"] = dict(conditioning.values)  # the pipeline's own names for what it was told
         return Outcome(frames=video, effective=effective, notes=notes)
     smallest = rungs[-1]
-    if last_err is None:  # pragma: no cover - the loop always tries at least the last rung
-        raise AssertionError("no rung was tried")
     raise OutOfMemory(
         f"out of GPU memory even at {smallest.width}x{smallest.height}, {num_frames} frames, with "
-        f"savers {list(smallest.savers) or 'none'} on {_card(model.device)}; ask for fewer frames or a lower "
-        f"resolution, or free the GPU of other programs ({str(last_err).splitlines()[0][:160]})"
+        f"savers {list(smallest.savers) or 'none'} on {card(model.device)}; ask for fewer frames or a lower "
+        f"resolution, or free the GPU of other programs ({last_error[:160]})"
     )
 
 
+def _record_run(model: VideoModel, entry: dict[str, Any], stale: Any, *, finished: bool) -> None:
+    """What the model says of how the try ran: the fast path kept or left, shapes compiled on the way.
+
+    A try that failed before the model started its call leaves `last_run` as it was (`stale`): then
+    the entry keeps the path the try was meant to run.
+    """
+    run = getattr(model, "last_run", None)
+    if run is None or run is stale:
+        if finished:  # a model that does not report: the fast path cannot be vouched for
+            entry["accelerated"] = entry["accelerated"] and run is not None
+        return
+    if entry["accelerated"] and (finished or run.get("fell_back")):
+        entry["accelerated"] = bool(run.get("accelerated", False))
+    if run.get("compiled"):
+        entry.update(compiled=list(run["compiled"]), compile_seconds=run.get("compile_seconds"))
+    if run.get("fell_back"):
+        entry["fell_back"] = run["fell_back"]
+
+
 __all__ = [
-    "SAVERS", "Outcome", "Rung", "allocated_bytes", "free_memory", "generate", "gpu_budget_bytes", "is_oom",
-    "memory_model_for", "plan_rungs",
+    "SAVERS", "Outcome", "Rung", "allocated_bytes", "decode_chunk_for", "free_memory", "generate",
+    "gpu_budget_bytes", "is_oom", "memory_model_for", "plan_rungs",
 ]

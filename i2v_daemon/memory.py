@@ -6,9 +6,14 @@ a cost that is linear in pixels × frames, 0.616 GiB per million pixel-frames, t
 
     512²×8 → 5.98 GiB   512²×16 → 7.28   768²×24 → 13.42   1024²×32 → 25.37   (resident 4.7)
 
-The daemon starts from those figures and refits the slope per (GPU, dtype, savers) from the
-peaks it records in every attempt; an out-of-memory try is remembered as "this much did not fit".
-Pure Python: no torch here, so it is cheap to test.
+The fast path changes two things: the compiled denoiser has its own peak (learned apart: slopes
+are keyed by savers *and* whether the try was accelerated; until one is measured it is assumed
+to be the eager one's), and the VAE decodes several frames at once, which costs
+DECODE_BYTES_PER_PIXEL per decoded pixel on top of the resident weights. A try's peak is the
+larger of its denoising and its decoding.
+
+The daemon refits both from the peaks it records in every attempt; an out-of-memory try is
+remembered as "this much did not fit". Pure Python: no torch here, so it is cheap to test.
 """
 
 from __future__ import annotations
@@ -26,69 +31,125 @@ ANCHOR_RESIDENT = 4.68 * GIB
 OFFLOAD_RESIDENT = 2.65 * GIB
 #: leave this share of the budget free: fragmentation, cuDNN workspaces, the CUDA context
 DEFAULT_MARGIN = 0.10
+#: Activation peak of the I2VGen-XL / Stable Diffusion VAE decoder per decoded pixel in fp16 (1.5 KiB:
+#: 0.375 GiB per 512² frame). Found by replaying the full-size decoder on PyTorch's meta device and
+#: tracking live tensors (bench/gpu_meta_peaks.py); the same replay of the UNet gives 0.617 GiB per
+#: million pixel-frames against the 0.616 measured on the H200, so it is trusted until refitted.
+DECODE_BYTES_PER_PIXEL = 1536.0
+#: Frames decoded at once on the fast path without a memory model (the CPU): more buys nothing there.
+DEFAULT_FAST_DECODE_CHUNK = 8
+
+#: A slope's key: (sorted savers, accelerated).
+Key = tuple[tuple[str, ...], bool]
 
 
 def pixel_frames(width: int, height: int, num_frames: int) -> int:
     return width * height * num_frames
 
 
+def _key(savers: Iterable[str], accelerated: bool = False) -> Key:
+    return tuple(sorted(savers)), bool(accelerated)
+
+
 @dataclass
 class MemoryModel:
-    """peak(w, h, f, savers) ≈ resident(savers) + slope(savers) × w·h·f, refitted from attempts."""
+    """peak ≈ max(resident + slope(savers, accelerated)·w·h·f, resident + decode_bpp·w·h·chunk), refitted."""
 
     budget_bytes: int  # what this process may use: the card, or `vram_budget_gib`
-    resident_bytes: int = ANCHOR_RESIDENT  # measured after loading, when known
+    resident_bytes: float = ANCHOR_RESIDENT  # measured after loading, when known
     dtype_scale: float = 1.0  # float32 activations cost twice fp16/bf16
     margin: float = DEFAULT_MARGIN
     #: The prior before anything is learned: measured for I2VGen-XL only. None (another family):
     #: no prior, so every rung is tried until this family's own tries have been recorded.
     anchor_slope: float | None = ANCHOR_SLOPE
-    slopes: dict[tuple[str, ...], float] = field(default_factory=dict)  # fitted per saver set
-    too_big: dict[tuple[str, ...], int] = field(default_factory=dict)  # smallest pixel-frames that OOMed
+    slopes: dict[Key, float] = field(default_factory=dict)  # fitted per (savers, accelerated)
+    too_big: dict[Key, int] = field(default_factory=dict)  # smallest pixel-frames that OOMed
+    decode_bpp: float | None = None  # fitted decode bytes per pixel; None: DECODE_BYTES_PER_PIXEL
 
-    def resident(self, savers: tuple[str, ...]) -> float:
-        if "cpu_offload" in savers:
+    def resident(self, savers: Iterable[str]) -> float:
+        if "cpu_offload" in tuple(savers):
             return min(self.resident_bytes, OFFLOAD_RESIDENT * self.dtype_scale)
         return self.resident_bytes
 
-    def slope(self, savers: tuple[str, ...]) -> float:
-        key = tuple(sorted(savers))
+    def slope(self, savers: Iterable[str], accelerated: bool = False) -> float:
+        key = _key(savers, accelerated)
         if key in self.slopes:
             return self.slopes[key]
+        if accelerated and (key[0], False) in self.slopes:
+            return self.slopes[(key[0], False)]  # the eager peak stands in until the fast one is measured
         # Unmeasured savers are assumed to save nothing: a prediction may be pessimistic, never rosy.
         if self.anchor_slope is None:
             return max(self.slopes.values(), default=0.0)
         return self.anchor_slope * self.dtype_scale
 
-    def predict(self, width: int, height: int, num_frames: int, savers: tuple[str, ...] = ()) -> int:
-        """Predicted peak bytes of one try."""
-        return int(self.resident(savers) + self.slope(savers) * pixel_frames(width, height, num_frames))
+    def decode_bytes_per_pixel(self) -> float:
+        return self.decode_bpp if self.decode_bpp is not None else DECODE_BYTES_PER_PIXEL * self.dtype_scale
 
-    def fits(self, width: int, height: int, num_frames: int, savers: tuple[str, ...] = ()) -> bool:
+    def predict_denoise(self, width: int, height: int, num_frames: int, savers: Iterable[str] = (),
+                        accelerated: bool = False) -> int:
+        savers = tuple(savers)
+        return int(self.resident(savers) + self.slope(savers, accelerated) * pixel_frames(width, height, num_frames))
+
+    def predict_decode(self, width: int, height: int, chunk: int, savers: Iterable[str] = ()) -> int:
+        return int(self.resident(tuple(savers)) + self.decode_bytes_per_pixel() * width * height * max(1, chunk))
+
+    def predict(self, width: int, height: int, num_frames: int, savers: Iterable[str] = (),
+                accelerated: bool = False, decode_chunk: int | None = None) -> int:
+        """Predicted peak bytes of one try: its denoising or its decoding, whichever is higher."""
+        denoise = self.predict_denoise(width, height, num_frames, savers, accelerated)
+        if not decode_chunk or decode_chunk <= 1:
+            return denoise  # one frame at a time: inside the fitted slope already
+        return max(denoise, self.predict_decode(width, height, decode_chunk, savers))
+
+    def limit(self) -> float:
+        return self.budget_bytes * (1 - self.margin)
+
+    def fits(self, width: int, height: int, num_frames: int, savers: Iterable[str] = (),
+             accelerated: bool = False, decode_chunk: int | None = None) -> bool:
+        savers = tuple(savers)
         pf = pixel_frames(width, height, num_frames)
-        failed = self.too_big.get(tuple(sorted(savers)))
+        failed = self.too_big.get(_key(savers, accelerated))
         if failed is not None and pf >= failed:
             return False
-        return self.predict(width, height, num_frames, savers) <= self.budget_bytes * (1 - self.margin)
+        return self.predict(width, height, num_frames, savers, accelerated, decode_chunk) <= self.limit()
+
+    def decode_chunk(self, width: int, height: int, num_frames: int, savers: Iterable[str] = ()) -> int:
+        """The most frames the VAE can decode at once within the budget (at least 1, at most all)."""
+        room = self.limit() - self.resident(tuple(savers))
+        per_frame = self.decode_bytes_per_pixel() * width * height
+        if per_frame <= 0:
+            return num_frames
+        return max(1, min(num_frames, int(room // per_frame)))
 
     def learn(self, tries: Iterable[dict[str, Any]]) -> None:
         """Refit from recorded attempts (the manifest's `attempts` entries) on this budget."""
-        ratios: dict[tuple[str, ...], list[float]] = {}
+        ratios: dict[Key, list[float]] = {}
+        decode: list[float] = []
         for t in tries:
-            savers = tuple(sorted(t.get("savers") or ()))
-            pf = pixel_frames(int(t["width"]), int(t["height"]), int(t["num_frames"]))
+            key = _key(t.get("savers") or (), bool(t.get("accelerated")))
+            w, h = int(t["width"]), int(t["height"])
+            pf = pixel_frames(w, h, int(t["num_frames"]))
             if t.get("outcome") == "out_of_memory":
                 if int(t.get("budget_bytes") or 0) <= self.budget_bytes:
-                    self.too_big[savers] = min(self.too_big.get(savers, pf), pf)
+                    self.too_big[key] = min(self.too_big.get(key, pf), pf)
                 continue
             peak = t.get("peak_vram_bytes")
-            if t.get("outcome") == "succeeded" and peak and pf:
-                above = peak - self.resident(savers)
-                if above > 0:
-                    ratios.setdefault(savers, []).append(above / pf)
-        for savers, values in ratios.items():
+            if t.get("outcome") != "succeeded" or not peak or not pf:
+                continue
+            above = peak - self.resident(key[0])
+            if above <= 0:
+                continue
+            chunk = int(t.get("decode_chunk") or 1)
+            if chunk > 1 and self.predict_decode(w, h, chunk, key[0]) > self.predict_denoise(
+                    w, h, int(t["num_frames"]), key[0], key[1]):
+                decode.append(above / (w * h * chunk))  # the decode was the peak: it says nothing of the slope
+            else:
+                ratios.setdefault(key, []).append(above / pf)
+        for key, values in ratios.items():
             # The largest recent ratio: a fit that errs towards "does not fit" costs a rung, not a try.
-            self.slopes[savers] = max(values[-20:])
+            self.slopes[key] = max(values[-20:])
+        if decode:
+            self.decode_bpp = max(decode[-20:])
 
 
 def choose_start(
@@ -97,13 +158,15 @@ def choose_start(
     """Index of the first rung predicted to fit, and notes on the ones skipped."""
     if memory is None:
         return 0, []
-    notes = []
+    notes: list[str] = []
     for i, rung in enumerate(rungs):
-        if memory.fits(rung.width, rung.height, num_frames, rung.savers):
+        accelerated = bool(getattr(rung, "accelerated", False))
+        if memory.fits(rung.width, rung.height, num_frames, rung.savers, accelerated):
             return i, notes
-        predicted = memory.predict(rung.width, rung.height, num_frames, rung.savers) / GIB
+        predicted = memory.predict(rung.width, rung.height, num_frames, rung.savers, accelerated) / GIB
+        path = "on the fast path " if accelerated else ""
         notes.append(
-            f"skipped {rung.width}x{rung.height} with savers {list(rung.savers) or 'none'}: predicted "
+            f"skipped {rung.width}x{rung.height} {path}with savers {list(rung.savers) or 'none'}: predicted "
             f"{predicted:.1f} GiB, over the {memory.budget_bytes / GIB:.1f} GiB budget less {memory.margin:.0%}"
         )
     # Nothing is predicted to fit: try the smallest anyway (a prediction is not a measurement).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from i2v_daemon.errors import InputError, JobCanceled
 from i2v_daemon.generate import plan_rungs
+from i2v_daemon.models import schedulers
 from i2v_daemon.models.base import GenerationRequest, LoraChoice
 from i2v_daemon.models.loader import detect_family, resolve_dtype
 from i2v_daemon.models.planning import plan_frames
@@ -266,3 +268,33 @@ def test_ltx_video_published_as_its_text_to_video_pipeline_runs_as_image_to_vide
         assert ltx.generate(request_for(ltx), _ignore).shape == (9, 64, 96, 3)
     finally:
         ltx.close()
+
+
+# --- the scheduler key --------------------------------------------------------------------------
+
+
+def test_each_family_offers_the_schedulers_its_noise_schedule_supports(tiny_family_models):
+    offered = {f: tiny_family_models(f).info.schedulers for f in TINY_FAMILIES}
+    assert offered == {"svd": ("euler",), "wan": ("dpm++", "unipc"), "ltx-video": ("flow-match-euler",),
+                       "cogvideox": ("ddim", "dpm++")}
+    for family in ("wan", "cogvideox"):
+        model = tiny_family_models(family)
+        default = model.generate(request_for(model), _ignore)
+        dpm = model.generate(request_for(model, scheduler="dpm++"), _ignore)
+        assert dpm.shape == default.shape and not np.array_equal(dpm, default)
+        assert schedulers.name_of(model.pipeline.scheduler) == model.info.scheduler  # back to its own
+
+
+@pytest.mark.parametrize(("family", "name"), [("svd", "dpm++"), ("ltx-video", "ddim"), ("wan", "ddim")])
+def test_a_scheduler_a_family_cannot_take_is_refused_before_any_work(family, name, tiny_family_models):
+    from i2v_daemon.generate import generate
+    from i2v_daemon.jobs import Params
+
+    model = tiny_family_models(family)
+    params = Params(preset="t", resolution=64, num_frames=9, steps=2, guidance_scale=3.0, fps=8, seed=1,
+                    scheduler=name)
+    tries: list[dict] = []
+    with pytest.raises(InputError, match=rf"scheduler '{re.escape(name)}' is not available for {family} .*'default'"):
+        generate(model, Image.new("RGB", (96, 64)), "a cat", "", params, ladder=[], on_step=_ignore,
+                 on_try=tries.append)
+    assert tries == []

@@ -9,8 +9,8 @@ import pytest
 
 from i2v_daemon.choices import check_choices, resolve_lora
 from i2v_daemon.errors import ConfigError, GenerationError, InputError
-from i2v_daemon.jobs import Params
 from i2v_daemon.models.holder import ModelHolder
+from i2v_daemon.params import params_from_dict
 from i2v_daemon.settings import load_settings
 from i2v_daemon.sidecar import parse_sidecar_bytes
 
@@ -53,10 +53,10 @@ def test_bad_values_of_the_new_keys_are_refused_naming_the_key(values, message):
 def test_params_from_rows_written_before_the_new_keys_still_load():
     old = {"preset": "fast", "resolution": 512, "num_frames": 8, "steps": 30, "guidance_scale": 9.0, "fps": 8,
            "width": None, "height": None, "seed": 1}
-    params = Params.from_dict(old)
+    params = params_from_dict(old)
     assert (params.model, params.motion, params.lora, params.lora_scale) == (None, None, None, None)
-    new = Params.from_dict({**old, "model": "wan", "motion": 0.5, "lora": "a", "lora_scale": 0.7})
-    assert Params.from_dict(new.as_dict()) == new
+    new = params_from_dict({**old, "model": "wan", "motion": 0.5, "lora": "a", "lora_scale": 0.7})
+    assert params_from_dict(new.as_dict()) == new
 
 
 # --- the config's allow-list and lora_dir --------------------------------------------------------
@@ -214,7 +214,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     """A 10 GiB card: models of SIZES load onto it; `oom_once` makes the next load beside others fail."""
     import torch
 
-    import i2v_daemon.generate as gen
+    import i2v_daemon.models.gpu as gpu
     import i2v_daemon.models.loader as loader
 
     resident: dict[str, int] = {}
@@ -229,9 +229,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(loader, "load_model", load_model)
     monkeypatch.setattr(loader, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(loader, "weights_bytes", lambda model_id, _: None if model_id == "huge" else SIZES[model_id])
-    monkeypatch.setattr(gen, "gpu_budget_bytes", lambda device, budget: 10 * GIB)
-    monkeypatch.setattr(gen, "allocated_bytes", lambda device: sum(resident.values()))
-    monkeypatch.setattr(gen, "memory_model_for", lambda model, budget, margin: None)
+    monkeypatch.setattr(gpu, "gpu_budget_bytes", lambda device, budget: 10 * GIB)
+    monkeypatch.setattr(gpu, "allocated_bytes", lambda device: sum(resident.values()))
+    monkeypatch.setattr(gpu, "memory_model_for", lambda model, budget, margin: None)
     return state
 
 

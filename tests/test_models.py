@@ -238,3 +238,36 @@ def test_a_closed_model_refuses_to_generate(tiny_i2vgen_dir: Path) -> None:
     model.close()  # closing twice is harmless
     with pytest.raises(GenerationError, match="closed"):
         model.generate(_request(), _ignore_steps)
+
+
+# --- the scheduler key (an opt-in trade-off) ----------------------------------------------------
+
+
+def test_dpm_plus_plus_runs_on_i2vgen_xls_own_schedule_and_the_manifest_names_it(tiny_model: I2VGenXLModel) -> None:
+    from i2v_daemon.generate import generate
+    from i2v_daemon.jobs import Params
+
+    assert (tiny_model.info.scheduler, tiny_model.info.schedulers) == ("ddim", ("ddim", "dpm++"))
+    image = _request().image
+    outcomes = {}
+    for name in (None, "default", "ddim", "dpm++"):
+        params = Params(preset="t", resolution=64, num_frames=4, steps=3, guidance_scale=9.0, fps=8, seed=5,
+                        scheduler=name)
+        outcomes[name] = generate(tiny_model, image, "a cat", "", params, ladder=[], on_step=_ignore_steps,
+                                  on_try=lambda _t: None)
+    assert [outcomes[n].effective["scheduler"] for n in outcomes] == ["ddim", "ddim", "ddim", "dpm++"]
+    assert np.array_equal(outcomes[None].frames, outcomes["ddim"].frames)  # ddim is the released default
+    assert not np.array_equal(outcomes["ddim"].frames, outcomes["dpm++"].frames)
+    swapped = tiny_model._schedulers["dpm++"]
+    assert swapped.config.prediction_type == "v_prediction" and swapped.config.rescale_betas_zero_snr
+    assert swapped.config.algorithm_type == "dpmsolver++" and swapped.config.timestep_spacing == "trailing"
+    assert type(tiny_model.pipeline.scheduler).__name__ == "DDIMScheduler"  # the next job gets the default back
+
+
+def test_frames_converted_on_the_device_are_the_bytes_numpy_makes(tiny_model: I2VGenXLModel) -> None:
+    from i2v_daemon.models.runtime import frames_to_uint8, to_uint8
+
+    frames = torch.rand(3, 3, 8, 10) * 1.2 - 0.1  # out of range on both sides, and halves to round
+    frames[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255])
+    expected = to_uint8(frames.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(frames_to_uint8(frames), expected)

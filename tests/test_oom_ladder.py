@@ -11,7 +11,7 @@ from PIL import Image
 from i2v_daemon.errors import OutOfMemory
 from i2v_daemon.generate import generate, plan_rungs
 from i2v_daemon.jobs import Params
-from i2v_daemon.memory import ANCHOR_RESIDENT, GIB, MemoryModel, choose_start
+from i2v_daemon.memory import ANCHOR_RESIDENT, DECODE_BYTES_PER_PIXEL, GIB, MemoryModel, choose_start
 from i2v_daemon.models.holder import ModelHolder
 from i2v_daemon.models.seams import OOMAbove
 
@@ -83,9 +83,21 @@ def test_when_even_the_smallest_rung_runs_out_of_memory_the_job_fails_naming_it(
     assert len(tries) == len(plan_rungs(tiny_model, 96, 64, LADDER))
 
 
+def test_a_try_that_ran_out_of_memory_is_gone_before_the_next_try_starts(tiny_model):
+    # The seam allocates activations, reports a step, then raises the real OOM error. If the ladder
+    # kept the error (its traceback holds the failed call's frames), that tensor would still be
+    # alive while the next rung runs, on a GPU holding the very memory the next rung needs.
+    seam = OOMAbove(tiny_model, pixel_frames=96 * 64 * 4 - 1, saver_factor=1.5)
+    _, tries = run(seam)
+    assert [t["outcome"] for t in tries] == ["out_of_memory", "succeeded"]
+    assert len(seam.failed_allocations) == 1
+    assert seam.alive_at_start == [0, 0]  # dead before the second try began, not merely by the end
+    assert tries[0]["error"].startswith("CUDA out of memory. Tried to allocate")
+
+
 def test_an_error_that_is_not_out_of_memory_is_recorded_and_raised(tiny_model):
     class Broken(OOMAbove):
-        def generate(self, request, on_step):
+        def generate(self, request, on_step, on_phase=None):
             raise ValueError("a scheduler bug")
 
     tries: list[dict] = []
@@ -187,3 +199,84 @@ def test_through_the_daemon_every_try_is_in_the_manifest_and_the_video_has_the_s
     jobs = {j["name"]: j for j in env.status()["jobs"]}
     assert (jobs["big"]["width"], jobs["big"]["height"]) == (eff["width"], eff["height"])
     assert jobs["hopeless"]["status"] == "failed" and "out of GPU memory" in jobs["hopeless"]["error"]
+
+
+# --- the fast path and the ladder ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def accelerated_tiny(tiny_i2vgen_dir):
+    """A second tiny I2VGen-XL with the fast path prepared (nothing compiles until a try runs on it)."""
+    from i2v_daemon.models.loader import load_model
+
+    model = load_model(str(tiny_i2vgen_dir), device="cpu", dtype="float32")
+    model.enable_acceleration()
+    yield model
+    model.close()
+
+
+def test_with_the_fast_path_the_first_rung_is_accelerated_and_the_rest_are_eager(accelerated_tiny):
+    rungs = plan_rungs(accelerated_tiny, 96, 64, LADDER, accelerate=True)
+    assert [(r.width, r.height, r.savers, r.accelerated) for r in rungs[:2]] == [
+        (96, 64, (), True), (96, 64, (), False)]
+    assert not any(r.accelerated for r in rungs[1:])
+    assert rungs[1:] == plan_rungs(accelerated_tiny, 96, 64, LADDER)
+
+
+def test_an_oom_on_the_fast_path_retries_eagerly_at_the_same_size_before_stepping_down(accelerated_tiny):
+    seam = OOMAbove(accelerated_tiny, pixel_frames=10**9, fast_factor=0.0)  # only the fast path runs out
+    outcome, tries = run(seam)
+    assert [(t["width"], t["height"], t["savers"], t["accelerated"], t["outcome"]) for t in tries] == [
+        (96, 64, [], True, "out_of_memory"), (96, 64, [], False, "succeeded")]
+    assert seam.accelerated_calls == [True, False]
+    assert all(t["steps"] == PARAMS.steps for t in tries)
+    assert outcome.effective["accelerated"] is False and (outcome.effective["width"], outcome.effective["height"]) == (
+        96, 64)
+    assert any("on the fast path" in n for n in outcome.notes)
+    assert accelerated_tiny.accelerator.graphs == 0  # the failed fast try never reached the compiler
+
+
+def test_every_try_records_whether_the_fast_path_ran_and_its_steps(tiny_model):
+    _, tries = run(tiny_model, params=PARAMS)
+    assert tries[0]["accelerated"] is False and tries[0]["steps"] == 2
+
+
+def test_learned_slopes_are_kept_apart_for_the_fast_and_the_eager_path():
+    memory = MemoryModel(budget_bytes=80 * GIB, resident_bytes=int(ANCHOR_RESIDENT))
+    pf = 512 * 512 * 16
+    eager = memory.slope(())
+    assert memory.slope((), accelerated=True) == eager  # unmeasured: the eager peak stands in
+    memory.learn([{"width": 512, "height": 512, "num_frames": 16, "savers": [], "accelerated": True,
+                   "outcome": "succeeded", "peak_vram_bytes": int(ANCHOR_RESIDENT + 500 * pf)}])
+    assert memory.slope((), accelerated=True) == pytest.approx(500.0) and memory.slope(()) == eager
+    memory.learn([{"width": 512, "height": 512, "num_frames": 16, "savers": [], "accelerated": True,
+                   "outcome": "out_of_memory", "budget_bytes": 80 * GIB}])
+    assert not memory.fits(512, 512, 16, (), accelerated=True) and memory.fits(512, 512, 16, ())
+    # Old records carry no `accelerated`: they are eager tries.
+    memory.learn([{"width": 512, "height": 512, "num_frames": 16, "savers": [], "outcome": "succeeded",
+                   "peak_vram_bytes": int(ANCHOR_RESIDENT + 700 * pf)}])
+    assert memory.slope(()) == pytest.approx(700.0) and memory.slope((), accelerated=True) == pytest.approx(500.0)
+
+
+def test_the_decode_chunk_is_the_most_frames_the_budget_holds_and_its_peak_is_predicted():
+    memory = MemoryModel(budget_bytes=24 * GIB, resident_bytes=int(ANCHOR_RESIDENT), margin=0.1)
+    per_frame = DECODE_BYTES_PER_PIXEL * 512 * 512
+    room = 24 * GIB * 0.9 - ANCHOR_RESIDENT
+    assert memory.decode_chunk(512, 512, 16) == 16  # 16 frames of 0.375 GiB fit in 16.9 GiB
+    assert memory.decode_chunk(1024, 1024, 32) == int(room // (4 * per_frame))
+    assert memory.decode_chunk(4096, 4096, 8) == 1  # never less than one frame
+    # A chunk whose decode outweighs the denoising is what the prediction says.
+    denoise = memory.predict(512, 512, 16)
+    assert memory.predict(512, 512, 16, accelerated=True, decode_chunk=16) == max(
+        denoise, int(ANCHOR_RESIDENT + 16 * per_frame))
+    assert memory.predict(512, 512, 16, accelerated=True, decode_chunk=1) == memory.predict(512, 512, 16)
+
+
+def test_a_try_whose_decode_was_the_peak_refits_the_decode_not_the_slope():
+    memory = MemoryModel(budget_bytes=80 * GIB, resident_bytes=int(ANCHOR_RESIDENT))
+    slope = memory.slope((), accelerated=True)
+    memory.learn([{"width": 512, "height": 512, "num_frames": 16, "savers": [], "accelerated": True,
+                   "decode_chunk": 16, "outcome": "succeeded",
+                   "peak_vram_bytes": int(ANCHOR_RESIDENT + 2000 * 512 * 512 * 16)}])
+    assert memory.decode_bytes_per_pixel() == pytest.approx(2000.0)
+    assert memory.slope((), accelerated=True) == slope

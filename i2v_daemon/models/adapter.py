@@ -7,9 +7,11 @@ else a `VideoModel` does lives here once.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,26 +19,27 @@ import torch
 from PIL import Image
 
 from i2v_daemon.errors import GenerationError, InputError
-from i2v_daemon.models import planning
+from i2v_daemon.models import planning, schedulers
 from i2v_daemon.models.base import (
     ConditioningPlan,
     FramePlan,
     GenerationRequest,
     LoraChoice,
     ModelInfo,
+    PhaseCallback,
     SizePlan,
     StepCallback,
 )
+from i2v_daemon.models.gpu import free_memory
 from i2v_daemon.models.runtime import (
     cpu_generator,
     disable_forward_chunking,
     fit_image,
-    free,
+    frames_to_uint8,
     grad_mode,
     hub_revision,
     load_pipeline,
     seeded,
-    to_uint8,
 )
 
 #: The name our one LoRA adapter has inside a pipeline.
@@ -56,6 +59,11 @@ class DiffusersVideoModel:
     progress_module: ClassVar[str | None] = None
     #: Why a fixed-size family makes only one size, for its notes and refusals.
     fixed_size_reason: ClassVar[str] = ""
+    #: Denoiser arguments whose dims stay symbolic on the fast path (one graph for every frame count).
+    dynamic_dims: ClassVar[dict[str, tuple[int, ...]]] = {}
+    #: The multiple of 8 or 32 the pipeline's own check_inputs demands of height and width, whatever
+    #: its config says; the planned multiple is the least common multiple of the two.
+    pipeline_size_multiple: ClassVar[int] = 8
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", pipeline: Any = None) -> None:
         """Load `model` (a folder or Hub id) onto `device`, or wrap an already built `pipeline`."""
@@ -67,13 +75,22 @@ class DiffusersVideoModel:
         self.pipeline: Any = pipe.to(device)  # None once closed
         self.pipeline.set_progress_bar_config(disable=True)
         self._lora_loaded: tuple[str, int] | None = None  # (path, mtime) of the LoRA in the pipeline
+        self._default_scheduler = pipe.scheduler  # as released; a job's `scheduler` swaps others in
+        self._schedulers: dict[str, Any] = {}
+        self.accelerator: Any = None  # an accelerate.Accelerator once enable_acceleration() ran
+        self.last_run: dict[str, Any] = {}
+        limits = self._limits()
+        limits["size_multiple"] = math.lcm(int(limits["size_multiple"]), self.pipeline_size_multiple)
+        loaded = schedulers.name_of(pipe.scheduler)
         self.info = ModelInfo(
             family=self.family,
             model_id=model,
             revision=hub_revision(model),
             savers=self._supported_savers(),
             lora=hasattr(pipe, "load_lora_weights"),
-            **self._limits(),
+            scheduler=loaded,
+            schedulers=schedulers.offered(self.family, loaded),
+            **limits,
         )
 
     # ---- what each family says about itself -------------------------------------------------------
@@ -87,11 +104,13 @@ class DiffusersVideoModel:
         return {"guidance_scale": request.guidance_scale}, []
 
     def _call(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
-              callback: Callable[..., Any] | None) -> np.ndarray:
-        """One pipeline call; float frames in [0, 1], shaped (frames, height, width, 3)."""
+              callback: Callable[..., Any] | None) -> Any:
+        """One pipeline call; float frames in [0, 1] on the device, shaped (frames, 3, height, width)."""
+        # "pt" keeps the frames on the device: generate() turns them into bytes there, and only a
+        # quarter of the data (uint8, not float32) crosses to the host.
         kwargs: dict[str, Any] = {
             "image": image, "height": request.height, "width": request.width, "num_frames": request.num_frames,
-            "num_inference_steps": request.steps, "generator": cpu_generator(request.seed), "output_type": "np",
+            "num_inference_steps": request.steps, "generator": cpu_generator(request.seed), "output_type": "pt",
             **conditioning,
         }
         if self.info.takes_prompt:
@@ -120,9 +139,17 @@ class DiffusersVideoModel:
         info = self.info
         return planning.plan_frames(num_frames, self.family, info.frame_step, info.min_frames, info.max_frames)
 
+    def plan_steps(self, steps: int) -> tuple[int, tuple[str, ...]]:
+        """The step count this model will run when asked for `steps`, with a note when it had to raise it."""
+        minimum = self.info.min_steps
+        if steps >= minimum:
+            return steps, ()
+        return minimum, (f"steps {steps} raised to {minimum} ({self.family}'s scheduler needs at least {minimum})",)
+
     def plan_conditioning(self, request: GenerationRequest) -> ConditioningPlan:
         """The family's own arguments for the request's options, with notes; InputError for what it cannot do."""
         info, name = self.info, self.family
+        schedulers.check(name, info.scheduler, request.scheduler)
         if request.lora is not None and not info.lora:
             raise InputError(
                 f"{name} cannot apply a LoRA (its diffusers pipeline has no LoRA loader); remove 'lora', "
@@ -148,27 +175,87 @@ class DiffusersVideoModel:
 
     # ---- generating -----------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback) -> np.ndarray:
-        """Frames as a uint8 array (num_frames, height, width, 3); on_step may raise to stop early."""
+    def generate(
+        self, request: GenerationRequest, on_step: StepCallback, on_phase: PhaseCallback | None = None
+    ) -> np.ndarray:
+        """Frames as a uint8 array (num_frames, height, width, 3); on_step may raise to stop early.
+
+        `request.accelerated` runs the try on the fast path where this model has one (see
+        enable_acceleration); `last_run` then says whether it stayed there and what it compiled.
+        """
         if self.pipeline is None:
             raise GenerationError("the model was closed; load it again with load_model() before generating")
         self._check_request(request)
+        phase = on_phase or _no_phase
         image = fit_image(request.image, request.width, request.height)
         conditioning = dict(self.plan_conditioning(request).values)
-        callback, hook = self._progress(request.steps, on_step)
+        fast = bool(request.accelerated and self.accelerator is not None and self.fast_path_for(request))
+        self.last_run = {"accelerated": False, "compiled": [], "compile_seconds": 0.0, "fell_back": None}
+
+        def step(i: int, n: int) -> None:
+            on_step(i, n)
+            if i == n:
+                phase("decoding")
+
+        callback, hook = self._progress(request.steps, step)
+        report: Any = None
         try:
-            with self._lora(request.lora), self._savers(request.savers), seeded(request.seed, self.device), \
-                    grad_mode(request.savers):
-                frames = self._call(image, request, conditioning, callback)
+            with self._lora(request.lora), self._savers(request.savers), self._scheduler(request.scheduler), \
+                    seeded(request.seed, self.device), grad_mode(request.savers):
+                if fast:
+                    from i2v_daemon.models.accelerate import TryReport
+
+                    report = TryReport()
+                runner = self.accelerator.run(report, phase) if fast else nullcontext()
+                with runner:
+                    phase("denoising")
+                    frames = self._call(image, request, conditioning, callback)
+                    video = frames_to_uint8(frames)
+                    del frames
         finally:
             if hook is not None:
                 hook.remove()
-        if frames.shape[0] != request.num_frames:
+            if report is not None:
+                self.last_run = {
+                    "accelerated": report.accelerated, "compiled": list(report.compiled),
+                    "compile_seconds": round(report.compile_seconds, 3), "fell_back": report.fell_back,
+                }
+        if video.shape[0] != request.num_frames:
             raise GenerationError(
-                f"{self.family} made {frames.shape[0]} frames where {request.num_frames} were planned; "
+                f"{self.family} made {video.shape[0]} frames where {request.num_frames} were planned; "
                 "this is a bug in i2v-daemon's frame planning for this family, please report it"
             )
-        return to_uint8(frames)
+        return video
+
+    # ---- the fast path --------------------------------------------------------------------------
+
+    def enable_acceleration(self, **options: Any) -> None:
+        """Prepare the fast path once (fused projections, GPU layout and flags); tries opt in per request."""
+        from i2v_daemon.models.accelerate import Accelerator
+
+        if self.accelerator is not None or self.pipeline is None:
+            return
+        # Fused projections replace the attention processors LoRA adapters hook into: families that
+        # take a LoRA keep theirs.
+        self.accelerator = Accelerator(
+            self.pipeline, self.device, denoisers=DENOISERS, fuse_qkv=not self.info.lora,
+            dynamic_dims=self.dynamic_dims, **options,
+        )
+        self.info = replace(self.info, accelerated=True)
+
+    def park(self) -> None:
+        """Move the weights to host memory, keeping the pipeline, its LoRA and its compiled graphs (idle on a GPU)."""
+        self.pipeline.to("cpu")
+        free_memory(self.device)
+
+    def unpark(self) -> None:
+        """Back onto the device after `park`; the compiled graphs still hold (same modules, same device)."""
+        self.pipeline.to(self.device)
+
+    def fast_path_for(self, request: GenerationRequest) -> bool:
+        """Whether this try can run compiled: no LoRA (its scales would change the graph), no saver that
+        rewires the denoiser (chunking, offload hooks)."""
+        return request.lora is None and not ({"forward_chunking", "cpu_offload"} & set(request.savers))
 
     def versions(self) -> dict[str, Any]:
         """Library versions that produced the video, for the manifest."""
@@ -184,7 +271,10 @@ class DiffusersVideoModel:
         if getattr(self, "pipeline", None) is None:
             return
         self.pipeline = None
-        free(self.device)
+        self.accelerator = None
+        self._schedulers.clear()
+        self._default_scheduler = None
+        free_memory(self.device)
 
     def _check_request(self, request: GenerationRequest) -> None:
         """Refuse what the planner should have prevented, rather than let the pipeline quietly change it."""
@@ -196,6 +286,8 @@ class DiffusersVideoModel:
             raise ValueError(f"{request.width}×{request.height} is not a multiple of {multiple}; use plan_size()")
         if self.plan_frames(request.num_frames).num_frames != request.num_frames:
             raise ValueError(f"{request.num_frames} frames is not a count {self.family} makes; use plan_frames()")
+        if request.steps < self.info.min_steps:
+            raise ValueError(f"{request.steps} steps is fewer than {self.family} can take; use plan_steps()")
 
     def _progress(self, steps: int, on_step: StepCallback) -> tuple[Callable[..., Any] | None, Any]:
         """A `callback_on_step_end` reporting each step, or a forward hook where the pipeline has no callback."""
@@ -213,6 +305,27 @@ class DiffusersVideoModel:
             on_step(calls, steps)
 
         return None, getattr(self.pipeline, self.progress_module).register_forward_hook(after_forward)
+
+    # ---- schedulers -----------------------------------------------------------------------------
+
+    def scheduler_for(self, requested: str | None) -> str:
+        """The name of the scheduler a job asking for `requested` runs with (InputError if not offered)."""
+        return schedulers.check(self.family, self.info.scheduler, requested)
+
+    @contextmanager
+    def _scheduler(self, requested: str | None) -> Iterator[None]:
+        """The job's scheduler in the pipeline for one call; the released one is back afterwards."""
+        name = self.scheduler_for(requested)
+        if name == self.info.scheduler:
+            yield
+            return
+        if name not in self._schedulers:
+            self._schedulers[name] = schedulers.build(self.family, self._default_scheduler, name)
+        self.pipeline.scheduler = self._schedulers[name]
+        try:
+            yield
+        finally:
+            self.pipeline.scheduler = self._default_scheduler
 
     # ---- memory savers --------------------------------------------------------------------------
 
@@ -237,7 +350,7 @@ class DiffusersVideoModel:
     def _savers(self, savers: tuple[str, ...]) -> Iterator[None]:
         """Apply memory savers for one call, then restore the fast default for the next job."""
         pipe = self.pipeline
-        vae = getattr(pipe, "vae", None)
+        vae: Any = getattr(pipe, "vae", None)
         try:
             if "vae_slicing" in savers and hasattr(vae, "use_slicing"):
                 vae.enable_slicing()
@@ -256,7 +369,7 @@ class DiffusersVideoModel:
     def _reset_savers(self, savers: tuple[str, ...]) -> None:
         """Undo `_savers`: plain VAE and denoiser, every component resident on the device again."""
         pipe = self.pipeline
-        vae = getattr(pipe, "vae", None)
+        vae: Any = getattr(pipe, "vae", None)
         if "vae_slicing" in savers and hasattr(vae, "use_slicing"):
             vae.disable_slicing()
         if "vae_tiling" in savers and hasattr(vae, "use_tiling"):
@@ -303,3 +416,7 @@ class DiffusersVideoModel:
         if self._lora_loaded is not None or getattr(self.pipeline, "get_list_adapters", lambda: {})():
             self.pipeline.unload_lora_weights()
         self._lora_loaded = None
+
+
+def _no_phase(_phase: str) -> None:
+    """A phase callback that does nothing."""

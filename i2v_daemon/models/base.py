@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 #: Called after each denoising step with (step, total). It may raise `JobCanceled` to stop the
 #: pipeline at that step boundary.
 StepCallback = Callable[[int, int], None]
+#: Called when a try enters a phase: "compiling" (its shape has no compiled graph yet), "denoising",
+#: "decoding" (after the last step).
+PhaseCallback = Callable[[str], None]
 
 #: Memory savers a model may support, in the order the OOM ladder tries them.
 SAVERS = ("vae_slicing", "vae_tiling", "forward_chunking", "cpu_offload")
@@ -42,6 +45,11 @@ class ModelInfo:
     fps_conditioning: bool = False  # whether the model is told the frame rate (else fps only sets playback)
     native_fps: int | None = None  # the frame rate its motion is made for, where it is not told
     lora: bool = False  # whether LoRA files can be applied
+    min_steps: int = 1  # fewer denoising steps than this break the family's scheduler
+    scheduler: str = "default"  # the name of the scheduler it was loaded with ("ddim", "euler", …)
+    schedulers: tuple[str, ...] = ()  # the names a job's `scheduler` may ask for, besides "default"
+    accelerated: bool = False  # whether the fast path (compiled denoiser) is on for this model
+    decode_chunks: bool = False  # whether its VAE decodes frames in chunks (GenerationRequest.decode_chunk)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,9 @@ class GenerationRequest:
     savers: tuple[str, ...] = ()
     motion: float | None = None  # 0..1, for families with a motion knob
     lora: LoraChoice | None = None
+    scheduler: str | None = None  # None / "default": the family's own; else a name from ModelInfo.schedulers
+    accelerated: bool = False  # run this try on the fast path (compiled denoiser), where the model has one
+    decode_chunk: int | None = None  # frames the VAE decodes at once; None: the family's own default
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,9 @@ class VideoModel(Protocol):
     info: ModelInfo
     device: str  # "cpu", "cuda", "cuda:1"
     dtype: str  # "float32", "float16", "bfloat16"
+    #: How the last `generate` call ran: {"accelerated": bool, "compiled": bool, "compile_seconds": float,
+    #: "fell_back": str | None}; {} before the first call.
+    last_run: dict[str, Any]
 
     def plan_size(
         self, image_size: tuple[int, int], resolution: int, width: int | None, height: int | None
@@ -111,16 +125,30 @@ class VideoModel(Protocol):
         """The frame count this model will generate when asked for `num_frames`; InputError if it cannot."""
         ...
 
+    def plan_steps(self, steps: int) -> tuple[int, tuple[str, ...]]:
+        """The step count this model will run when asked for `steps`, and notes on any change."""
+        ...
+
     def plan_conditioning(self, request: GenerationRequest) -> ConditioningPlan:
-        """The family's own arguments for fps, guidance, motion, LoRA; InputError for what it cannot do."""
+        """The family's own arguments for fps, guidance, motion, LoRA, scheduler; InputError for what it cannot do."""
+        ...
+
+    def scheduler_for(self, requested: str | None) -> str:
+        """The name of the scheduler a job asking for `requested` runs with; InputError if not offered."""
+        ...
+
+    def fast_path_for(self, request: GenerationRequest) -> bool:
+        """Whether a try like `request` can run on the fast path (when the model has one)."""
         ...
 
     def prompt_tokens(self, prompt: str) -> int:
         """How many tokens the text encoder sees for `prompt` (0 if the model takes no prompt)."""
         ...
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback) -> np.ndarray:
-        """Frames as uint8 array (num_frames, height, width, 3)."""
+    def generate(
+        self, request: GenerationRequest, on_step: StepCallback, on_phase: PhaseCallback | None = None
+    ) -> np.ndarray:
+        """Frames as uint8 array (num_frames, height, width, 3); `last_run` then says how the try ran."""
         ...
 
     def versions(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ class CogVideoXModel(DiffusersVideoModel):
 
     family = "cogvideox"
     pipeline_class = "CogVideoXImageToVideoPipeline"
+    pipeline_size_multiple = 8  # its check_inputs
     fixed_size_reason = "its learned positional embeddings fix the size it was trained at"
 
     def _limits(self) -> dict[str, Any]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -16,7 +15,8 @@ from i2v_daemon.models.runtime import cpu_generator, fit_image
 __all__ = ["DECODE_CHUNK_SIZE", "FAMILY", "MAX_ASPECT", "I2VGenXLModel", "fit_image", "plan_size"]
 
 FAMILY = "i2vgen-xl"
-#: Frames the VAE decodes at once; 1 is the pipeline's default and its smallest peak memory.
+#: Frames the VAE decodes at once on the eager path: the pipeline's default and its smallest peak
+#: memory. The fast path decodes as many as the memory model says fit (request.decode_chunk).
 DECODE_CHUNK_SIZE = 1
 
 
@@ -26,6 +26,10 @@ class I2VGenXLModel(DiffusersVideoModel):
     family = FAMILY
     pipeline_class = "I2VGenXLPipeline"
     progress_module = "unet"  # the deprecated pipeline has no callback_on_step_end
+    pipeline_size_multiple = 8  # its check_inputs
+    # The UNet's inputs are (batch, channels, frames, height, width): frames stay symbolic in the
+    # compiled graph, so every frame count at one size shares it.
+    dynamic_dims: ClassVar[dict[str, tuple[int, ...]]] = {"sample": (2,), "image_latents": (2,)}
 
     def _limits(self) -> dict[str, Any]:
         pipe = self.pipeline
@@ -33,6 +37,7 @@ class I2VGenXLModel(DiffusersVideoModel):
             "size_multiple": _size_multiple(pipe),
             "max_prompt_tokens": int(pipe.tokenizer.model_max_length),
             "fps_conditioning": True,  # target_fps
+            "decode_chunks": True,  # decode_chunk_size
         }
 
     def _conditioning(self, request: GenerationRequest) -> tuple[dict[str, Any], list[str]]:
@@ -60,8 +65,8 @@ class I2VGenXLModel(DiffusersVideoModel):
         return final_norm(out.hidden_states[-2]).to(dtype=encoder.dtype)
 
     def _call(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
-              callback: Any) -> np.ndarray:
-        """One pipeline call with our own prompt embeddings; returns float frames in [0, 1]."""
+              callback: Any) -> Any:
+        """One pipeline call with our own prompt embeddings; float frames in [0, 1] on the device, (F, 3, H, W)."""
         out = self.pipeline(
             image=image,
             prompt_embeds=self.encode_prompt(request.prompt),
@@ -71,9 +76,9 @@ class I2VGenXLModel(DiffusersVideoModel):
             width=request.width,
             num_frames=request.num_frames,
             num_inference_steps=request.steps,
-            decode_chunk_size=DECODE_CHUNK_SIZE,
+            decode_chunk_size=request.decode_chunk or DECODE_CHUNK_SIZE,
             generator=cpu_generator(request.seed),
-            output_type="np",
+            output_type="pt",
             **conditioning,
         )
         return out.frames[0]

@@ -19,6 +19,7 @@ class LTXModel(DiffusersVideoModel):
 
     family = "ltx-video"
     pipeline_class = "LTXImageToVideoPipeline"
+    pipeline_size_multiple = 32  # its check_inputs
 
     def _limits(self) -> dict[str, Any]:
         pipe = self.pipeline
@@ -29,6 +30,9 @@ class LTXModel(DiffusersVideoModel):
             "frame_step": step,
             "min_frames": step + 1,
             "fps_conditioning": True,  # frame_rate scales its temporal positions
+            # Stretching the schedule to shift_terminal divides by the last step's distance from the
+            # first: with one step that is 0/0, and the pipeline fails with an IndexError.
+            "min_steps": 2 if pipe.scheduler.config.get("shift_terminal") else 1,
         }
 
     def _conditioning(self, request: GenerationRequest) -> tuple[dict[str, Any], list[str]]:

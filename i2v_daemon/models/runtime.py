@@ -3,7 +3,6 @@ seeding, converting frames, and the grad mode and forward-chunking switches the 
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -17,8 +16,8 @@ from i2v_daemon.errors import ConfigError, GenerationError
 from i2v_daemon.models.loader import local_folder, model_unavailable
 
 __all__ = [
-    "cpu_generator", "disable_forward_chunking", "fit_image", "free", "grad_mode", "hub_revision", "load_pipeline",
-    "seeded", "to_uint8",
+    "cpu_generator", "disable_forward_chunking", "fit_image", "frames_to_uint8", "grad_mode", "hub_revision",
+    "load_pipeline", "seeded", "to_uint8",
 ]
 
 
@@ -101,6 +100,19 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8))
 
 
+def frames_to_uint8(frames: Any) -> np.ndarray:
+    """A pipeline's frames -> uint8 (frames, height, width, 3) on the host.
+
+    A tensor (frames, 3, height, width) is converted where it lies, on the GPU, with the same
+    float32 arithmetic as `to_uint8` (clip, ×255, round half to even), so both give the same bytes;
+    only the uint8 result is copied to the host.
+    """
+    if isinstance(frames, np.ndarray):
+        return to_uint8(frames)
+    video = (frames.float().clamp(0.0, 1.0) * 255).round().to(torch.uint8)
+    return np.ascontiguousarray(video.permute(0, 2, 3, 1).cpu().numpy())
+
+
 def grad_mode(savers: tuple[str, ...]) -> AbstractContextManager[Any]:
     # Offload hooks move weights inside the call; under inference_mode those would become
     # inference tensors that the later move back to the GPU may not modify, so use no_grad.
@@ -115,10 +127,3 @@ def disable_forward_chunking(module: Any) -> None:
     for sub in module.modules():
         if hasattr(sub, "set_chunk_feed_forward"):
             sub.set_chunk_feed_forward(chunk_size=None, dim=0)
-
-
-def free(device: str) -> None:
-    """Let go of what a closed pipeline held."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from i2v_daemon.models.adapter import DiffusersVideoModel
@@ -30,6 +29,7 @@ class SVDModel(DiffusersVideoModel):
 
     family = "svd"
     pipeline_class = "StableVideoDiffusionPipeline"
+    pipeline_size_multiple = 8  # its check_inputs
 
     def _limits(self) -> dict[str, Any]:
         pipe = self.pipeline
@@ -40,6 +40,7 @@ class SVDModel(DiffusersVideoModel):
             "takes_prompt": False,
             "motion": True,
             "fps_conditioning": True,
+            "decode_chunks": True,  # decode_chunk_size
         }
 
     def _supported_savers(self) -> tuple[str, ...]:
@@ -65,6 +66,6 @@ class SVDModel(DiffusersVideoModel):
         return values, notes
 
     def _call(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
-              callback: Any) -> np.ndarray:
-        chunk = 1 if "vae_slicing" in request.savers else DECODE_CHUNK_SIZE
+              callback: Any) -> Any:
+        chunk = 1 if "vae_slicing" in request.savers else request.decode_chunk or DECODE_CHUNK_SIZE
         return super()._call(image, request, {**conditioning, "decode_chunk_size": chunk}, callback)

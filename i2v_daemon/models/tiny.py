@@ -200,15 +200,18 @@ def build_full_size_i2vgen_xl(device: str = "cuda", dtype: torch.dtype = torch.f
     return pipe
 
 
-def build_tiny(family: str, path: Path, seed: int = 0) -> Path:
-    """Save a tiny random pipeline of `family` to `path` (a diffusers folder) and return `path`."""
+def build_tiny(family: str, path: Path, seed: int = 0, **options: Any) -> Path:
+    """Save a tiny random pipeline of `family` to `path` (a diffusers folder) and return `path`.
+
+    `options` go to the family's builder in tiny_families.py (e.g. `vae_patch_size=1` for LTX-Video).
+    """
     if family == "i2vgen-xl":
         return build_tiny_i2vgen_xl(path, seed)
     from i2v_daemon.models.tiny_families import TINY_BUILDERS
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = TINY_BUILDERS[family]()
+        pipe = TINY_BUILDERS[family](**options)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(path)

@@ -32,7 +32,8 @@ def _t5_config(vocab_size: int, umt5: bool = False) -> Any:
     )
 
 
-def _tiny_svd() -> Any:
+def _tiny_svd(vae_levels: int = 4) -> Any:
+    """`vae_levels` below 4 makes a VAE that down-samples less than the released one (2^(levels-1))."""
     from diffusers import (
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,
@@ -51,7 +52,7 @@ def _tiny_svd() -> Any:
     )
     # GroupNorm in the temporal VAE is fixed at 32 groups: 32 channels is its smallest width.
     vae = AutoencoderKLTemporalDecoder(
-        block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        block_out_channels=(32,) * vae_levels, down_block_types=("DownEncoderBlock2D",) * vae_levels,
         latent_channels=4, layers_per_block=1,
     )
     # The pipeline resizes the image to 224×224 for CLIP itself; 32-pixel patches keep it to 49 tokens.
@@ -95,7 +96,8 @@ def _tiny_wan() -> Any:
     )
 
 
-def _tiny_ltx() -> Any:
+def _tiny_ltx(vae_patch_size: int = 4) -> Any:
+    """`vae_patch_size` below 4 makes a VAE that compresses space less than the released one (8·patch)."""
     from diffusers import (
         AutoencoderKLLTXVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -111,7 +113,7 @@ def _tiny_ltx() -> Any:
         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
         spatio_temporal_scaling=(True, True, True, False), decoder_spatio_temporal_scaling=(True, True, True, False),
         decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        timestep_conditioning=False, patch_size=4, patch_size_t=1,
+        timestep_conditioning=False, patch_size=vae_patch_size, patch_size_t=1,
     )
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=4,
@@ -160,8 +162,8 @@ def _tiny_cogvideox() -> Any:
     )
 
 
-#: family -> its tiny pipeline's builder.
-TINY_BUILDERS: dict[str, Callable[[], Any]] = {
+#: family -> its tiny pipeline's builder (keyword options change its down-sampling, for planning tests).
+TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "svd": _tiny_svd,
     "wan": _tiny_wan,
     "ltx-video": _tiny_ltx,

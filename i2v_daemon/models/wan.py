@@ -16,6 +16,7 @@ class WanModel(DiffusersVideoModel):
 
     family = "wan"
     pipeline_class = "WanImageToVideoPipeline"
+    pipeline_size_multiple = 16  # its check_inputs
     # As the model card loads it: the VAE and CLIP image encoder in float32, the rest in bf16.
     float32_components = ("vae", "image_encoder")
 
