@@ -7,9 +7,7 @@ them over before it opens the database (doctor must work when the database does 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import socket
 from typing import Any
 
 EX_OK, EX_FAILED = 0, 1
@@ -56,6 +54,9 @@ def _doctor(settings: Any, as_json: bool, min_free_gib: float) -> int:
 
 def pause(store: Any, *, paused: bool) -> int:
     """`pause` / `resume`: one row every daemon sharing the database obeys."""
+    import getpass
+    import socket
+
     was = store.is_paused()
     store.set_paused(paused, by=f"{getpass.getuser()}@{socket.gethostname()}")
     if paused:

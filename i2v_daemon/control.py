@@ -43,9 +43,14 @@ class Control:
         """`{"paused": bool, "since": datetime | None, "by": str | None}`."""
         with self.engine.connect().execution_options(readonly=True) as conn:
             row = conn.execute(select(control).where(control.c.key == "paused")).mappings().first()
-        if row is None or not (row["value"] or {}).get("paused"):
-            return {"paused": False, "since": None, "by": None}
-        return {"paused": True, "since": aware(row["updated_at"]), "by": row["updated_by"]}
+        return _pause(row)
+
+    def overview(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The pause state and every reported problem, in one read (for `status`)."""
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            rows = conn.execute(select(control).order_by(control.c.updated_at)).mappings().all()
+        pause = _pause(next((r for r in rows if r["key"] == "paused"), None))
+        return pause, [_problem(r) for r in rows if r["key"].startswith(PROBLEM)]
 
     # ---- problems ----------------------------------------------------------------------------------
 
@@ -68,11 +73,19 @@ class Control:
             rows = conn.execute(
                 select(control).where(control.c.key.like(f"{PROBLEM}%")).order_by(control.c.updated_at)
             ).mappings().all()
-        return [
-            {**(r["value"] or {}), "by": r["updated_by"], "since": aware(r["updated_at"])} for r in rows
-        ]
+        return [_problem(r) for r in rows]
 
 
 def _key(what: str, by: str) -> str:
     """The row's key: one per (worker, problem), within the column's 64 characters."""
     return PROBLEM + hashlib.sha256(f"{by}|{what}".encode()).hexdigest()[:48]
+
+
+def _pause(row: Any) -> dict[str, Any]:
+    if row is None or not (row["value"] or {}).get("paused"):
+        return {"paused": False, "since": None, "by": None}
+    return {"paused": True, "since": aware(row["updated_at"]), "by": row["updated_by"]}
+
+
+def _problem(row: Any) -> dict[str, Any]:
+    return {**(row["value"] or {}), "by": row["updated_by"], "since": aware(row["updated_at"])}

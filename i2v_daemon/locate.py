@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from i2v_daemon.errors import ConfigError
 
@@ -46,6 +44,8 @@ def config_path(flag: str | None) -> Path | None:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """The config file as a table; every way it can be unreadable is a ConfigError naming it."""
+    import tomllib  # only where there is a file to read
+
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
@@ -65,7 +65,9 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def sqlite_url(path: Path) -> str:
     """A SQLite URL for `path` that SQLAlchemy reads back as exactly that path (`?`, `%`, `#` escaped)."""
-    return "sqlite:///" + quote(str(path.expanduser().absolute()), safe="/~")
+    text = str(path.expanduser().absolute())
+    # SQLAlchemy percent-decodes the database part and cuts it at `?` (the query): escape those three.
+    return "sqlite:///" + text.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
 
 
 @dataclass(frozen=True)

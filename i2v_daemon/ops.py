@@ -63,4 +63,5 @@ def retry(store: Any, job_id: int) -> Outcome:
             f"job {job_id} is {job.status.value}; only failed or canceled jobs can be retried",
         )
     job = store.get(job_id) or job
-    return Outcome(True, job, 200, f"job {job_id} queued again; its files come back from {job.extra.get('previous_dir')}")
+    where = job.extra.get("previous_dir")
+    return Outcome(True, job, 200, f"job {job_id} queued again; its files come back from {where}")

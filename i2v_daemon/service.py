@@ -8,6 +8,7 @@ Webhooks and the on_finish hook are owed in the database's outbox (see notificat
 
 from __future__ import annotations
 
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,8 @@ log = get_logger()
 
 #: how often the textfile for node_exporter is rewritten (also after every finished job)
 TEXTFILE_SECONDS = 15
+#: on a terminal, at most one progress line this often while a job denoises
+PROGRESS_LINE_SECONDS = 2.0
 #: during a shutdown, keep extending systemd's stop timeout while the job reported a step this recently
 STOP_PROGRESS_WINDOW = 60.0
 
@@ -35,6 +38,10 @@ class Service:
 
             self.metrics = Metrics(store)
         self._http: Any = None
+        # A person watching `run` in a terminal sees the running job move; the journal gets phases only.
+        self.progress_lines = sys.stderr.isatty()
+        self._last_line = float("-inf")
+        self._step_clock: dict[int, tuple[float, int]] = {}
         self._started = False
         self._paused = False
         self._worker: Any = None
@@ -123,6 +130,7 @@ class Service:
     def on_progress(self, job: Job, step: int, total: int) -> None:
         self.notifier.alive()
         self.notifier.status(f"job {job.id} ({job.name}): step {step} of {total}", force=step == 1)
+        self._show_progress(job, step, total)
         if self.metrics is not None:
             self.metrics.step(job, step, total)
         if self._worker is not None and self._worker.stopping:  # a stop came: tell systemd now, not at the tick
@@ -130,6 +138,24 @@ class Service:
 
     def on_phase(self, job: Job, phase: str) -> None:
         self.notifier.status(f"job {job.id} ({job.name}): {phase}", force=True)
+        if self.progress_lines:
+            log.info("phase", job_id=job.id, job=job.name, phase=phase)
+
+    def _show_progress(self, job: Job, step: int, total: int) -> None:
+        """On a terminal, a line every few seconds of denoising: step i of N and the time left at this pace."""
+        if not self.progress_lines:
+            return
+        now = time.monotonic()
+        started = self._step_clock.setdefault(job.id, (now, step))
+        if step != total and now - self._last_line < PROGRESS_LINE_SECONDS:
+            return
+        self._last_line = now
+        t0, first = started
+        left = (now - t0) / (step - first) * (total - step) if step > first else None
+        log.info("progress", job_id=job.id, job=job.name, step=f"{step}/{total}",
+                 eta=f"{left:.0f} s" if left is not None else "-")
+        if step == total:
+            self._step_clock.pop(job.id, None)
 
     def on_try(self, job: Job, entry: dict[str, Any]) -> None:
         self.notifier.alive()

@@ -8,6 +8,9 @@ from typing import Any
 from i2v_daemon.jobs import JobStatus
 from i2v_daemon.views import iso, job_summary
 
+#: `status` estimates when the first this many queued jobs finish (`show` does it for any job).
+QUEUE_ETA_DEPTH = 100
+
 
 def status_document(store: Any, limit: int) -> dict[str, Any]:
     """`status --json`: exactly the contract's two keys, each job with this release's additions."""
@@ -30,27 +33,28 @@ def _eta(seconds: float | None) -> str:
 
 
 def render_status(store: Any, limit: int, *, now: datetime | None = None) -> str:
-    from i2v_daemon.eta import Estimator
-
     now = now or datetime.now(UTC)
     counts = store.counts()
     lines = ["  ".join(f"{k} {v}" for k, v in counts.items())]
-    pause = store.pause_state()
+    pause, problems = store.control.overview()
     if pause["paused"]:
         since = f"{pause['since']:%Y-%m-%d %H:%M:%S} UTC" if pause["since"] else "?"
         lines.append(f"paused since {since} by {pause['by'] or '?'}: no new job starts (`i2v-daemon resume`)")
-    for p in store.control.problems():
+    for p in problems:
         fix = f" — {p['fix']}" if p.get("fix") else ""
         lines.append(f"problem ({p.get('by') or '?'}): {p.get('message')}{fix}")
     jobs = store.list_jobs(limit)
     if not jobs:
         return "\n".join(lines)
-    estimator = Estimator.from_tries(store.recent_tries()) if any(
-        j.status in (JobStatus.RUNNING, JobStatus.QUEUED) for j in jobs) else None
+    estimator = None
+    if any(j.status in (JobStatus.RUNNING, JobStatus.QUEUED) for j in jobs):
+        from i2v_daemon.eta import Estimator
+
+        estimator = Estimator.from_tries(store.recent_tries())
     queue_eta: dict[int, float | None] = {}
     if estimator is not None and any(j.status is JobStatus.QUEUED for j in jobs):
         running = [j for j in store.list_jobs(100, statuses=[JobStatus.RUNNING])]
-        queue_eta = estimator.queue_eta(store.queue(), running, now)
+        queue_eta = estimator.queue_eta(store.queue(QUEUE_ETA_DEPTH), running, now)
     lines.append(
         f"{'ID':>6}  {'STATUS':9}  {'PROGRESS':>8}  {'PHASE':15}  {'ETA':>6}  {'TRIES':>5}  {'SIZE':>13}  "
         f"{'CREATED':19}  {'HOST/DEVICE':20}  NAME / RESULT"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -73,7 +72,9 @@ def make_engine(url: str, *, create: bool = True, busy_seconds: float = 30.0) ->
         if path is None:
             return sqlite3.connect(parsed.database or ":memory:", timeout=busy_seconds, check_same_thread=False)
         if made["file"] or not create:
-            uri = "file:" + urllib.parse.quote(path) + "?mode=rw"
+            from urllib.parse import quote
+
+            uri = "file:" + quote(path) + "?mode=rw"
             return sqlite3.connect(uri, uri=True, timeout=busy_seconds, check_same_thread=False)
         conn = sqlite3.connect(path, timeout=busy_seconds, check_same_thread=False)
         made["file"] = True
@@ -107,6 +108,8 @@ def _enable_wal(cur: Any, wait_seconds: float = 30.0) -> None:
     consulting busy_timeout, while another connection holds one: several daemons starting on one
     new file at the same moment. WAL is a property of the file, so one switch serves everyone.
     """
+    if cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        return  # WAL is a property of the file: set once, by the first connection that found it unset
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
@@ -211,12 +214,16 @@ class Store:
 
     def revision(self) -> str | None:
         """The schema revision recorded in the database (None: empty, or from before migrations)."""
-        from sqlalchemy import inspect, text
+        from sqlalchemy import text
+        from sqlalchemy.exc import OperationalError, ProgrammingError
 
-        with self._read() as conn:
-            if not inspect(conn).has_table("alembic_version"):
-                return None
-            found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        try:
+            with self._read() as conn:
+                found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, ProgrammingError) as err:  # no such table: empty, or the first release's
+            if "alembic_version" not in str(err):
+                raise
+            return None
         return str(found) if found is not None else None
 
     def _read(self) -> Any:

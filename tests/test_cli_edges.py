@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import sqlite3
 import subprocess
@@ -152,3 +153,30 @@ def test_status_watch_redraws_in_place_on_a_terminal_and_prints_blocks_otherwise
     assert tty.wait(10) == 0
     os.close(main)
     assert seen.count(b"\033[H\033[2J") >= 2 and b"queued 300" in seen
+
+
+@pytest.mark.slow
+def test_run_on_a_terminal_shows_the_running_jobs_phases_and_steps(env, drop) -> None:
+    drop("cat", (".json", json.dumps({"prompt": "a cat", "steps": 40})))
+    main, child = pty.openpty()
+    proc = subprocess.Popen(env.command("run", "--once"), stdout=child, stderr=child, env=env.environ(
+        {"I2V_LOG_FORMAT": "console"}), cwd=ROOT)
+    os.close(child)
+    seen = b""
+    while True:
+        ready = select.select([main], [], [], 1.0)[0]
+        if ready:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    assert proc.wait(60) == 0
+    os.close(main)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", seen.decode(errors="replace"))  # without the colours
+    assert "phase=loading" in text and "phase=encoding" in text and "phase=publishing" in text
+    assert "progress" in text and "step=40/40" in text  # the last step is always shown
