@@ -352,6 +352,8 @@ class Daemon:
             model=self.s.model, worker=self.worker.worker_id, model_loaded=self.model_ready,
         )
         self.service.ready()  # READY=1: the inbox is watched (and the model loaded, unless it waits for it)
+        if self.model_ready and self.s.warm_up:
+            self._warm_up()
         code = 0
         try:
             code = self._main_loop()
@@ -373,6 +375,36 @@ class Daemon:
             self.store.close()
         log.info("stopped", exit_status=code)
         return code
+
+    def _warm_up(self) -> None:
+        """Compile the presets' shapes before the first job (the fast path only), telling systemd how far it got."""
+        done = threading.Event()
+
+        def keep_alive() -> None:  # a cold compile is minutes of CPU with no step to show: that is progress
+            cpu = time.process_time()
+            while not done.wait(15):
+                now = time.process_time()
+                if now > cpu:
+                    self.service.alive()
+                cpu = now
+
+        def progress(i: int, total: int, shape: str) -> None:
+            self.service.alive()
+            if i < total:
+                self.service.status(f"compiling {i + 1}/{total} {shape}")
+                log.info("warm_up", shape=shape, of=f"{i + 1}/{total}")
+
+        threading.Thread(target=keep_alive, name="warm-up", daemon=True).start()
+        try:
+            report = self.models.warm_up(progress)
+        except Exception:  # a warm-up is an optimisation: a failure is logged and the jobs compile as they come
+            log.exception("warm_up_failed")
+            report = []
+        finally:
+            done.set()
+        if report:
+            log.info("warmed_up", shapes=report)
+            self.service.status(f"ready; watching {self.s.inbox_dir}")
 
     def _main_loop(self) -> int:
         failures = 0

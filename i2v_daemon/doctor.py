@@ -18,18 +18,17 @@ import shutil
 import stat
 import struct
 import subprocess
-import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from i2v_daemon.models.hub import HubProbe, hub_cli
+
 GIB = 2**30
 #: below this much free GPU memory the model (about 5 GiB in fp16) and a job will not fit
 MIN_FREE_VRAM = 6 * GIB
 #: the longest one look at the Hugging Face Hub may take; its own client retries for half a minute
-HUB_PROBE_SECONDS = 5.0
 #: where the systemd unit keeps the model cache (Environment=HF_HOME=%C/i2v-daemon/huggingface)
 SERVICE_HF_HOME = Path("/var/cache/i2v-daemon/huggingface")
 #: how a problem of a pipeline that is only partly there begins (a download or copy that stopped)
@@ -61,6 +60,7 @@ def run_checks(settings: Any, *, min_free_gib: float = 5.0) -> list[Check]:
         ("rife_model", lambda: check_rife_model(settings)),
         ("on_finish", lambda: check_on_finish(settings)),
         ("api_token_file", lambda: check_api_token_file(settings)),
+        ("accelerate", lambda: check_accelerate(settings)),
     ]
     checks: list[Check] = []
     for name, probe in probes:
@@ -322,14 +322,14 @@ def _open_database(url: str, shown: str, *, postgres: bool) -> list[Check]:
 
 def check_models(settings: Any) -> list[Check]:
     """The default model and every entry of `models`: each is something `run` or a job loads."""
-    hub = _HubProbe()
+    hub = HubProbe()
     out = [_model_check("model", settings.model, hub, name=None)]
     for name, model in settings.models.items():
         out.append(_model_check(f"models.{name}", model, hub, name=name))
     return out
 
 
-def _model_check(key: str, model: str, hub: _HubProbe, *, name: str | None) -> Check:
+def _model_check(key: str, model: str, hub: HubProbe, *, name: str | None) -> Check:
     from huggingface_hub.utils import validate_repo_id
 
     from i2v_daemon.errors import I2VError
@@ -420,7 +420,7 @@ def _has_weights(sub: Path) -> bool:
     return any(n.endswith(_WEIGHTS) and not re.search(r"-\d{5}-of-\d{5}\.", n) for n in files)
 
 
-def _hub_model(key: str, model: str, hub: _HubProbe, *, never: str, not_now: str) -> Check:
+def _hub_model(key: str, model: str, hub: HubProbe, *, never: str, not_now: str) -> Check:
     import huggingface_hub
     from huggingface_hub import constants
 
@@ -457,17 +457,17 @@ def _hub_model(key: str, model: str, hub: _HubProbe, *, never: str, not_now: str
     if verdict == "gated":
         return Check("fail", key, f"{model} is gated on the Hub: it needs a logged-in user who accepted its terms "
                      f"— {never}", f"accept them on https://huggingface.co/{model}, then, as the daemon's user: "
-                     f"{_hf_home_prefix()}{_hub_cli()} auth login; then {get_it}")
+                     f"{_hf_home_prefix()}{hub_cli()} auth login; then {get_it}")
     if verdict == "missing":
         return Check("fail", key, f"{model}: no such repo on the Hub, or a private one ({detail}) — {never}",
                      f"check the repo id on https://huggingface.co/{model}; a private repo needs "
-                     f"`{_hub_cli()} auth login` as the daemon's user")
+                     f"`{hub_cli()} auth login` as the daemon's user")
     if verdict == "not_pipeline":
         return Check("fail", key, f"{model} has no model_index.json on the Hub, so it is not a diffusers pipeline "
                      f"— {never}", f"set {key} to a diffusers repo such as ali-vilab/i2vgen-xl")
     if verdict == "refused":
         return Check("fail", key, f"the Hub refused {model} ({detail}) — {never}",
-                     f"check the repo id and your token (`{_hub_cli()} auth whoami`)")
+                     f"check the repo id and your token (`{hub_cli()} auth whoami`)")
     size = " (about 10 GB)" if model == "ali-vilab/i2vgen-xl" else ""
     return Check("ok", key, f"{model} is on the Hub, not in the cache yet: the first load downloads it{size} "
                  f"into {cache}")
@@ -480,7 +480,7 @@ _OFFLINE_ADVICE = (
 
 
 def _download_advice(key: str, model: str) -> str:
-    hf = _hub_cli()
+    hf = hub_cli()
     advice = (f"download it once, with network access, as the daemon's user: {_hf_home_prefix()}{hf} download {model}; "
               f"to run without the network afterwards, set HF_HUB_OFFLINE=1 in the daemon's environment, or download "
               f"it to a folder ({hf} download {model} --local-dir DIR) and set {key} = \"DIR\"")
@@ -502,23 +502,6 @@ def _hf_home_prefix() -> str:
     return f"HF_HOME={constants.HF_HOME} "
 
 
-def _hub_cli() -> str:
-    """The installed huggingface_hub's command, from its entry points: `hf` (1.0 on) or `huggingface-cli` (before)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        names = {ep.name for ep in distribution("huggingface_hub").entry_points if ep.group == "console_scripts"}
-    except PackageNotFoundError:
-        names = set()
-    for name in ("hf", "huggingface-cli"):
-        if name in names:
-            beside = Path(sys.executable).parent / name  # the venv's bin/, which need not be on PATH
-            if beside.is_file() and shutil.which(name) != str(beside):
-                return str(beside)
-            return name
-    return f"{sys.executable} -m huggingface_hub.cli.hf"
-
-
 def _cached_bytes(cache: Path, model: str) -> int:
     blobs = cache / f"models--{model.replace('/', '--')}" / "blobs"
     try:
@@ -531,72 +514,37 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
-class _HubProbe:
-    """Asks the Hub about a repo with one bounded request; once the Hub did not answer, it is not asked again."""
-
-    def __init__(self, seconds: float = HUB_PROBE_SECONDS) -> None:
-        self.seconds = seconds
-        self.down: str | None = None
-        self.seen: dict[str, tuple[str, str]] = {}
-
-    def ask(self, model: str) -> tuple[str, str]:
-        """("ok" | "down" | "gated" | "missing" | "not_pipeline" | "refused", detail) for `model`'s model_index.json."""
-        if self.down is not None:
-            return "down", self.down
-        if model not in self.seen:
-            verdict = _bounded(lambda: _head_model_index(model, self.seconds), self.seconds)
-            if verdict is None:
-                verdict = ("down", f"no answer within {self.seconds:g} s")
-            if verdict[0] == "down":
-                self.down = verdict[1]
-            self.seen[model] = verdict
-        return self.seen[model]
+# ---- the fast path -------------------------------------------------------------------------------
 
 
-def _head_model_index(model: str, seconds: float) -> tuple[str, str]:
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+def check_accelerate(settings: Any) -> list[Check]:
+    """`accelerate`: whether the compiled fast path will run here, and what its compile cache holds."""
+    from i2v_daemon.models.compile_cache import describe as describe_cache
+    from i2v_daemon.models.gpu import describe as describe_gpu
+    from i2v_daemon.models.holder import resolve_accelerate
 
-    # The telemetry part of the user agent first fetches a list of "agent harnesses" from the Hub
-    # (3 s more on a dead network) and caches it under HF_HOME: doctor wants one request, no writes.
-    constants.HF_HUB_DISABLE_TELEMETRY = True
-    try:
-        # One HEAD: get_hf_file_metadata does not retry, where hf_hub_download backs off for ~25 s.
-        get_hf_file_metadata(hf_hub_url(model, "model_index.json"), timeout=seconds)
-    except GatedRepoError as err:
-        return "gated", _first_line(err)
-    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        return "missing", _first_line(err)
-    except EntryNotFoundError as err:
-        return "not_pipeline", _first_line(err)
-    except HfHubHTTPError as err:
-        status = getattr(err.response, "status_code", None)
-        if status is not None and 400 <= status < 500 and status not in (408, 429):
-            return "refused", f"HTTP {status}: {_first_line(err)}"
-        return "down", _first_line(err)
-    except Exception as err:  # connection refused, DNS, timeouts, TLS: the network, not the repo
-        return "down", _first_line(err)
-    return "ok", ""
-
-
-def _bounded(fn: Callable[[], tuple[str, str]], seconds: float) -> tuple[str, str] | None:
-    """fn() in a daemon thread; None when it has not returned within `seconds` (DNS lookups ignore socket timeouts)."""
-    box: list[tuple[str, str]] = []
-    thread = threading.Thread(target=lambda: box.append(fn()), name="doctor-hub-probe", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return box[0] if box else None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if describe_gpu()["cuda_available"] else "cpu"
+    on = resolve_accelerate(settings.accelerate, device)
+    root = Path(settings.data_dir) / "cache" / "compile"
+    cache = describe_cache(root)
+    state = "on" if on else "off"
+    msg = f'accelerate = "{settings.accelerate}": the fast path is {state} on {device}'
+    if on:
+        held = (f"{cache['size_bytes'] / 2**20:.0f} MiB, {cache['artifact_files']} artifact file(s)"
+                if cache["exists"] else "empty: the first job at each size compiles (minutes on a GPU), later "
+                "starts reuse it")
+        msg += f"; compile cache {cache['folder']} ({held})"
+        if settings.warm_up:
+            msg += "; the presets' shapes are compiled at start-up (warm_up)"
+    out = [Check("ok", "accelerate", msg)]
+    if cache["other_keys"]:
+        stale = ", ".join(cache["other_keys"])
+        out.append(Check("warn", "accelerate",
+                         f"{root} also holds caches for other torch/driver/GPU versions ({stale})",
+                         f"they are no longer used and can be deleted: rm -r {root}/<key>"))
+    return out
 
 
 # ---- frame interpolation: the RIFE weights ------------------------------------------------------

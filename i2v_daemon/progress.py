@@ -11,6 +11,7 @@ neither for `stall_seconds` is stalled: its lease is no longer renewed, so it is
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +28,18 @@ CPU_ACTIVITY = 0.02
 
 
 def thread_activity(native_id: int) -> tuple[float, int]:
-    """(CPU seconds, bytes read and written) of one thread of this process, from /proc (0s if unreadable)."""
-    cpu, io = 0.0, 0
+    """(CPU seconds, bytes read and written) of one thread of this process, from /proc (0s if unreadable).
+
+    The CPU time of finished child processes counts too: a cold `torch.compile` spends minutes in
+    compiler subprocesses while the worker thread waits for them.
+    """
+    times = os.times()
+    cpu, io = times.children_user + times.children_system, 0
     try:
         with open(f"/proc/self/task/{native_id}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
         ticks = 100.0  # USER_HZ; os.sysconf would say, and it is 100 on every Linux we run on
-        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        cpu += (int(fields[11]) + int(fields[12])) / ticks
     except (OSError, IndexError, ValueError):
         pass
     try:
@@ -97,10 +103,11 @@ class JobProgress:
             self.step, self.total = step, total
             self.step_times.append(self.clock())
             self._progressed()
-            due = switched or step == total or self.clock() - self._last_write >= WRITE_INTERVAL
+            first = switched or step == 1  # the ETA's clock starts at step 1's report
+            due = first or step == total or self.clock() - self._last_write >= WRITE_INTERVAL
         if not due:
             return self.cancel
-        return self._write(phase="denoising" if switched else None, step=step, total=total)
+        return self._write(phase="denoising" if first else None, step=step, total=total)
 
     def denoise_seconds(self) -> float | None:
         """Seconds all the denoising steps took, from the time between the first and the last (for ETAs)."""

@@ -110,6 +110,7 @@ class Settings(BaseSettings):
 
     # speed (INTERFACE.md §8)
     accelerate: Literal["auto", "on", "off"] = "auto"
+    warm_up: bool = True  # with the fast path on: compile the presets' shapes at start, before the first job
     scheduler: Literal["default", "ddim", "dpm++"] = "default"  # default: the family's own
 
     @classmethod

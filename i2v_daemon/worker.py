@@ -221,14 +221,17 @@ class Worker:
         def on_step(step: int, total: int) -> None:
             cancel = progress.advance(step, total)
             self._hook(self.on_progress, job, step, total)
-            if step == total:
-                progress.enter("decoding")
             if cancel or self.stop_now:
                 raise JobCanceled(f"stopped at step {step} of {total}")
 
+        def on_phase(phase: str) -> None:  # compiling, denoising, decoding: from inside generate()
+            if progress.enter(phase) or self.stop_now:
+                raise JobCanceled(f"stopped while {phase}")
+            self._hook(self.on_phase, job, phase)
+
         outcome = generate(
             model, image, job.prompt, job.negative_prompt, job.params,
-            ladder=self.s.resolution_ladder, on_step=on_step, on_try=on_try,
+            ladder=self.s.resolution_ladder, on_step=on_step, on_try=on_try, on_phase=on_phase,
             memory=self.models.memory if self.models else None, lora_dir=self.s.lora_dir,
         )
         notes = [*job.notes, *image_notes, *outcome.notes]

@@ -277,3 +277,40 @@ def test_an_encode_that_fails_once_is_done_again_from_the_saved_frames_without_r
     log = (env.output / "cat" / "job.log").read_text()
     assert "will_retry" in log and "frames_reused" in log
     assert not (env.output / "cat" / "frames.npy").exists()
+
+
+# ---- a model that cannot be had right now -------------------------------------------------------------
+
+
+def test_a_hub_model_that_cannot_be_fetched_keeps_jobs_queued_with_the_reason_and_run_once_exits_78(env: Env, drop):
+    write_config(env.config, env.data, "someone/not-cached-anywhere")
+    drop("cat", (".txt", "a cat"))
+    once = env.cli("run", "--once", env={"HF_HUB_OFFLINE": "1"})
+    assert once.returncode == 78, once.stderr[-2000:]
+    job = job_of(env, "cat")
+    assert job is not None and job["status"] == "queued" and job["attempts"] == 0  # taken in, kept, no attempt used
+    status = env.cli("status", check=True).stdout
+    assert "problem" in status and "cannot load the model someone/not-cached-anywhere" in status
+    assert "HF_HUB_OFFLINE" in status and "hf download someone/not-cached-anywhere" in status
+    doctor = env.cli("doctor", env={"HF_HUB_OFFLINE": "1"})
+    assert doctor.returncode == 1 and "FAIL" in doctor.stdout
+
+
+def test_the_daemon_starts_without_a_model_it_cannot_fetch_takes_drops_and_says_why_they_wait(env: Env, drop):
+    write_config(env.config, env.data, "someone/not-cached-anywhere")
+    daemon = env.start(env={"HF_HUB_OFFLINE": "1"})
+    try:
+        wait_ready(daemon)
+        assert '"model_unavailable"' in daemon_log(daemon) and '"model_loaded": false' in daemon_log(daemon)
+        drop("cat", (".txt", "a cat"))
+        wait_for(lambda: (j := job_of(env, "cat")) and j["status"] == "queued", what="the drop to be queued")
+        assert "cannot load the model" in env.cli("status", check=True).stdout
+        assert daemon.poll() is None  # still serving: intake goes on, the load is tried again later
+    finally:
+        assert stop_daemon(daemon) == 0
+
+
+def test_a_model_folder_that_does_not_exist_can_never_load_and_stops_run_with_78(env: Env, tmp_path: Path):
+    write_config(env.config, env.data, tmp_path / "no-such-folder")
+    proc = env.cli("run")
+    assert proc.returncode == 78 and "does not exist" in proc.stderr

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from i2v_daemon.errors import ConfigError, GenerationError, I2VError, InputError
+from i2v_daemon.errors import ConfigError, EnvironmentProblem, GenerationError, I2VError, InputError
 
 DEFAULT = "default"
 #: On a GPU, the share of the budget that warm models' weights may take together.
@@ -305,6 +305,8 @@ class ModelHolder:
                     self._evict(other)
                 gpu.free_memory(device)
                 model = load_model(model_id, self.device, self.dtype)
+        except EnvironmentProblem:
+            raise  # cannot be fetched now: the daemon keeps the jobs and tries again later
         except I2VError as err:
             if name == DEFAULT:
                 raise ConfigError(f"model: {err}") from err

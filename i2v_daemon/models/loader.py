@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from i2v_daemon.errors import ConfigError, GenerationError, I2VError
+from i2v_daemon.errors import ConfigError, I2VError, ModelUnavailable
 
 if TYPE_CHECKING:
     from i2v_daemon.models.base import VideoModel
@@ -103,32 +103,54 @@ def local_folder(model: str) -> Path | None:
     return None
 
 
-def model_unavailable(model: str, err: BaseException) -> GenerationError:
-    """The error to raise when a Hub model cannot be found or downloaded (offline, typo, gated)."""
-    return GenerationError(
-        f"model {model!r} could not be found or downloaded from the Hugging Face Hub "
-        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}). "
-        f"Check the repo id, or download it once on a machine with network access "
-        f"(`huggingface-cli download {model}`, which fills the Hugging Face cache under $HF_HOME), "
-        "or set `model` to a local diffusers folder."
+def model_unavailable(model: str, why: BaseException | str) -> ModelUnavailable:
+    """A Hub model that cannot be fetched right now (not cached, and offline or the Hub unreachable)."""
+    from i2v_daemon.models.hub import hub_cli
+
+    detail = why if isinstance(why, str) else f"{type(why).__name__}: {str(why).splitlines()[0] if str(why) else '-'}"
+    return ModelUnavailable(
+        f"model {model!r} is not (completely) in the Hugging Face cache and cannot be downloaded now ({detail}). "
+        f"Download it once where the Hub can be reached (`HF_HOME=$HF_HOME {hub_cli()} download {model}`, "
+        "with the daemon's HF_HOME), then set HF_HUB_OFFLINE=1 to run offline; or set `model` to a local "
+        "diffusers folder. The daemon keeps the jobs queued and tries again."
     )
 
 
 def _download_model_index(model: str) -> Path:
-    """model_index.json of a Hub repo, from the local cache or the network."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    """model_index.json of a Hub repo: from the cache, else after one bounded question to the Hub.
+
+    ConfigError when the repo can never serve (unknown, gated, not a diffusers pipeline, a bad id);
+    ModelUnavailable when it cannot be fetched right now (offline, the Hub unreachable or overloaded).
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    from i2v_daemon.models.hub import HUB_PROBE_SECONDS, HubProbe
 
     try:
-        return Path(hf_hub_download(model, "model_index.json"))
-    except LocalEntryNotFoundError as err:  # offline and not cached; a subclass of the next one
-        raise model_unavailable(model, err) from err
-    except EntryNotFoundError as err:
+        return Path(hf_hub_download(model, "model_index.json", local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass  # not cached
+    except (HFValidationError, ValueError) as err:
+        raise ConfigError(f"model {model!r} is not a valid Hugging Face repo id ({err}); set `model`.") from err
+    if constants.HF_HUB_OFFLINE:
+        raise model_unavailable(model, "HF_HUB_OFFLINE is set and it is not cached")
+    verdict, detail = HubProbe(seconds=2 * HUB_PROBE_SECONDS).ask(model)
+    if verdict == "down":
+        raise model_unavailable(model, f"the Hub did not answer: {detail}")
+    if verdict == "not_pipeline":
         raise ConfigError(
             f"Hub repo {model!r} has no model_index.json, so it is not a diffusers pipeline; "
             "set `model` to a diffusers repo such as 'ali-vilab/i2vgen-xl'."
-        ) from err
-    except (OSError, ValueError) as err:  # network errors, unknown or gated repos, invalid ids
+        )
+    if verdict != "ok":  # missing, gated, refused: no retry makes it work
+        raise ConfigError(f"model {model!r} cannot be had from the Hugging Face Hub ({detail}); check `model` "
+                          "(and, for a gated repo, the daemon's token).")
+    try:
+        return Path(hf_hub_download(model, "model_index.json"))
+    except (OSError, ValueError) as err:  # the network went away in between
+        raise model_unavailable(model, err) from err
+    except Exception as err:  # the HTTP client's own errors are not OSError
         raise model_unavailable(model, err) from err
 
 

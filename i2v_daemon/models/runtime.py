@@ -27,15 +27,12 @@ def load_pipeline(class_name: str, model: str, dtype: str, float32_components: t
 
     from transformers.utils import logging as transformers_logging
 
-    # Plain-text warnings (deprecations, a missing torchvision) would break the JSON lines of our
-    # log, and loading bars would land in the journal as noise: errors still come through, and
-    # job progress comes from on_step. Set before diffusers imports the transformers classes.
-    transformers_logging.set_verbosity_error()
+    # The libraries' log records go through our one pipeline (logs.py decides their level); their
+    # loading bars would land in the journal as noise, and job progress comes from on_step.
     transformers_logging.disable_progress_bar()
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     pipeline_class = getattr(diffusers, class_name, None)
     if pipeline_class is None:
