@@ -43,9 +43,9 @@ lint: install-test
 typecheck: install-test
 	$(BIN)/mypy
 
-# The whole suite: about 15 minutes on two cores (the tests drive the real daemon, ffmpeg, a browser).
+# The whole suite, two workers (the tests mostly wait on daemon subprocesses, ffmpeg, a browser).
 test: install-test lint typecheck
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # Day-to-day: the quick unit tests only (no daemon subprocesses), a few minutes on two cores.
 test-fast: install-test

@@ -269,16 +269,19 @@ class Daemon:
     # ---- running --------------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """`run --once`: take what is in the inbox now, process every queued job, return 0 (78: cannot run)."""
+        """`run --once`: take what is in the inbox now, process every queued job, return 0 (78: cannot run).
+
+        Its notifications are delivered in this process before it exits, one after another (each
+        bounded by its own timeout); what is not due yet (a webhook in backoff) stays owed.
+        """
         self.service.start(serve_http=False)
-        self.sender.start()
         try:
             return self._drain()
         except (StopDaemon, DatabaseGone) as err:
             log.error("stopped", reason=str(err))
             return EX_CONFIG
         finally:
-            self.sender.drain(timeout=self.s.webhook_timeout_seconds * 2)
+            self.sender.drain()
             self.sender.close()
             self.service.close()
             self.store.control.resolve_all(by=self.intake.owner)

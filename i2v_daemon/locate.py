@@ -111,8 +111,8 @@ def _marker(config: Path | None, flags: dict[str, str | None]) -> Path | None:
     for key, value in sorted(os.environ.items()):
         if key.startswith("I2V_") or key in ("STATE_DIRECTORY", "XDG_DATA_HOME"):
             h.update(f"\0{key}={value}".encode())
-    for key, value in sorted(flags.items()):
-        h.update(f"\0--{key}={value}".encode())
+    for flag, given in sorted(flags.items()):
+        h.update(f"\0--{flag}={given}".encode())
     base = os.environ.get("XDG_CACHE_HOME") or (str(Path.home() / ".cache") if Path.home() != Path("/") else "")
     if not base:
         return None

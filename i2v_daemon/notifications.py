@@ -69,7 +69,8 @@ class Sender:
         self.stopping.set()
         self.wake.set()
         for t in self._threads:
-            t.join(timeout)
+            if t.is_alive():  # `run --once` delivers in its own thread and never starts these
+                t.join(timeout)
         try:
             left = self.outbox.pending()
         except Exception:  # the database may be what stopped us
@@ -77,9 +78,9 @@ class Sender:
         if left:
             log.info("outbox_pending_at_stop", notifications=left, note="the next daemon to start delivers them")
 
-    def drain(self, timeout: float) -> None:
-        """Deliver what is due now, for up to `timeout` seconds (`run --once` before it exits)."""
-        deadline = time.monotonic() + timeout
+    def drain(self, timeout: float | None = None) -> None:
+        """Deliver, in this thread, what is due now (`run --once` before it exits); `timeout` bounds the whole."""
+        deadline = time.monotonic() + timeout if timeout is not None else float("inf")
         for kind in self.deliver:
             while time.monotonic() < deadline and self.run_once(kind):
                 pass

@@ -165,13 +165,15 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 120) -> None:
     raise AssertionError(f"the daemon did not get ready:\n{daemon_log(proc)[-3000:]}")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 120, what: str = "condition",
+             interval: float = 0.1) -> Any:
+    """The predicate's first true value, polled every `interval`; a test failure naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 

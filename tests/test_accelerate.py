@@ -28,7 +28,9 @@ from i2v_daemon.jobs import Params
 from i2v_daemon.models.accelerate import host_timesteps
 from i2v_daemon.models.holder import ModelHolder, resolve_accelerate
 
-pytestmark = pytest.mark.slow
+# One worker (under pytest-xdist) runs these and test_bench.py, in that order: the bench then finds the
+# compile cache these tests filled.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile-cache")]
 ROOT = Path(__file__).resolve().parents[1]
 
 #: A 16:9 image at resolution 64: 112×64, as the benchmark's tiny cases (which then find the graph cached).

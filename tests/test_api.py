@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_image
-from tests.test_api_server import Api, api_fixture, wait_until  # noqa: F401
+from tests.conftest import make_image, wait_for
+from tests.test_api_server import Api, api_fixture  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def job_count(api: Api) -> int:
 
 def finished(api: Api, job_id: int, timeout: float = 180) -> dict:
     client = api.client()
-    return wait_until(
+    return wait_for(
         lambda: (j := client.get(f"/api/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed", "canceled")
         and j, timeout=timeout, what=f"job {job_id} to finish",
     )

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import age, make_image
+from tests.conftest import age, make_image, wait_for
 from tests.databases import BACKENDS, database
 from tests.test_api import finished, png, submit
-from tests.test_api_server import Api, close_api, open_api, wait_until
+from tests.test_api_server import Api, close_api, open_api
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,7 @@ def test_a_dropped_jobs_video_honours_range_and_its_poster_log_and_manifest_are_
         jobs = client.get("/api/v1/jobs", params={"limit": 50}).json()["jobs"]
         return next((j for j in jobs if j["name"] == "fox" and j["status"] == "succeeded"), None)
 
-    job = wait_until(fox, timeout=180, what="the dropped fox to succeed")
+    job = wait_for(fox, timeout=180, what="the dropped fox to succeed")
     base = f"/api/v1/jobs/{job['id']}"
     on_disk = Path(job["output"]).read_bytes()
     whole = client.get(f"{base}/video")
@@ -197,7 +197,7 @@ def test_cancel_and_retry_answer_as_the_cli_does_with_200_409_and_404(api: Api, 
 
 
 def cancel_then_retry(api: Api, client: httpx.Client, long: int, behind: int) -> None:
-    wait_until(lambda: client.get(f"/api/v1/jobs/{long}").json()["step"] >= 1, what="the long job to step")
+    wait_for(lambda: client.get(f"/api/v1/jobs/{long}").json()["step"] >= 1, what="the long job to step")
     running = client.get(f"/api/v1/jobs/{long}").json()
     assert running["status"] == "running" and running["phase"] and running["position"] is None
     waiting = client.get(f"/api/v1/jobs/{behind}").json()

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.browser import chromium, require_chromium, wait_for
-from tests.conftest import age, make_image
+from tests.browser import chromium, require_chromium
+from tests.browser import wait_for as wait_in_page
+from tests.conftest import age, make_image, wait_for
 from tests.test_api import finished, png, submit
-from tests.test_api_server import Api, api_fixture, wait_until  # noqa: F401
+from tests.test_api_server import Api, api_fixture  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def test_a_person_signs_in_sees_results_and_sends_a_job_that_finishes_without_a_
     from selenium.webdriver.support.ui import Select
 
     drop(api, "heron", (".txt", "a heron lifts one foot"), size=(120, 80))
-    done = wait_until(lambda: job_named(api, "heron", "succeeded"), timeout=180, what="the dropped heron")
+    done = wait_for(lambda: job_named(api, "heron", "succeeded"), timeout=180, what="the dropped heron")
 
     with chromium(tmp_path / "profile") as driver:
         # Without the cookie: only the token form, nothing from the API.
@@ -61,13 +62,13 @@ def test_a_person_signs_in_sees_results_and_sends_a_job_that_finishes_without_a_
         field = driver.find_element(By.NAME, "token")
         field.send_keys(api.token)
         field.submit()  # GET /?token=… → cookie → redirect to /
-        wait_for(driver, lambda d: d.find_elements(By.ID, "results"), what="the page after signing in")
+        wait_in_page(driver, lambda d: d.find_elements(By.ID, "results"), what="the page after signing in")
         assert "token=" not in driver.current_url
         assert driver.execute_script("return document.cookie") == ""  # HttpOnly: no script can read it
         loaded_at = driver.execute_script("return window.__i2vLoadedAt")
 
         # The finished job: its poster and an inline player that can play the video.
-        result = wait_for(driver, lambda d: card(d, done["id"], "succeeded"), what="the heron's result card")
+        result = wait_in_page(driver, lambda d: card(d, done["id"], "succeeded"), what="the heron's result card")
         video = result.find_element(By.TAG_NAME, "video")
         assert video.get_attribute("poster").endswith(f"/api/v1/jobs/{done['id']}/poster")
         poster_width = driver.execute_async_script(
@@ -85,10 +86,10 @@ def test_a_person_signs_in_sees_results_and_sends_a_job_that_finishes_without_a_
         # The paused banner follows `i2v-daemon pause` / `resume` on any host, without a reload.
         api.env.cli("pause", check=True)
         try:
-            wait_for(driver, lambda d: d.find_element(By.ID, "paused").is_displayed(), what="the paused banner")
+            wait_in_page(driver, lambda d: d.find_element(By.ID, "paused").is_displayed(), what="the paused banner")
         finally:
             api.env.cli("resume", check=True)
-        wait_for(driver, lambda d: not d.find_element(By.ID, "paused").is_displayed(), what="the banner to go")
+        wait_in_page(driver, lambda d: not d.find_element(By.ID, "paused").is_displayed(), what="the banner to go")
 
         # Send a job with the form: it appears and finishes on this page, without a reload.
         image = make_image(tmp_path / "otter.png", (96, 64))
@@ -96,12 +97,12 @@ def test_a_person_signs_in_sees_results_and_sends_a_job_that_finishes_without_a_
         driver.find_element(By.ID, "f-prompt").send_keys("an otter rolls over")
         Select(driver.find_element(By.ID, "f-preset")).select_by_value("tiny")
         driver.find_element(By.ID, "f-send").click()
-        message = wait_for(driver, lambda d: re.search(r"Queued as #(\d+)", d.find_element(By.ID, "form-msg").text),
+        message = wait_in_page(driver, lambda d: re.search(r"Queued as #(\d+)", d.find_element(By.ID, "form-msg").text),
                            what="the form's answer")
         job_id = int(message.group(1))
-        wait_for(driver, lambda d: card(d, job_id, "succeeded"), what=f"job {job_id} to finish on the page")
+        wait_in_page(driver, lambda d: card(d, job_id, "succeeded"), what=f"job {job_id} to finish on the page")
         assert driver.execute_script("return window.__i2vLoadedAt") == loaded_at
-        wait_for(driver, lambda d: "an otter rolls over" in card(d, job_id).text, what="the otter's prompt")
+        wait_in_page(driver, lambda d: "an otter rolls over" in card(d, job_id).text, what="the otter's prompt")
         job = api.client().get(f"/api/v1/jobs/{job_id}").json()
         assert job["name"] == "otter" and job["requested"]["preset"] == "tiny"
 
@@ -114,7 +115,7 @@ def screenshot(api: Api, driver: Any, tmp_path: Path) -> None:
 
     client = api.client()
     drop(api, "owl", (".json", json.dumps({"prompt": "an owl", "step": 4})))  # fails: did you mean 'steps'?
-    wait_until(lambda: job_named(api, "owl", "failed"), timeout=120, what="the owl to fail")
+    wait_for(lambda: job_named(api, "owl", "failed"), timeout=120, what="the owl to fail")
     long = submit(client, png(tmp_path, "lighthouse.png", (128, 80)), name="lighthouse.png",
                   params={"prompt": "waves roll past a lighthouse at dusk", "steps": 400}).json()["id"]
     queued = [
@@ -126,8 +127,8 @@ def screenshot(api: Api, driver: Any, tmp_path: Path) -> None:
             found = re.search(r"step (\d+)/400", " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, ".running")))
             return int(found.group(1)) if found else 0
 
-        wait_for(driver, lambda d: step(d) >= 40, what="the running job's steps")  # a bar with some length
-        wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#queue li")) >= 2, what="the queue")
+        wait_in_page(driver, lambda d: step(d) >= 40, what="the running job's steps")  # a bar with some length
+        wait_in_page(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#queue li")) >= 2, what="the queue")
         target = Path(os.environ.get("I2V_PAGE_SCREENSHOT") or tmp_path / "page.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(target))

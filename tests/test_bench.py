@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile-cache")]  # after test_accelerate.py
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -137,10 +137,15 @@ def test_status_watch_redraws_in_place_on_a_terminal_and_prints_blocks_otherwise
     command = [sys.executable, "-m", "i2v_daemon.cli", "status", "--watch", "--interval", "0.3", "--limit", "2",
                "--data-dir", str(data)]
     piped = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    time.sleep(2.5)
+    assert piped.stdout is not None
+    blocks = 0
+    while blocks < 2:  # one block per interval, for as long as it runs
+        line = piped.stdout.readline()
+        assert line, "status --watch stopped printing"
+        blocks += line.startswith("queued 300")
+        assert "\033[2J" not in line  # not a terminal: no screen clearing
     piped.terminate()
-    out, _ = piped.communicate(timeout=10)
-    assert out.count("queued 300") >= 2 and "\033[2J" not in out
+    piped.communicate(timeout=10)
     main, child = pty.openpty()
     tty = subprocess.Popen(command, stdout=child, stderr=child, env=env, cwd=ROOT)
     os.close(child)

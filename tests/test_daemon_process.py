@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SUBPROCESS_ENV, Env, make_image
+from tests.conftest import SUBPROCESS_ENV, Env, make_image, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,16 +24,6 @@ def start_daemon(env: Env, *extra: str, extra_env: dict[str, str] | None = None)
         [sys.executable, "-m", "i2v_daemon.cli", "run", "--config", str(env.config), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
     )
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[int, str]:
