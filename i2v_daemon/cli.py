@@ -23,34 +23,24 @@ LIGHT = frozenset({"status", "show", "cancel", "retry", "pause", "resume"})
 MAX_ID = 2**63 - 1
 
 
-def _job_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a whole number such as 42)") from None
-    if not 1 <= value <= MAX_ID:
-        raise argparse.ArgumentTypeError(f"{text} is not a job id: ids are between 1 and {MAX_ID}")
-    return value
+def _within(kind: type, low: float, high: float, what: str, unit: str = "") -> Any:
+    """An argparse type: a number of `kind` in [low, high], or a usage error saying what to use."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {low} to {high}{unit}")
+        return value
+
+    return parse
 
 
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0 to 1000000")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0.1 to 3600 seconds")
-    return value
+_job_id = _within(int, 1, MAX_ID, "a job id (a whole number such as 42)")
+_limit = _within(int, 0, 1_000_000, "a whole number")
+_seconds = _within(float, 0.1, 3600.0, "a number of seconds", " seconds")
 
 
 def _parser() -> argparse.ArgumentParser:
