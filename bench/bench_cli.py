@@ -37,7 +37,9 @@ def main() -> int:
     from i2v_daemon.params import Params
     from i2v_daemon.store import Store
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("I2V_")}
+    # As a user runs it: bytecode is cached (a session or CI may set PYTHONDONTWRITEBYTECODE, which would
+    # make only our modules be compiled from source on every run, SQLAlchemy's .pyc being installed).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("I2V_") and k != "PYTHONDONTWRITEBYTECODE"}
     out: dict[str, object] = {"machine": f"{os.cpu_count()} cores", "python": sys.version.split()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         for label, jobs in (("empty", 0), ("1000_jobs", 1000)):

@@ -8,7 +8,6 @@ torch), never create or migrate a database, and answer in about the time SQLAlch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -43,8 +42,25 @@ _limit = _within(int, 0, 1_000_000, "a whole number")
 _seconds = _within(float, 0.1, 3600.0, "a number of seconds", " seconds")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, told the terminal's width up front (it would import shutil to ask, every run)."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ.get("COLUMNS") or os.get_terminal_size(2).columns)
+        except (OSError, ValueError):
+            width = 80
+        super().__init__(prog, width=max(40, width - 2))
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config", metavar="FILE", help="TOML config file (else $I2V_CONFIG, else /etc/i2v-daemon/config.toml)"
     )
@@ -53,11 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     common.add_argument("--log-format", choices=["auto", "console", "json"])
 
-    p = argparse.ArgumentParser(
-        prog="i2v-daemon", description="Turn images and prompts dropped in a folder into videos."
-    )
+    p = _Parser(prog="i2v-daemon", description="Turn images and prompts dropped in a folder into videos.")
     p.add_argument("--version", action="version", version=f"i2v-daemon {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[common], help="the daemon")
     run.add_argument(
@@ -180,6 +194,8 @@ def _job_command(store: Any, args: argparse.Namespace) -> int:
     from i2v_daemon import ops
 
     if args.command == "show":
+        import json
+
         from i2v_daemon.views import describe
 
         job = store.get(args.job_id)
@@ -217,6 +233,8 @@ def _migrate(settings: Any) -> int:
 
 
 def _status(store: Any, limit: int, as_json: bool, *, watch: bool = False, interval: float = 2.0) -> int:
+    import json
+
     from i2v_daemon.status_view import render_status, status_document
 
     if not watch:
@@ -239,6 +257,8 @@ def _status(store: Any, limit: int, as_json: bool, *, watch: bool = False, inter
 
 
 def _show_text(d: dict[str, Any]) -> str:
+    import json
+
     lines = [f"job {d['id']}: {d['name']} ({d['status']})"]
     for key in ("inputs", "source", "prompt", "negative_prompt", "requested", "effective", "output", "folder",
                 "created_at", "started_at", "finished_at", "attempts", "max_attempts", "host", "device", "model"):

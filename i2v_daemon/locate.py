@@ -11,8 +11,8 @@ file's bytes, the `I2V_*` environment and the flags, so the next command finds i
 
 from __future__ import annotations
 
-import hashlib
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +102,7 @@ def _marker(config: Path | None, flags: dict[str, str | None]) -> Path | None:
     """Where the "this exact configuration was checked" marker lives (None: no cache folder can be had)."""
     from i2v_daemon import __version__
 
-    h = hashlib.sha256(f"i2v-daemon {__version__}\0".encode())
+    h = _Digest(f"i2v-daemon {__version__}\0".encode())
     if config is not None:
         try:
             h.update(str(config.resolve()).encode() + b"\0" + config.read_bytes())
@@ -117,6 +117,23 @@ def _marker(config: Path | None, flags: dict[str, str | None]) -> Path | None:
     if not base:
         return None
     return Path(base) / "i2v-daemon" / "checked-config" / h.hexdigest()
+
+
+class _Digest:
+    """Two independent 32-bit checksums and the length: enough to tell configurations apart, and zlib is
+    already loaded (hashlib's OpenSSL binding alone costs the fast commands a few milliseconds)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.crc, self.adler, self.size = 0, 1, 0
+        self.update(data)
+
+    def update(self, data: bytes) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+        self.adler = zlib.adler32(data, self.adler)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return f"{self.crc:08x}{self.adler:08x}{self.size:x}"
 
 
 def check_once(config: str | None, flags: dict[str, str | None], check: Callable[[], object]) -> None:
