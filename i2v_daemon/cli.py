@@ -263,6 +263,8 @@ def _show_text(d: dict[str, Any]) -> str:
     for key in ("inputs", "source", "prompt", "negative_prompt", "requested", "effective", "output", "folder",
                 "created_at", "started_at", "finished_at", "attempts", "max_attempts", "host", "device", "model"):
         value = d.get(key)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}  # the JSON form keeps the nulls
         if value not in (None, "", [], {}):
             lines.append(f"  {key}: {json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}")
     if d["status"] == "running":
