@@ -314,3 +314,29 @@ def test_a_model_folder_that_does_not_exist_can_never_load_and_stops_run_with_78
     write_config(env.config, env.data, tmp_path / "no-such-folder")
     proc = env.cli("run")
     assert proc.returncode == 78 and "does not exist" in proc.stderr
+
+
+def test_a_job_put_back_by_a_shutdown_and_then_canceled_says_it_had_run_and_used_no_attempt(env: Env, drop):
+    write_config(env.config, env.data, env.model_dir, shutdown_grace_seconds=0)
+    drop("slow", (".json", json.dumps({"prompt": "p", "steps": 1000})))
+    once = env.start("--once")
+    try:
+        wait_for(lambda: (j := job_of(env, "slow")) and j["step"] >= 10, what="ten steps")
+        once.send_signal(signal.SIGTERM)
+        assert once.wait(60) == 0
+    finally:
+        stop_daemon(once, signal.SIGKILL)
+    assert env.cli("cancel", "1", check=True).returncode == 0
+    env.cli("run", "--once", check=True)
+    manifest = json.loads((env.failed / "slow" / "job.json").read_text())
+    assert manifest["status"] == "canceled" and manifest["attempt_count"] == 0
+    assert manifest["error"]["message"] == ("canceled with `i2v-daemon cancel` while queued (it had run before and "
+                                            "was put back in the queue)")
+
+
+def test_run_once_resolves_device_auto_to_the_device_it_really_uses(env: Env, drop):
+    write_config(env.config, env.data, env.model_dir, device="auto")
+    drop("cat", (".txt", "a cat"))
+    env.cli("run", "--once", check=True)
+    [job] = env.status()["jobs"]
+    assert job["device"] == "cpu" and job["status"] == "succeeded"  # not "auto"
