@@ -66,8 +66,9 @@ def render_status(store: Any, limit: int, *, now: datetime | None = None) -> str
         if j.cancel_requested and not j.status.is_terminal:
             result = "cancel requested" + (f"; {result}" if result else "")
         created = (iso(j.created_at) or "")[:19].replace("T", " ")
-        # The host and GPU that ran it last; for a job that never ran, the host whose intake took it.
-        where = "/".join(x for x in (j.host, j.device) if x) or j.extra.get("intake_host") or "-"
+        # The host and GPU that ran it last; for an input turned down at intake, the host that did it.
+        where = "/".join(x for x in (j.host, j.device) if x) or (
+            j.extra.get("intake_host") if j.status.is_terminal else None) or "-"
         phase = phase_text(s) if j.status is JobStatus.RUNNING else ("staging" if j.status is JobStatus.STAGING else "")
         eta = estimator.remaining(j, now) if estimator and j.status is JobStatus.RUNNING else queue_eta.get(j.id)
         lines.append(
