@@ -65,8 +65,8 @@ class Stopper:
             log.warning("second_signal", signal=name, action="exiting now; the running job goes back to the queue")
             os._exit(128 + signum)
         self.since = time.monotonic()
-        how = (f"the running job has {self.grace_seconds:g} s to finish, then stops at its next step"
-               if self.grace_seconds else "the running job stops at its next step")
+        how = (f"a running job has {self.grace_seconds:g} s to finish, then stops at its next step"
+               if self.grace_seconds else "a running job stops at its next step")
         hint = "; press Ctrl-C again to quit at once" if signum == signal.SIGINT and sys.stderr.isatty() else ""
         log.info("stop_requested", signal=name, action=how + hint)
         self.on_stop(signum)

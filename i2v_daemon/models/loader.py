@@ -105,14 +105,16 @@ def local_folder(model: str) -> Path | None:
 
 def model_unavailable(model: str, why: BaseException | str) -> ModelUnavailable:
     """A Hub model that cannot be fetched right now (not cached, and offline or the Hub unreachable)."""
+    from huggingface_hub import constants
+
     from i2v_daemon.models.hub import hub_cli
 
     detail = why if isinstance(why, str) else f"{type(why).__name__}: {str(why).splitlines()[0] if str(why) else '-'}"
     return ModelUnavailable(
         f"model {model!r} is not (completely) in the Hugging Face cache and cannot be downloaded now ({detail}). "
-        f"Download it once where the Hub can be reached (`HF_HOME=$HF_HOME {hub_cli()} download {model}`, "
-        "with the daemon's HF_HOME), then set HF_HUB_OFFLINE=1 to run offline; or set `model` to a local "
-        "diffusers folder. The daemon keeps the jobs queued and tries again."
+        f"Download it once where the Hub can be reached (`HF_HOME={constants.HF_HOME} {hub_cli()} download "
+        f"{model}`), then set HF_HUB_OFFLINE=1 to run offline; or set `model` to a local diffusers folder. "
+        "The daemon keeps the jobs queued and tries again."
     )
 
 
