@@ -314,8 +314,8 @@ class Daemon:
         """Jobs wait out a retry backoff: sleep for the next one if it is due soon; False: leave them queued."""
         from i2v_daemon.jobs import JobStatus
 
-        waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED, JobStatus.STAGING])
-        if not waiting:
+        waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED])
+        if not waiting:  # only staging left: another intake's, or one that cannot be staged (its log says why)
             return False
         soonest = min((j.not_before for j in waiting if j.not_before), default=None)
         from i2v_daemon.schema import utcnow
