@@ -239,6 +239,21 @@ def test_a_deleted_database_stops_the_daemon_with_78_and_status_does_not_make_a_
     assert not (env.data / "jobs.db").exists()
 
 
+def test_a_database_replaced_by_another_file_stops_the_daemon_with_78(env: Env):
+    daemon = env.start()
+    try:
+        wait_ready(daemon)
+        db = env.data / "jobs.db"
+        other = env.data / "restored.db"
+        other.write_bytes(db.read_bytes())  # e.g. a backup copied back over the live file
+        os.replace(other, db)
+        assert daemon.wait(30) == 78
+    finally:
+        stop_daemon(daemon, signal.SIGKILL)
+    log = daemon_log(daemon)
+    assert "was replaced by another file while the daemon ran" in log and '"daemon_cannot_go_on"' in log
+
+
 def test_a_data_dir_with_a_question_mark_and_a_percent_keeps_jobs_db_inside_it(tmp_path: Path, tiny_i2vgen_dir):
     data = tmp_path / "odd?name%2Fhere"
     (data / "inbox").mkdir(parents=True)
