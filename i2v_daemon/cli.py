@@ -15,11 +15,11 @@ from typing import Any
 
 from i2v_daemon import __version__, cli_ops
 from i2v_daemon.errors import ConfigError, DatabaseGone
+from i2v_daemon.jobs import MAX_JOB_ID
 
 EX_OK, EX_FAILED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 #: Commands that need only the job database (the fast path).
 LIGHT = frozenset({"status", "show", "cancel", "retry", "pause", "resume"})
-MAX_ID = 2**63 - 1
 
 
 def _within(kind: type, low: float, high: float, what: str, unit: str = "") -> Any:
@@ -37,7 +37,7 @@ def _within(kind: type, low: float, high: float, what: str, unit: str = "") -> A
     return parse
 
 
-_job_id = _within(int, 1, MAX_ID, "a job id (a whole number such as 42)")
+_job_id = _within(int, 1, MAX_JOB_ID, "a job id (a whole number such as 42)")
 _limit = _within(int, 0, 1_000_000, "a whole number")
 _seconds = _within(float, 0.1, 3600.0, "a number of seconds", " seconds")
 

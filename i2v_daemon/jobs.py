@@ -26,6 +26,8 @@ class JobStatus(enum.StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+#: Job ids are 64-bit signed integers in both databases; a larger number names no job.
+MAX_JOB_ID = 2**63 - 1
 
 #: The only status changes the store will write. Anything else is a bug or a race lost.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {

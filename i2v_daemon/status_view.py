@@ -52,7 +52,8 @@ def render_status(store: Any, limit: int, *, now: datetime | None = None) -> str
 
         estimator = Estimator.from_tries(store.recent_tries())
     queue_eta: dict[int, float | None] = {}
-    if estimator is not None and any(j.status is JobStatus.QUEUED for j in jobs):
+    # While paused no queued job starts, so when one would is not known.
+    if estimator is not None and not pause["paused"] and any(j.status is JobStatus.QUEUED for j in jobs):
         running = [j for j in store.list_jobs(100, statuses=[JobStatus.RUNNING])]
         queue_eta = estimator.queue_eta(store.queue(QUEUE_ETA_DEPTH), running, now)
     lines.append(

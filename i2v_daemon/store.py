@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from i2v_daemon.control import Control
 from i2v_daemon.errors import DatabaseGone
-from i2v_daemon.jobs import TRANSITIONS, Job, JobRequest, JobStatus
+from i2v_daemon.jobs import MAX_JOB_ID, TRANSITIONS, Job, JobRequest, JobStatus
 from i2v_daemon.outbox import Outbox, OutboxEntry
 from i2v_daemon.schema import HEAD, aware, db_time, job_from_row, jobs, metadata, now_us, utcnow
 
@@ -545,6 +545,8 @@ class Store:
     # ---- reading --------------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job | None:
+        if not 1 <= job_id <= MAX_JOB_ID:  # no such job (and the driver could not even bind the number)
+            return None
         with self._read() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return job_from_row(row) if row else None

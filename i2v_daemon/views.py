@@ -86,8 +86,9 @@ def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: An
         ids = [q.id for q in queue]
         if job.id in ids:
             out["position"] = ids.index(job.id) + 1
-            running = store.list_jobs(100, statuses=[JobStatus.RUNNING])
-            out["eta_seconds"] = estimator.queue_eta(queue[: out["position"]], running, now).get(job.id)
+            if not store.is_paused():  # while paused no queued job starts: when this one will is not known
+                running = store.list_jobs(100, statuses=[JobStatus.RUNNING])
+                out["eta_seconds"] = estimator.queue_eta(queue[: out["position"]], running, now).get(job.id)
     return out
 
 

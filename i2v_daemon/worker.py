@@ -360,11 +360,15 @@ class Worker:
                                not_before=utcnow() + timedelta(seconds=self.s.retry_backoff_seconds))
 
 
+#: A cancel is asked for by `i2v-daemon cancel` or `POST /api/v1/jobs/{id}/cancel`; both only set the flag.
+CANCELED = "canceled on request (`i2v-daemon cancel` or the API)"
+
+
 def _canceled_before(job: Job) -> str:
     if job.tries or job.step:
-        return "canceled with `i2v-daemon cancel` while queued (it had run before and was put back in the queue)"
-    return "canceled with `i2v-daemon cancel` before it started"
+        return f"{CANCELED} while queued (it had run before and was put back in the queue)"
+    return f"{CANCELED} before it started"
 
 
 def _canceled_while(job: Job, where: str) -> str:
-    return f"canceled with `i2v-daemon cancel` while {where}"
+    return f"{CANCELED} while {where}"

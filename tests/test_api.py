@@ -215,10 +215,12 @@ def test_the_same_idempotency_key_returns_the_first_job_instead_of_a_second(api:
 
 def test_unknown_jobs_and_paths_are_404_in_json(api: Api):
     client = api.client()
+    huge = 2**70  # past any 64-bit id: names no job (the database driver could not even bind it)
     for path in ("/api/v1/jobs/999999", "/api/v1/jobs/999999/video", "/api/v1/jobs/999999/poster",
                  "/api/v1/jobs/999999/log", "/api/v1/jobs/999999/manifest", "/api/v1/jobs/999999/retry",
-                 "/api/v1/nothing-here"):
-        method = "POST" if path.endswith("retry") else "GET"
+                 f"/api/v1/jobs/{huge}", f"/api/v1/jobs/{huge}/video", f"/api/v1/jobs/{huge}/cancel",
+                 f"/api/v1/jobs/{2**63}/retry", "/api/v1/jobs/0", "/api/v1/jobs/-1", "/api/v1/nothing-here"):
+        method = "POST" if path.endswith(("retry", "cancel")) else "GET"
         r = client.request(method, path)
         assert r.status_code == 404, path
         assert r.json()["error"]["type"] == "not_found" and r.json()["error"]["message"]
@@ -234,6 +236,8 @@ def test_the_job_list_is_the_status_json_object_and_checks_its_query(api: Api):
     assert all(j["status"] in ("succeeded", "failed") for j in done)
     bad = client.get("/api/v1/jobs", params={"status": "finished"})
     assert bad.status_code == 422 and "succeeded" in bad.json()["error"]["message"]
+    internal = client.get("/api/v1/jobs", params={"status": "staging"})  # ours, not one of the contract's five
+    assert internal.status_code == 422 and "staging" not in internal.json()["error"]["message"].split("use one of")[1]
     assert client.get("/api/v1/jobs", params={"limit": 5000}).status_code == 422
     presets = client.get("/api/v1/presets").json()
     assert presets["default"] == "tiny" and presets["presets"]["tiny"]["steps"] == 2

@@ -115,3 +115,9 @@ def test_changes_are_read_past_a_page_even_when_one_instant_fills_it(store: Stor
     assert len(rows) == PAGE * 2 + 50 and len({j.id for j in rows}) == len(rows)
     assert [(j.updated_us, j.id) for j in rows] == sorted((j.updated_us, j.id) for j in rows)
     assert all(j.status is JobStatus.QUEUED for j in rows)
+
+
+def test_a_last_event_id_that_is_not_ours_starts_the_stream_live_instead_of_failing_it() -> None:
+    assert parse_event_id("1796160568061234-42") == (1796160568061234, 42)
+    for foreign in ("99999999999999999999999-1", f"1796160568061234-{2**63}", "1-0", "abc", "12", "-", ""):
+        assert parse_event_id(foreign) is None, foreign

@@ -130,6 +130,13 @@ def test_show_gives_a_running_jobs_phase_step_elapsed_time_and_eta_from_recorded
     assert later["position"] == 1 and later["eta_seconds"] is not None  # from the finished job's seconds per step
     status = cli(folder, "status").stdout
     assert "denoising 11/30" in status
+    # Paused, no queued job starts: when the next one would is not known (the running one's ETA still is).
+    cli(folder, "pause")
+    paused = json.loads(cli(folder, "show", str(queued.id), "--json").stdout)
+    assert paused["position"] == 1 and paused["eta_seconds"] is None
+    assert json.loads(cli(folder, "show", str(run.id), "--json").stdout)["eta_seconds"] is not None
+    next_line = next(line for line in cli(folder, "status").stdout.splitlines() if line.rstrip().endswith("next"))
+    assert re.search(r"queued\s+0%\s+-\s+-\s", next_line), next_line  # no ETA in its column
 
 
 def test_status_watch_redraws_in_place_on_a_terminal_and_prints_blocks_otherwise(data: Path) -> None:

@@ -345,8 +345,8 @@ def test_a_job_put_back_by_a_shutdown_and_then_canceled_says_it_had_run_and_used
     env.cli("run", "--once", check=True)
     manifest = json.loads((env.failed / "slow" / "job.json").read_text())
     assert manifest["status"] == "canceled" and manifest["attempt_count"] == 0
-    assert manifest["error"]["message"] == ("canceled with `i2v-daemon cancel` while queued (it had run before and "
-                                            "was put back in the queue)")
+    assert manifest["error"]["message"] == ("canceled on request (`i2v-daemon cancel` or the API) while queued "
+                                            "(it had run before and was put back in the queue)")
 
 
 def test_run_once_resolves_device_auto_to_the_device_it_really_uses(env: Env, drop):

@@ -149,7 +149,7 @@ def test_show_cancel_and_retry_work_on_a_job_through_the_cli(env, drop):
     env.cli("run", "--once", check=True)
     manifest = json.loads((env.failed / "later" / "job.json").read_text())
     assert manifest["status"] == "canceled" and manifest["error"]["type"] == "canceled"
-    assert manifest["error"]["message"] == "canceled with `i2v-daemon cancel` before it started"
+    assert manifest["error"]["message"] == "canceled on request (`i2v-daemon cancel` or the API) before it started"
     assert manifest["attempt_count"] == 0  # a job canceled before it ran used no attempt
     assert (env.failed / "later" / "input" / "later.png").exists()
     assert env.cli("cancel", str(job_id)).returncode == 1  # already canceled

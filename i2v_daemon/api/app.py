@@ -77,8 +77,8 @@ def create_app(
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, err: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": 'Bearer realm="i2v-daemon"'} if err.status == 401 else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        headers = {**err.headers, **({"WWW-Authenticate": 'Bearer realm="i2v-daemon"'} if err.status == 401 else {})}
+        return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:

@@ -18,11 +18,12 @@ from i2v_daemon.store import Store
 class ApiError(Exception):
     """An answer other than success: `{"error": {"type": kind, "message": message}}` with `status`."""
 
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.message = message
+        self.headers = headers or {}
 
     def body(self) -> dict[str, dict[str, str]]:
         return {"error": {"type": self.kind, "message": self.message}}

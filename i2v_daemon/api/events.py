@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from fastapi.sse import ServerSentEvent
 
-from i2v_daemon.jobs import Job, JobStatus
+from i2v_daemon.jobs import MAX_JOB_ID, Job, JobStatus
 from i2v_daemon.logs import get_logger
 from i2v_daemon.store import Store
 from i2v_daemon.views import iso, job_summary
@@ -46,8 +46,8 @@ def parse_event_id(raw: str | None) -> tuple[int, int] | None:
     if not raw:
         return None
     us, _, job_id = raw.strip().partition("-")
-    if not (us.isdigit() and job_id.isdigit()):
-        return None
+    if not (us.isdigit() and job_id.isdigit()) or len(us) > 18 or not 1 <= int(job_id) <= MAX_JOB_ID:
+        return None  # not one of ours: 18 digits of microseconds reach the year 33658
     return int(us), int(job_id)
 
 

@@ -63,7 +63,7 @@ async def submit_job(
             raise ApiError(422, **_kind_message(err.as_dict())) from None
     finally:
         await anyio.to_thread.run_sync(upload.discard)  # what intake moved into work/<id>/ is gone from here
-    body = {"id": job.id, "name": job.name, "status": job.status.value}
+    body = {"id": job.id, "name": job.name, "status": views.shown_status(job)}
     return JSONResponse(body, status_code=202 if created else 200)
 
 
@@ -118,13 +118,15 @@ def list_jobs(
 
 
 def _statuses(raw: str) -> list[JobStatus]:
+    """The contract's five statuses; `queued` includes jobs whose files are still on their way (staging)."""
+    shown = {s.value: s for s in JobStatus if s is not JobStatus.STAGING}
     out = []
     for name in (s.strip() for s in raw.split(",") if s.strip()):
-        try:
-            out.append(JobStatus(name))
-        except ValueError:
-            known = ", ".join(s.value for s in JobStatus)
-            raise ApiError(422, "invalid_input", f"status: {name!r} is not a status; use one of {known}") from None
+        if name not in shown:
+            raise ApiError(422, "invalid_input", f"status: {name!r} is not a status; use one of {', '.join(shown)}")
+        out.append(shown[name])
+        if shown[name] is JobStatus.QUEUED:
+            out.append(JobStatus.STAGING)
     return out
 
 
@@ -165,13 +167,35 @@ def _job(ctx: Context, job_id: int) -> Job:
 
 
 @router.api_route("/jobs/{job_id}/video", methods=["GET", "HEAD"], response_model=None)
-def video(job_id: int, ctx: Ctx) -> FileResponse:
+def video(job_id: int, ctx: Ctx, request: Request) -> FileResponse:
     """The job's mp4; `Range` requests get 206, so a `<video>` element can seek."""
     job = _job(ctx, job_id)
     path = ctx.inside_job(job, Path(job.output)) if job.output and job.final_dir else None
     if path is None:
         raise ApiError(404, "not_found", f"job {job_id} has no video ({_why_not(job)})")
+    _check_range(request, path.stat().st_size)
     return FileResponse(path, media_type="video/mp4", filename=path.name, content_disposition_type="inline")
+
+
+def _check_range(request: Request, size: int) -> None:
+    """A `Range` past the end is a JSON 416; one that cannot be parsed is ignored (RFC 9110 §14.2: the whole file).
+
+    Starlette's FileResponse would answer both itself, in plain text (416, or 400 for a malformed one).
+    """
+    from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+
+    raw = request.headers.get("range")
+    if raw is None:
+        return
+    try:
+        FileResponse._parse_range_header(raw, size)
+    except RangeNotSatisfiable:
+        raise ApiError(
+            416, "range_not_satisfiable", f"the range {raw!r} starts past the end of the video ({size} bytes)",
+            headers={"Content-Range": f"bytes */{size}"},
+        ) from None
+    except MalformedRangeHeader:
+        request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"range"]
 
 
 @router.api_route("/jobs/{job_id}/poster", methods=["GET", "HEAD"], response_model=None)

@@ -7,6 +7,7 @@ one clear line and exit status 78 instead of a traceback; systemd does not resta
 from __future__ import annotations
 
 import ipaddress
+import logging
 import signal
 import socket
 import sys
@@ -163,6 +164,7 @@ def _run(settings: Settings, store: Store, token: auth.Token, sock: socket.socke
         forwarded_allow_ips="127.0.0.1", timeout_graceful_shutdown=3, lifespan="on",
     )
     server = uvicorn.Server(config)
+    logging.getLogger("uvicorn.error").addFilter(_logged_by_us)
     app.state.ctx.hub.stopping = lambda: server.should_exit  # event streams end so shutdown need not wait
     # uvicorn handles SIGTERM/SIGINT while it runs, then restores the handlers it found and raises the
     # signal again. These are what it finds: the signal has been answered by a clean stop, exit 0.
@@ -172,6 +174,11 @@ def _run(settings: Settings, store: Store, token: auth.Token, sock: socket.socke
     notifier.stopping()
     get_logger().info("api_stopped")
     return EX_OK
+
+
+def _logged_by_us(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's copy of a request's traceback: `api_request_failed` logged it once, with the request."""
+    return record.getMessage() != "Exception in ASGI application"
 
 
 def safe_url(url: str) -> str:
