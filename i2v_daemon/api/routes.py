@@ -60,7 +60,7 @@ async def submit_job(
         try:
             job, created = await anyio.to_thread.run_sync(submit)
         except InputError as err:
-            raise ApiError(422, **_kind_message(err.as_dict())) from None
+            raise ApiError(422, *_kind_message(err.as_dict())) from None
     finally:
         await anyio.to_thread.run_sync(upload.discard)  # what intake moved into work/<id>/ is gone from here
     body = {"id": job.id, "name": job.name, "status": views.shown_status(job)}
@@ -103,8 +103,8 @@ def _params(raw: str) -> dict[str, Any]:
     return value
 
 
-def _kind_message(error: dict[str, str]) -> dict[str, str]:
-    return {"kind": error.get("type", "invalid_input"), "message": error.get("message", "")}
+def _kind_message(error: dict[str, str]) -> tuple[str, str]:
+    return error.get("type", "invalid_input"), error.get("message", "")
 
 
 @router.get("/jobs")
@@ -120,7 +120,7 @@ def list_jobs(
 def _statuses(raw: str) -> list[JobStatus]:
     """The contract's five statuses; `queued` includes jobs whose files are still on their way (staging)."""
     shown = {s.value: s for s in JobStatus if s is not JobStatus.STAGING}
-    out = []
+    out: list[JobStatus] = []
     for name in (s.strip() for s in raw.split(",") if s.strip()):
         if name not in shown:
             raise ApiError(422, "invalid_input", f"status: {name!r} is not a status; use one of {', '.join(shown)}")
@@ -152,7 +152,7 @@ def _outcome(ctx: Context, outcome: ops.Outcome) -> dict[str, Any]:
     if not outcome.ok or outcome.job is None:
         kind = {404: "not_found", 409: "conflict"}.get(outcome.status, "conflict")
         error = outcome.error or {"type": kind, "message": outcome.message}
-        raise ApiError(outcome.status if outcome.status in (404, 409) else 409, **_kind_message(error))
+        raise ApiError(outcome.status if outcome.status in (404, 409) else 409, *_kind_message(error))
     return {**views.describe(ctx.store, outcome.job), "message": outcome.message}
 
 
