@@ -118,6 +118,8 @@ def _start_error(argv: list[str], cwd: Path | None, err: Exception) -> str:
         return f"the hook's working folder {cwd} does not exist"
     if isinstance(err, FileNotFoundError):
         return f"command not found: {argv[0]} (on_finish names a program: an absolute path, or one on PATH)"
+    if isinstance(err, PermissionError) and os.path.isdir(argv[0]):
+        return f"{argv[0]} is a folder, not a program; name the program to run in on_finish's first item"
     if isinstance(err, PermissionError):
         return f"not allowed to run {argv[0]}: make it executable (chmod +x) by the daemon's user"
     return f"could not start {argv[0]}: {err}"

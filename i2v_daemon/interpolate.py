@@ -90,8 +90,15 @@ def check_request(fps: int, output_fps: int | None, mode: str | None, rife_model
             f"generated one; set output_fps to {fps} or more, or lower fps"
         )
     if mode is not None and output_fps == fps:
+        k = next((k for k in (3, 2) if fps * k <= MAX_OUTPUT_FPS), None)
+        example = f"e.g. output_fps = {fps * k}" if k else f"at most {MAX_OUTPUT_FPS}"
+        if fps >= MAX_OUTPUT_FPS:
+            raise InputError(
+                f"interpolation = {mode!r} needs an output_fps above fps = {fps}, and {MAX_OUTPUT_FPS} is the "
+                "most output_fps may be; lower fps, or leave out interpolation"
+            )
         raise InputError(
-            f"interpolation = {mode!r} needs an output_fps above fps = {fps} (e.g. output_fps = {fps * 3}); "
+            f"interpolation = {mode!r} needs an output_fps above fps = {fps} ({example}); "
             "set output_fps, or leave out interpolation"
         )
     if mode == "rife" and rife_model is None:
@@ -124,7 +131,9 @@ def interpolate_to_mp4(
     pixels = len(times) * height * width / 512**2  # delivered frames, in 512x512 units
     peak: int | None = None
     try:
-        if mode == "rife":
+        if len(frames) == 1:  # nothing between frames: the one frame, at the delivered rate
+            _encode(iter(frames), temp, output_fps, TIMEOUT_BASE_S, None)
+        elif mode == "rife":
             from i2v_daemon.models.rife import run_rife  # torch, only for this mode
 
             made, peak = run_rife(frames, times, rife_model, device, on_progress=lambda done, _: report(done))
@@ -150,7 +159,8 @@ def interpolate_to_mp4(
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
     if k is None:
-        notes.append(f"{output_fps} fps is not a multiple of {fps} fps: {counted} frames, not every one generated")
+        notes.append(f"{output_fps} fps is not a whole multiple of {fps} fps: {counted} frames made from "
+                     f"{len(frames)}, not every generated one among them")
     seconds = round(time.monotonic() - started, 3)
     return Interpolated(mode, output_fps, counted, k is not None, seconds, peak, tuple(notes))
 
@@ -178,8 +188,8 @@ def _encode(
 
 def _prepared(frames: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Frames as contiguous uint8 with even sides (yuv420p needs them, as write_mp4 does), and what changed."""
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 2 or 0 in frames.shape:
-        raise InterpolationError(f"need two or more uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise InterpolationError(f"need uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
     _, height, width, _ = frames.shape
     if height % 2 or width % 2:
         frames = frames[:, : height - height % 2, : width - width % 2]

@@ -312,8 +312,12 @@ def merge(
     chosen = {**base, **preset, **{k: v for k, v in values.items() if v is not None}}
     fps = chosen["fps"]
     output_fps = chosen.get("output_fps")
-    asked = values.get("interpolation") or preset.get("interpolation")  # named by the user or the preset
-    mode = asked or (defaults or {}).get("interpolation") or "motion"
+    if values.get("output_fps") is None and output_fps is not None and output_fps <= fps:
+        output_fps = None  # a preset's or the config's rate at or below this job's fps: delivered at fps
+    # Only the user's own `interpolation` is a request that must be met; a preset's or the config's
+    # only picks the mode when there is something to interpolate.
+    asked = values.get("interpolation")
+    mode = asked or preset.get("interpolation") or (defaults or {}).get("interpolation") or "motion"
     interpolating = output_fps is not None and output_fps > fps
     from i2v_daemon.interpolate import check_request  # the interpolation rules live with interpolation
 

@@ -129,7 +129,10 @@ def _interpolate(
         )
     except Exception as err:
         shutil.copyfile(generated, target)
-        why = f"{type(err).__name__}: {err}" if not str(err).startswith(type(err).__name__) else str(err)
+        from i2v_daemon.errors import I2VError
+
+        # Our own errors say what happened in words; anything else is named by its type too.
+        why = str(err) if isinstance(err, I2VError) else f"{type(err).__name__}: {err}"
         note = f"interpolation to {output_fps} fps ({mode}) failed, so the video is delivered at {fps} fps: {why}"
         notes.append(note)
         jlog.warning("interpolation_failed", error=why, fallback=f"{target.name} at {fps} fps")
@@ -140,10 +143,7 @@ def _interpolate(
         outcome="succeeded", error=None, seconds=round(result.seconds, 3), peak_vram_bytes=result.peak_vram_bytes,
         output_frames=result.output_frames, exact=result.exact, device=device,
     )
-    notes.extend(result.notes)
-    if not result.exact:
-        notes.append(f"{output_fps} fps is not a whole multiple of {fps} fps: the encoder made "
-                     f"{result.output_frames} frames from {len(frames)}")
+    notes.extend(result.notes)  # a rate that is not a whole multiple says so there, once
     jlog.info("interpolated", mode=mode, output_fps=output_fps, output_frames=result.output_frames,
               seconds=round(result.seconds, 2))
     return entry, True

@@ -18,6 +18,18 @@ from i2v_daemon.errors import ConfigError
 from i2v_daemon.locate import config_path, default_data_dir, read_toml, sqlite_url
 from i2v_daemon.params import BUILTIN_PRESETS, Preset, PresetValues
 
+#: What a JSON environment value looks like, per setting that takes a list or a table.
+_JSON_EXAMPLES = {
+    "resolution_ladder": "[768, 512]",
+    "on_finish": '["/usr/local/bin/notify", "--quiet"]',
+    "webhooks": '["https://example.org/hook"]',
+    "models": '{"svd": "stabilityai/stable-video-diffusion-img2vid-xt"}',
+    "presets": '{"social": {"output_fps": 24}}',
+}
+
+#: The keys every preset has; a new one (not a built-in's name) must give them all.
+PRESET_REQUIRED = ("resolution", "num_frames", "steps", "guidance_scale", "fps")
+
 __all__ = ["BUILTIN_PRESETS", "Preset", "Settings", "config_path", "default_data_dir", "load_settings", "read_toml"]
 
 
@@ -143,6 +155,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"models.{name} is empty; give a Hub repo id or a diffusers folder")
         return v
 
+    @field_validator("rife_model", mode="before")
+    @classmethod
+    def _rife_model(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v  # `rife_model = ""`: not set (not ".")
+
     @field_validator("lora_dir")
     @classmethod
     def _lora_dir(cls, v: Path | None) -> Path | None:
@@ -206,11 +223,27 @@ class Settings(BaseSettings):
                 )
             merged = {**(BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {})}
             merged.update(override.model_dump(exclude_none=True))
+            missing = [k for k in PRESET_REQUIRED if k not in merged]
+            if missing:
+                raise ValueError(
+                    f"presets.{name}: a new preset needs {', '.join(PRESET_REQUIRED)}; "
+                    f"it lacks {', '.join(missing)} (or copy a built-in one: fast, standard, high)"
+                )
             try:
-                Preset(**merged)
+                preset = Preset(**merged)
             except ValidationError as err:
                 raise ValueError(_first_error(err, prefix=f"presets.{name}")) from None
-        if self.interpolation == "rife" and self.output_fps and self.rife_model is None:
+            if preset.output_fps is not None and preset.output_fps < preset.fps:
+                raise ValueError(
+                    f"presets.{name}.output_fps: {preset.output_fps} is below the preset's fps = {preset.fps}; "
+                    f"the delivered rate cannot be lower than the generated one: use {preset.fps} or more"
+                )
+            if preset.interpolation == "rife" and self.rife_model is None:
+                raise ValueError(
+                    f"presets.{name}.interpolation: 'rife' needs rife_model, a local RIFE weights file "
+                    "(it is never downloaded); set it, or choose 'motion' or 'blend'"
+                )
+        if self.interpolation == "rife" and self.rife_model is None:
             raise ValueError(
                 "rife_model: interpolation = 'rife' needs rife_model, a local RIFE weights file "
                 "(it is never downloaded); set it, or choose interpolation = 'motion' or 'blend'"
@@ -260,7 +293,7 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
         key = match.group(1) if match else "settings"
         raise ConfigError(
             f"config: {key} / I2V_{key.upper()}: the environment value must be JSON, e.g. "
-            f"I2V_RESOLUTION_LADDER='[768, 512]'"
+            f"I2V_{key.upper()}='{_JSON_EXAMPLES.get(key, '[...]')}'"
         ) from None
     finally:
         _toml_data.reset(token)

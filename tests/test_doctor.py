@@ -347,21 +347,19 @@ def settings(env: Env, **extra: Any) -> Any:
     return load_settings(str(env.config))
 
 
-def test_interpolation_rife_as_a_default_without_rife_model_is_a_fail(env: Env):
-    from i2v_daemon.doctor import check_rife_model
-
-    assert check_rife_model(settings(env)) == []  # nothing asks for RIFE: nothing to say
-    [check] = check_rife_model(settings(env, interpolation="rife"))
-    assert check.level == "fail" and "interpolation" in check.message and "rife_model" in check.fix
-
-
-def test_a_preset_with_interpolation_rife_without_rife_model_is_a_fail(env: Env):
-    from i2v_daemon.doctor import check_rife_model
-    from i2v_daemon.settings import load_settings
-
-    env.config.write_text(env.config.read_text() + '[presets.standard]\ninterpolation = "rife"\n')
-    [check] = check_rife_model(load_settings(str(env.config)))
-    assert check.level == "fail" and "presets.standard" in check.message
+@pytest.mark.parametrize(("extra", "key"), [
+    ('interpolation = "rife"\n', "rife_model: interpolation = 'rife' needs rife_model"),
+    ('[presets.standard]\ninterpolation = "rife"\n', "presets.standard.interpolation: 'rife' needs rife_model"),
+])
+def test_rife_as_a_default_or_in_a_preset_without_rife_model_stops_doctor_and_run_alike_with_78(
+    env: Env, extra: str, key: str,
+):
+    # A top-level key goes before the config's tables; a table after them.
+    text = env.config.read_text()
+    env.config.write_text(text + extra if extra.startswith("[") else extra + text)
+    for command in ("doctor", "run"):
+        proc = env.cli(command, "--once") if command == "run" else env.cli(command)
+        assert proc.returncode == 78 and key in proc.stderr, (command, proc.stderr)
 
 
 def test_a_rife_model_that_is_missing_a_folder_or_not_weights_is_a_fail(env: Env, tmp_path: Path):

@@ -126,6 +126,12 @@ def test_a_command_that_is_not_executable_says_so(tmp_path: Path) -> None:
     assert result.exit_code is None and result.error is not None and "chmod +x" in result.error
 
 
+def test_a_folder_named_as_the_command_says_it_is_a_folder(tmp_path: Path) -> None:
+    result = run_hook([str(tmp_path)], {}, timeout=30)
+    assert result.exit_code is None and result.error == (
+        f"{tmp_path} is a folder, not a program; name the program to run in on_finish's first item")
+
+
 def test_an_empty_hook_is_reported_not_raised() -> None:
     result = run_hook([], {}, timeout=30)
     assert result.exit_code is None and result.error is not None and "on_finish" in result.error

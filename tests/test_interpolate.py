@@ -114,7 +114,7 @@ def test_a_ratio_that_is_not_a_multiple_reports_the_frames_it_made(
     result = interpolate_to_mp4(moving_square(), fps=8, output_fps=20, mode=mode, path=target, rife_model=rife_weights)
     assert result.exact is False
     assert result.output_frames == probe_mp4(target)["num_frames"] == 18  # every 1/20 s through 7/8 s
-    assert any("not a multiple" in note for note in result.notes)
+    assert any("is not a whole multiple of 8 fps: 18 frames made from 8" in note for note in result.notes)
 
 
 def test_progress_reaches_every_delivered_frame_and_never_goes_back(tmp_path: Path) -> None:
@@ -214,9 +214,19 @@ def test_a_cancel_raised_from_progress_passes_through_unchanged_and_leaves_nothi
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_single_frame_cannot_be_interpolated(tmp_path: Path) -> None:
-    with pytest.raises(InterpolationError, match="two or more"):
-        interpolate_to_mp4(moving_square(count=1), fps=8, output_fps=24, mode="motion", path=tmp_path / "c.mp4")
+@pytest.mark.parametrize("mode", ["motion", "blend"])
+def test_a_single_frame_is_delivered_as_one_frame_at_the_delivered_rate(tmp_path: Path, mode: str) -> None:
+    # (1 − 1)·k + 1 = 1: exact, with nothing to interpolate.
+    done = interpolate_to_mp4(moving_square(count=1), fps=8, output_fps=24, mode=mode, path=tmp_path / "c.mp4")
+    assert (done.output_frames, done.exact) == (1, True)
+    meta = probe_mp4(tmp_path / "c.mp4")
+    assert (meta["num_frames"], meta["fps"]) == (1, 24)
+
+
+def test_frames_that_are_not_uint8_video_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InterpolationError, match="need uint8 frames"):
+        interpolate_to_mp4(moving_square().astype(np.float32), fps=8, output_fps=24, mode="motion",
+                           path=tmp_path / "c.mp4")
 
 
 # ---- requests -----------------------------------------------------------------------------------

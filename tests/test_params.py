@@ -47,6 +47,19 @@ def test_the_config_defaults_apply_where_neither_the_preset_nor_the_sidecar_says
     assert plain.output_fps is None and plain.interpolation is None and plain.delivered_fps == 8
 
 
+def test_a_sidecar_in_a_preset_folder_may_ask_for_its_own_rate_without_the_presets_interpolation() -> None:
+    # The preset (social: 8 → 24 fps, blend) is the folder's default; the sidecar's keys still win.
+    same = merge({"output_fps": 8}, presets=PRESETS, default_preset="social")
+    assert same.output_fps is None and same.interpolation is None and same.delivered_fps == 8
+    faster = merge({"fps": 24}, presets=PRESETS, default_preset="social")
+    assert faster.output_fps is None and faster.delivered_fps == 24
+    # A config-wide output_fps at or below a job's own fps is no request either.
+    assert merge({"fps": 30}, presets=PRESETS, default_preset="fast", defaults={"output_fps": 24}).delivered_fps == 30
+    # What the user asks for is still checked.
+    with pytest.raises(InputError, match="output_fps = 4 is below fps = 8"):
+        merge({"output_fps": 4}, presets=PRESETS, default_preset="social")
+
+
 def test_a_folder_preset_is_the_default_and_the_sidecar_may_still_name_another() -> None:
     assert merge({}, presets=PRESETS, default_preset="social").preset == "social"
     assert merge({"preset": "high"}, presets=PRESETS, default_preset="social").preset == "high"

@@ -181,7 +181,20 @@ def test_a_new_preset_with_every_key_can_be_the_default(tmp_path: Path) -> None:
 
 def test_a_new_preset_needs_every_key(tmp_path: Path) -> None:
     message = config_error(tmp_path, "[presets.mine]\nsteps = 5\n")
-    assert "presets.mine.resolution" in message and "required" in message.lower()
+    assert "presets.mine: a new preset needs resolution, num_frames, steps, guidance_scale, fps" in message
+    assert "it lacks resolution, num_frames, guidance_scale, fps" in message
+
+
+@pytest.mark.parametrize(("toml", "words"), [
+    ("[presets.fast]\noutput_fps = 4\n", "presets.fast.output_fps: 4 is below the preset's fps = 8"),
+    ("[presets.fast]\ninterpolation = 'rife'\n", "presets.fast.interpolation: 'rife' needs rife_model"),
+    ("interpolation = 'rife'\n", "rife_model: interpolation = 'rife' needs rife_model"),
+    ("interpolation = 'rife'\nrife_model = ''\n", "rife_model: interpolation = 'rife' needs rife_model"),
+])
+def test_a_preset_or_default_that_would_fail_every_job_it_serves_is_a_configuration_error(
+    tmp_path: Path, toml: str, words: str,
+) -> None:
+    assert words in config_error(tmp_path, toml)
 
 
 # ---- configuration errors: one line naming the key ----------------------------------------------
