@@ -217,6 +217,10 @@ class Daemon:
         requeued = self.store.requeue_workers(dead) + self.store.requeue_expired()
         if requeued:
             log.warning("recovered_jobs", job_ids=requeued, reason="left running by a stopped worker")
+        # Problems a stopped process of this host reported (`run --once` leaves its own, to say why jobs
+        # wait; a killed daemon could not take them back). What still holds, this run reports again.
+        for owner in dead_local_workers(sorted({p["by"] for p in self.store.control.problems() if p["by"]})):
+            self.store.control.resolve_all(by=owner)
         folders.remove_stale_uploads(Path(self.s.work_dir))  # type: ignore[arg-type]
 
     def _reap(self) -> None:
@@ -252,8 +256,8 @@ class Daemon:
             self._model_retry_at = time.monotonic() + self._model_wait
             message = f"cannot load the model {self.s.model}: {err}"
             log.error("model_unavailable", model=self.s.model, error=str(err), retry_in_seconds=self._model_wait)
-            self.store.control.report("model", message, fix=f"queued jobs wait; retried every {self._model_wait:.0f} s "
-                                      "(see `i2v-daemon doctor`)", by=self.worker.worker_id)
+            self.store.control.report("model", message, fix=f"queued jobs wait; a running daemon tries again every "
+                                      f"{self._model_wait:.0f} s (see `i2v-daemon doctor`)", by=self.worker.worker_id)
             self.service.status(f"waiting for the model: {err}")
             self._model_wait = min(MODEL_RETRY_MAX, self._model_wait * 2)
             return False
@@ -420,7 +424,9 @@ class Daemon:
                     log.info("worker_loop_recovered", after_failures=failures)
                 failures = 0
             except (StopDaemon, DatabaseGone) as err:
-                log.error("daemon_cannot_go_on", error=str(err), fix="see the message; restart the daemon once fixed")
+                fix = ("put the database file back (or let a restart begin a new, empty one), then restart the daemon"
+                       if isinstance(err, DatabaseGone) else "fix what the error names, then restart the daemon")
+                log.error("daemon_cannot_go_on", error=str(err), fix=fix)
                 self.service.status(f"stopped: {err}")
                 return EX_CONFIG
             except ConfigError:

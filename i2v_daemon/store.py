@@ -400,8 +400,11 @@ class Store:
     ) -> bool:
         """Renew the lease and record progress; returns whether a cancel was requested.
 
-        Raises LeaseLost when the job is no longer ours: the caller must stop touching it.
+        Raises LeaseLost when the job is no longer ours: the caller must stop touching it; and
+        DatabaseGone when the SQLite file was deleted or replaced, so a long job stops at its next
+        progress write instead of finishing into a file nobody can see.
         """
+        self.check()
         now = now or utcnow()
         lease = db_time(now + timedelta(seconds=lease_seconds))
         values: dict[str, Any] = {"lease_until": lease, "updated_us": now_us()}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from i2v_daemon import postprocess
-from i2v_daemon.errors import ConfigError, GenerationError, JobCanceled
+from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled
 from i2v_daemon.faults import crashpoint, hangpoint
 from i2v_daemon.finish import Finisher
 from i2v_daemon.jobs import Job, JobStatus
@@ -349,7 +349,7 @@ class Worker:
         try:
             if progress.beat():
                 return
-        except LeaseLost:
+        except (LeaseLost, DatabaseGone):  # the job's own next write meets it too, and stops the daemon
             return
         self.stalled_at = time.monotonic()
         msg = (f"no progress for {progress.stalled_for():.0f} s while {progress.phase} (stall_seconds = "

@@ -239,6 +239,23 @@ def test_a_deleted_database_stops_the_daemon_with_78_and_status_does_not_make_a_
     assert not (env.data / "jobs.db").exists()
 
 
+def test_a_database_deleted_during_a_long_job_stops_it_at_its_next_step_and_publishes_nothing(env: Env, drop):
+    drop("slow", (".json", json.dumps({"prompt": "p", "steps": 1000})))
+    daemon = env.start()
+    try:
+        wait_for(lambda: ((j := job_of(env, "slow")) and j["phase"] == "denoising") or daemon.poll() is not None,
+                 what="the job to be denoising")
+        assert daemon.poll() is None, daemon_log(daemon)[-3000:]
+        for p in env.data.glob("jobs.db*"):
+            p.unlink()
+        assert daemon.wait(60) == 78
+    finally:
+        stop_daemon(daemon, signal.SIGKILL)
+    assert "was deleted while the daemon ran" in daemon_log(daemon)
+    assert not (env.output / "slow").exists()  # its result would be recorded nowhere anyone can see
+    every_byte_in_one_place(env, ["slow.png", "slow.json"])
+
+
 def test_a_database_replaced_by_another_file_stops_the_daemon_with_78(env: Env):
     daemon = env.start()
     try:
@@ -309,6 +326,11 @@ def test_a_hub_model_that_cannot_be_fetched_keeps_jobs_queued_with_the_reason_an
     assert "HF_HUB_OFFLINE" in status and "hf download someone/not-cached-anywhere" in status
     doctor = env.cli("doctor", env={"HF_HUB_OFFLINE": "1"})
     assert doctor.returncode == 1 and "FAIL" in doctor.stdout
+    # Fixed (a model that loads): the next run takes the job, and the old process's problem is gone.
+    write_config(env.config, env.data, env.model_dir)
+    env.cli("run", "--once", check=True)
+    assert job_of(env, "cat")["status"] == "succeeded"  # type: ignore[index]
+    assert "problem" not in env.cli("status", check=True).stdout
 
 
 def test_the_daemon_starts_without_a_model_it_cannot_fetch_takes_drops_and_says_why_they_wait(env: Env, drop):
