@@ -290,7 +290,9 @@ def _show_text(d: dict[str, Any]) -> str:
             + (f" peak {t['peak_vram_bytes'] / 2**30:.2f} GiB" if t.get("peak_vram_bytes") else "")
             + (f" — {t['error']}" if t.get("error") else "")
         )
-    return "\n".join(lines)
+    from i2v_daemon.views import terminal_safe
+
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 def _duration(seconds: float) -> str:

@@ -178,6 +178,8 @@ def _describe(
             notes.append("16-bit image scaled to 8 bits per channel")
         if img.mode == "CMYK":
             notes.append("CMYK colours converted to RGB; they may shift slightly")
+        elif img.mode in _PLAIN_NOTES:
+            notes.append(_PLAIN_NOTES[img.mode])
         low = rgba.getchannel("A").getextrema()[0] if rgba is not None else 255
         if isinstance(low, int | float) and low < 255:
             notes.append("transparent areas filled with white")
@@ -198,6 +200,16 @@ def _describe(
         notes=tuple(notes),
     )
     return info, rgb
+
+
+#: Colour modes converted to RGB as they are, each with what that means for the video.
+_PLAIN_NOTES = {
+    "P": "palette image converted to RGB",
+    "PA": "palette image converted to RGB",
+    "L": "greyscale image converted to RGB",
+    "LA": "greyscale image converted to RGB",
+    "1": "black-and-white (1-bit) image converted to RGB",
+}
 
 
 def _orientation(img: Image.Image) -> tuple[int, list[str]]:

@@ -201,6 +201,16 @@ def _quiet_progress_bars() -> None:
             module.disable_progress_bar()
 
 
+def _terminal_safe_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Console lines: control characters in string values (a file name with ESC or a newline) as escapes."""
+    from i2v_daemon.views import terminal_safe
+
+    for key, value in event.items():
+        if isinstance(value, str) and key != "exception" and not value.isprintable():
+            event[key] = terminal_safe(value)
+    return event
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None, syslog_prefix: bool | None = None) -> None:
     """Set up the one logging pipeline: `fmt` is auto (console on a TTY), console or json.
 
@@ -218,6 +228,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None, syslog
     final: list[Any] = []
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=tty and not syslog_prefix)
+        final.append(_terminal_safe_values)  # names from the inbox must not drive the terminal
     else:
         renderer = structlog.processors.JSONRenderer()
         final.append(structlog.processors.format_exc_info)

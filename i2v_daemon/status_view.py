@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from i2v_daemon.jobs import JobStatus
-from i2v_daemon.views import iso, job_summary
+from i2v_daemon.views import iso, job_summary, terminal_safe
 
 #: `status` estimates when the first this many queued jobs finish (`show` does it for any job).
 QUEUE_ETA_DEPTH = 100
@@ -23,6 +23,11 @@ def phase_text(job: dict[str, Any]) -> str:
     if phase == "denoising" and job.get("total_steps"):
         return f"denoising {job.get('step', 0)}/{job['total_steps']}"
     return phase
+
+
+def _short(name: str, most: int = 60) -> str:
+    """A name cut to `most` characters for the table (`show` and `--json` give it whole)."""
+    return name if len(name) <= most else name[: most - 1] + "…"
 
 
 def _eta(seconds: float | None) -> str:
@@ -45,7 +50,7 @@ def render_status(store: Any, limit: int, *, now: datetime | None = None) -> str
         lines.append(f"problem ({p.get('by') or '?'}): {p.get('message')}{fix}")
     jobs = store.list_jobs(limit)
     if not jobs:
-        return "\n".join(lines)
+        return "\n".join(terminal_safe(line) for line in lines)
     estimator = None
     if any(j.status in (JobStatus.RUNNING, JobStatus.QUEUED) for j in jobs):
         from i2v_daemon.eta import Estimator
@@ -74,6 +79,6 @@ def render_status(store: Any, limit: int, *, now: datetime | None = None) -> str
         eta = estimator.remaining(j, now) if estimator and j.status is JobStatus.RUNNING else queue_eta.get(j.id)
         lines.append(
             f"{j.id:>6}  {s['status']:9}  {j.progress * 100:7.0f}%  {phase or '-':15}  {_eta(eta):>6}  "
-            f"{j.attempts:>5}  {size:>13}  {created:19}  {where:20}  {j.name}{'  ' + result if result else ''}"
+            f"{j.attempts:>5}  {size:>13}  {created:19}  {where:20}  {_short(j.name)}{'  ' + result if result else ''}"
         )
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)

@@ -234,7 +234,8 @@ class Worker:
             ladder=self.s.resolution_ladder, on_step=on_step, on_try=on_try, on_phase=on_phase,
             memory=self.models.memory if self.models else None, lora_dir=self.s.lora_dir,
         )
-        notes = [*job.notes, *image_notes, *outcome.notes]
+        # Intake already noted what it saw of the image; the same note twice says nothing more.
+        notes = list(dict.fromkeys([*job.notes, *image_notes, *outcome.notes]))
         for note in outcome.notes:
             jlog.info("note", message=note)
         self.store.update_running(job.id, self.worker_id, effective=outcome.effective, notes=notes)

@@ -192,3 +192,23 @@ def test_run_on_a_terminal_shows_the_running_jobs_phases_and_steps(env, drop) ->
     text = re.sub(r"\x1b\[[0-9;]*m", "", seen.decode(errors="replace"))  # without the colours
     assert "phase=loading" in text and "phase=encoding" in text and "phase=publishing" in text
     assert "progress" in text and "step=40/40" in text  # the last step is always shown
+
+
+def test_a_name_with_terminal_control_codes_reaches_the_terminal_escaped_and_keeps_the_table_whole(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "data"
+    store = Store(f"sqlite:///{folder / 'jobs.db'}")
+    store.create_schema()
+    name = "esc\x1b[2J\x1b]0;pwned\x07x\nsecond line\u202e"
+    job, _ = store.enqueue(JobRequest(name=name, inputs=(f"{name}.png",), intake_key="e", params=PARAMS,
+                                      prompt="a prompt\x1b[31m in red"))
+    store.close()
+    status = cli(folder, "status").stdout
+    shown = cli(folder, "show", str(job.id)).stdout
+    for out in (status, shown):
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+        assert "esc\\x1b[2J\\x1b]0;pwned\\x07x\\x0asecond line\\u202e" in out
+    assert len(status.splitlines()) == 3  # counts, header, one row: the newline did not break it
+    assert "a prompt\\x1b[31m in red" in shown
+    assert json.loads(cli(folder, "show", str(job.id), "--json").stdout)["name"] == name  # JSON: the name itself

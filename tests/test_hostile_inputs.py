@@ -205,6 +205,8 @@ def test_forty_kinds_of_bad_or_unusual_input_each_end_as_documented_and_nothing_
             video = folder / manifest["output"]
             if manifest["status"] != "succeeded" or not video.exists() or case.needle not in log:
                 problems.append(f"{case.stem}: status {manifest['status']}, log lacks {case.needle!r}")
+            if len(set(manifest["notes"])) != len(manifest["notes"]):
+                problems.append(f"{case.stem}: a note twice in {manifest['notes']}")
     assert not problems, "\n".join(problems)
 
     # EXIF orientation really applied: stored 96x64, displayed (and generated) 64x96.

@@ -152,7 +152,15 @@ def test_bilevel_and_grey_pngs_become_rgb(tmp_path: Path, mode: str) -> None:
     path = save(img, tmp_path / f"grey-{mode}.png")
     assert inspect_image(path).mode == mode
     rgb, notes = load_rgb(path)
-    assert (rgb.mode, rgb.getpixel((0, 0)), rgb.getpixel((1, 1)), notes) == ("RGB", WHITE, (0, 0, 0), ())
+    assert (rgb.mode, rgb.getpixel((0, 0)), rgb.getpixel((1, 1))) == ("RGB", WHITE, (0, 0, 0))
+    assert notes == ({"1": "black-and-white (1-bit) image", "L": "greyscale image"}[mode] + " converted to RGB",)
+
+
+def test_an_opaque_palette_png_becomes_rgb_and_says_so(tmp_path: Path) -> None:
+    img = Image.new("P", (32, 32), 0)
+    img.putpalette([*RED, *BLUE])
+    rgb, notes = load_rgb(save(img, tmp_path / "pal.png"))
+    assert rgb.getpixel((1, 1)) == RED and notes == ("palette image converted to RGB",)
 
 
 @pytest.mark.parametrize(("suffix", "options"), [(".webp", {"lossless": True}), (".png", {})])
