@@ -140,6 +140,15 @@ def test_ltx_video_asked_for_one_step_runs_two_and_says_so(tiny_family_models):
                                        height=64, num_frames=9, steps=1, guidance_scale=3.0, fps=8, seed=1), _ignore)
 
 
+def test_svd_asked_for_one_frame_makes_two_and_says_so(tiny_family_models):
+    svd = tiny_family_models("svd")
+    params = Params(preset="t", resolution=64, num_frames=1, steps=2, guidance_scale=3.0, fps=8, seed=1)
+    outcome = generate(svd, Image.new("RGB", (96, 64), (90, 40, 10)), "", "", params, ladder=[], on_step=_ignore,
+                       on_try=lambda _: None)
+    assert outcome.effective["num_frames"] == 2 and len(outcome.frames) == 2
+    assert "num_frames 1 rounded to 2 (svd makes any number of frames, at least 2)" in outcome.notes
+
+
 def test_a_size_the_pipeline_refuses_reaches_the_caller_as_the_pipelines_value_error(tiny_family_models):
     # If planning ever let one through, generate() must not turn it into something to retry: the
     # pipeline's ValueError propagates as it is, and the worker fails the job for good.

@@ -41,6 +41,9 @@ class SVDModel(DiffusersVideoModel):
             "motion": True,
             "fps_conditioning": True,
             "decode_chunks": True,  # decode_chunk_size
+            # Its guidance ramp and the temporal layers concatenate along frames: one frame fails
+            # inside the pipeline (plain diffusers too), so one is made two.
+            "min_frames": 2,
         }
 
     def _supported_savers(self) -> tuple[str, ...]:
