@@ -340,9 +340,9 @@ def _model_check(key: str, model: str, hub: HubProbe, *, name: str | None) -> Ch
     # fetched *now* leaves it up with every job queued; another model fails the jobs that name it.
     never = "`run` and `run --once` exit 78" if name is None else f'every job with model = "{name}" fails'
     not_now = ("nothing runs: jobs stay queued until it can be fetched, `run --once` exits 78" if name is None
-               else f'every job with model = "{name}" fails')
+               else f'jobs with model = "{name}" wait in the queue (using no attempt) until it can be fetched')
     try:
-        folder = local_folder(model)
+        folder = local_folder(model, key)
         if folder is None:
             validate_repo_id(model)
     except (I2VError, ValueError) as err:  # HFValidationError is a ValueError

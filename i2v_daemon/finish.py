@@ -94,7 +94,10 @@ class Finisher:
         root = dest.parent
         dest = self._publish(job, jdir, dest, root, worker_id)
         status = JobStatus(doc["status"])
-        JobLog(dest / "job.log", job.id, job.name).info("finish_completed_after_restart", status=status.value)
+        JobLog(dest / "job.log", job.id, job.name).info(
+            "finish_completed_later", status=status.value,
+            why="an earlier try to publish it stopped (a crash, or the disk)",
+        )
         self._record(job, status, doc.get("error"), dest, doc.get("output"), worker_id, utcnow(), JobStatus.RUNNING)
         return dest
 

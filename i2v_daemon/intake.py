@@ -71,6 +71,17 @@ def build_request(
         return JobRequest(name=display(stem), inputs=inputs, intake_key=key, rejection=err.as_dict(), source=source)
 
 
+def group_problem(stem: str, images: list[str], sidecars: list[str]) -> str | None:
+    """What is wrong with the files that share one name (one image, at most one sidecar), or None."""
+    if len(images) > 1:
+        return f"{', '.join(sorted(images))}: several images share the name {stem!r}; keep one, or rename the others"
+    if len(sidecars) > 1:
+        owner = images[0] if images else repr(stem)
+        return (f"{', '.join(sorted(sidecars))}: more than one sidecar for {owner}; keep exactly one of .txt, "
+                ".json or .toml")
+    return None
+
+
 def _valid_request(
     stem: str, images: list[Path], sidecars: list[Path], settings: Any, key: str, inputs: tuple[str, ...],
     folder: str, source: str,
@@ -81,14 +92,9 @@ def _valid_request(
                 f"{display(p.name)}: the file name is not valid UTF-8 (it was written in another encoding); "
                 "rename it, e.g. with `convmv -f latin1 -t utf-8`, and drop it again"
             )
-    if len(images) > 1:
-        names = ", ".join(sorted(p.name for p in images))
-        raise InputError(f"{names}: several images share the name {stem!r}; keep one, or rename the others")
-    if len(sidecars) > 1:
-        names = ", ".join(sorted(p.name for p in sidecars))
-        raise InputError(
-            f"{names}: more than one sidecar for {images[0].name}; keep exactly one of .txt, .json or .toml"
-        )
+    problem = group_problem(stem, [p.name for p in images], [p.name for p in sidecars])
+    if problem:
+        raise InputError(problem)
     info = inspect_image(images[0], max_pixels=settings.max_image_pixels)
     notes = list(info.notes)
     if sidecars:
@@ -455,8 +461,9 @@ def _upload_name(name: str, what: str) -> str:
     if not base or base.startswith(".") or "\0" in base:
         raise InputError(f"{what}: the uploaded file needs a name such as cat.png (got {name!r})")
     if len(os.fsencode(base)) > NAME_MAX - LONGEST_SUFFIX:
-        raise InputError(f"{what}: the file name is {len(os.fsencode(base))} bytes; keep it under 200")
+        raise InputError(f"{what}: the file name is {len(os.fsencode(base))} bytes; keep it to "
+                         f"{NAME_MAX - LONGEST_SUFFIX} (the outputs add up to {LONGEST_SUFFIX} bytes to it)")
     return base
 
 
-__all__ = ["Intake", "build_request", "cannot_move", "display", "intake_key", "submit"]
+__all__ = ["Intake", "build_request", "cannot_move", "display", "group_problem", "intake_key", "submit"]

@@ -94,7 +94,9 @@ def _environment(err: BaseException) -> str | None:
         return str(err)
     os_err = _os_error(err)
     if os_err is not None and os_err.errno in ENVIRONMENT_ERRNOS:
-        where = f" ({os_err.filename})" if os_err.filename else ""
+        # A rename names both ends; the destination is usually the folder that refuses.
+        ends = [str(f) for f in (os_err.filename, os_err.filename2) if f]
+        where = f" ({' → '.join(ends)})" if ends else ""
         fix = {
             errno.ENOSPC: "free disk space", errno.EDQUOT: "raise the disk quota or free space",
             errno.EACCES: "make the folder writable by the daemon's user", errno.EPERM:

@@ -32,10 +32,35 @@ def check_path(settings: Any, path: Path) -> tuple[str, ...]:
     raise InputError(f"{path.name}: not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
 
 
+def group_errors(paths: list[Path]) -> dict[Path, str]:
+    """What intake would refuse about files named together (one folder, one stem), per file."""
+    from i2v_daemon.images import IMAGE_SUFFIXES
+    from i2v_daemon.intake import group_problem
+    from i2v_daemon.sidecar import SIDECAR_SUFFIXES
+
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for p in dict.fromkeys(paths):
+        groups.setdefault((p.parent, p.stem), []).append(p)
+    out: dict[Path, str] = {}
+    for (_, stem), members in groups.items():
+        problem = group_problem(
+            stem, [p.name for p in members if p.suffix.lower() in IMAGE_SUFFIXES],
+            [p.name for p in members if p.suffix.lower() in SIDECAR_SUFFIXES],
+        )
+        if problem:
+            out.update({p: problem for p in members})
+    return out
+
+
 def validate(settings: Any, paths: list[str]) -> int:
     bad = 0
+    together = group_errors([Path(raw) for raw in paths])
     for raw in paths:
         try:
+            if not Path(raw).exists() and not Path(raw).is_symlink():
+                raise InputError(f"{raw}: no such file")
+            if Path(raw) in together:
+                raise InputError(together[Path(raw)])
             notes = check_path(settings, Path(raw))
         except InputError as err:
             bad += 1

@@ -61,7 +61,7 @@ def test_a_crash_between_finishing_steps_is_completed_by_the_next_run_with_one_o
     log = (env.output / "cat" / "job.log").read_text()
     if point in ("destination_recorded", "folder_published"):
         # The video was complete and its place chosen: finished from the manifest, not generated again.
-        assert log.count(" started ") == 1 and "finish_completed_after_restart" in log
+        assert log.count(" started ") == 1 and "finish_completed_later" in log
         assert len(manifest["attempts"]) == 1
     else:
         # Before the destination was recorded the job simply runs again (at least once, exactly once visible).

@@ -60,6 +60,12 @@ def test_the_machine_in_the_way_waits_without_using_an_attempt(code: int) -> Non
     assert "without using an attempt" in v.error["message"]  # type: ignore[index]
 
 
+def test_a_rename_that_is_refused_names_both_ends() -> None:
+    err = PermissionError(errno.EACCES, "Permission denied", "/data/work/1", None, "/data/output/cat")
+    v = verdict(err, where="publishing")
+    assert "(/data/work/1 → /data/output/cat)" in v.error["message"]  # type: ignore[index]
+
+
 def test_an_environment_problem_wrapped_by_the_encoder_is_still_one() -> None:
     try:
         try:

@@ -87,17 +87,17 @@ def read_model_index(model: str) -> dict[str, Any]:
     return data
 
 
-def local_folder(model: str) -> Path | None:
-    """`model` as a local folder, or None when it names a Hub repo; a missing path is an error."""
+def local_folder(model: str, key: str = "model") -> Path | None:
+    """`model` as a local folder, or None when it names a Hub repo; a missing path is an error naming `key`."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise ConfigError(f"model {model!r} is a file; set `model` to a diffusers folder or a Hub repo id.")
+        raise ConfigError(f"model {model!r} is a file; set `{key}` to a diffusers folder or a Hub repo id.")
     # A Hub id is "owner/name"; anything else that looks like a path was meant to be a folder.
     if model.startswith(("/", ".", "~")) or model.count("/") != 1:
         raise ConfigError(
-            f"model folder {model!r} does not exist; set `model` to an existing diffusers folder "
+            f"model folder {model!r} does not exist; set `{key}` to an existing diffusers folder "
             "or to a Hugging Face repo id such as 'ali-vilab/i2vgen-xl'."
         )
     return None
