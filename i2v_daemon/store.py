@@ -387,7 +387,9 @@ class Store:
                 .values(
                     status=_R, worker_id=worker_id, lease_until=db_time(now + timedelta(seconds=lease_seconds)),
                     attempts=jobs.c.attempts + case((counts, 1), else_=0), started_at=db_time(now),
-                    progress=0.0, step=0, host=host, device=device, phase="starting",
+                    progress=0.0, step=0, phase="starting",
+                    # Where it last ran: a job that ends without the GPU keeps the host and device of its run.
+                    host=case((no_gpu, jobs.c.host), else_=host), device=case((no_gpu, jobs.c.device), else_=device),
                     phase_started_at=db_time(now), updated_us=now_us(),
                 )
                 .returning(*jobs.c)

@@ -354,7 +354,7 @@ def test_a_model_folder_that_does_not_exist_can_never_load_and_stops_run_with_78
 
 
 def test_a_job_put_back_by_a_shutdown_and_then_canceled_says_it_had_run_and_used_no_attempt(env: Env, drop):
-    write_config(env.config, env.data, env.model_dir, shutdown_grace_seconds=0)
+    write_config(env.config, env.data, env.model_dir, shutdown_grace_seconds=0, device="auto")
     drop("slow", (".json", json.dumps({"prompt": "p", "steps": 1000})))
     once = env.start("--once")
     try:
@@ -367,6 +367,7 @@ def test_a_job_put_back_by_a_shutdown_and_then_canceled_says_it_had_run_and_used
     env.cli("run", "--once", check=True)
     manifest = json.loads((env.failed / "slow" / "job.json").read_text())
     assert manifest["status"] == "canceled" and manifest["attempt_count"] == 0
+    assert manifest["device"] == "cpu"  # where it ran, not the housekeeper that ended it ("auto" before)
     assert manifest["error"]["message"] == ("canceled on request (`i2v-daemon cancel` or the API) while queued "
                                             "(it had run before and was put back in the queue)")
 
