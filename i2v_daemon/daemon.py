@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ EX_CONFIG = 78
 DEBOUNCE_SECONDS = 0.1
 #: A model that cannot be fetched now is tried again after this long, doubling up to the maximum.
 MODEL_RETRY_SECONDS, MODEL_RETRY_MAX = 30.0, 600.0
+#: How long the events stream's log of job states is kept (for reconnecting clients).
+EVENTS_KEPT_SECONDS = 86_400.0
 
 
 def open_store(settings: Settings) -> Store:
@@ -229,6 +232,13 @@ class Daemon:
             log.warning("lease_expired_requeued", job_ids=requeued)
             self.worker_wake.set()
 
+    def _forget_old_events(self) -> None:
+        """The events stream's log of states is for live clients and reconnects: a day of it is kept."""
+        try:
+            self.store.forget_events(older_than_seconds=EVENTS_KEPT_SECONDS)
+        except Exception:  # the database is away; the main loop says so, this tries again later
+            log.warning("forget_events_failed", exc_info=True)
+
     def _unload_idle_model(self) -> None:
         if self.models.unload_if_idle(self.s.model_idle_unload_seconds, busy=self.worker.current is not None):
             log.info("model_unloaded", idle_seconds=self.s.model_idle_unload_seconds, reason="idle")
@@ -352,6 +362,8 @@ class Daemon:
         scheduler.add_job(self.housekeeping, "interval", seconds=1, id="housekeeping")
         scheduler.add_job(self._tick, "interval", seconds=1, id="tick")
         scheduler.add_job(self._unload_idle_model, "interval", seconds=30, id="idle-unload")
+        scheduler.add_job(self._forget_old_events, "interval", minutes=10, id="job-events",
+                          next_run_time=datetime.now(UTC))
         self.service.schedule(scheduler)
         scheduler.start()
         log.info(

@@ -28,7 +28,7 @@ from sqlalchemy import (
 from i2v_daemon.jobs import Job, JobStatus
 
 #: The schema revision this release reads and writes (`migrate.head()` says the same; a test checks).
-HEAD = "0004"
+HEAD = "0005"
 
 metadata = MetaData()
 
@@ -86,6 +86,18 @@ control = Table(
     Column("value", JSON(none_as_null=True)),
     Column("updated_at", DateTime),
     Column("updated_by", String(255)),  # user@host that flipped it, for `status`
+)
+
+#: Each change of a job's shown status, with its `status --json` entry as it was then (revision
+#: 0005), so the events stream never misses a state shorter than its poll.
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("at_us", BigInteger, nullable=False, index=True),
+    Column("entry", JSON(none_as_null=True), nullable=False),
 )
 
 #: Notifications owed for finished jobs (revision 0004): written in the transaction that finishes

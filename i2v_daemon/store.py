@@ -25,7 +25,7 @@ from i2v_daemon.control import Control
 from i2v_daemon.errors import DatabaseGone
 from i2v_daemon.jobs import MAX_JOB_ID, TRANSITIONS, Job, JobRequest, JobStatus
 from i2v_daemon.outbox import Outbox, OutboxEntry
-from i2v_daemon.schema import HEAD, aware, db_time, job_from_row, jobs, metadata, now_us, utcnow
+from i2v_daemon.schema import HEAD, aware, db_time, job_events, job_from_row, jobs, metadata, now_us, utcnow
 
 __all__ = ["HEAD", "LeaseLost", "Store", "jobs", "metadata", "utcnow"]
 
@@ -285,9 +285,10 @@ class Store:
                 update(jobs).where(jobs.c.id.in_(ids), jobs.c.status == _S, jobs.c.worker_id == owner)
                 .values(status=_Q, worker_id=None, lease_until=None, phase=None, phase_started_at=None,
                         updated_us=now_us())
-                .returning(jobs.c.id)
-            ).scalars().all()
-        return list(rows)
+                .returning(*jobs.c)
+            ).mappings().all()
+            log_states(conn, rows)  # queued: its files are in place (a staging row is not yet a job to watch)
+        return [r["id"] for r in rows]
 
     def unstage(self, job_id: int, owner: str) -> bool:
         """Forget a staging row whose files could not be moved at all: it never became a job."""
@@ -394,6 +395,8 @@ class Store:
                 )
                 .returning(*jobs.c)
             ).mappings().first()
+            if row:
+                log_states(conn, [row])
         return job_from_row(row) if row else None
 
     def heartbeat(
@@ -491,6 +494,19 @@ class Store:
         ids = list(worker_ids)
         return self._release_where(jobs.c.worker_id.in_(ids), "its worker had stopped") if ids else []
 
+    def forget_events(self, *, older_than_seconds: float) -> int:
+        """Delete the events log's rows older than that; returns how many."""
+        cutoff = now_us() - int(older_than_seconds * 1_000_000)
+        with self.engine.begin() as conn:
+            return int(conn.execute(job_events.delete().where(job_events.c.at_us < cutoff)).rowcount or 0)
+
+    def state_log(self, since_us: int, *, limit: int = 10_000) -> list[dict[str, Any]]:
+        """The `status --json` entries of the state changes at or after `since_us`, in the order they happened."""
+        q = (select(job_events.c.entry).where(job_events.c.at_us >= since_us)
+             .order_by(job_events.c.at_us, job_events.c.seq).limit(limit))
+        with self._read() as conn:
+            return [dict(e) for (e,) in conn.execute(q).all()]
+
     def running_workers(self) -> list[str]:
         with self._read() as conn:
             rows = conn.execute(
@@ -511,12 +527,13 @@ class Store:
             for job_id, worker, phase in rows:
                 # The reason stays visible on the queued job until it runs again.
                 message = f"{why} ({worker}, in {phase or 'an unknown phase'}); it runs again"
-                conn.execute(
+                log_states(conn, conn.execute(
                     update(jobs).where(jobs.c.id == job_id, jobs.c.status == _R, jobs.c.worker_id == worker)
                     .values(status=_Q, worker_id=None, lease_until=None, progress=0.0, step=0, phase=None,
                             phase_started_at=None, error={"type": "lease_expired", "message": message},
                             updated_us=now_us())
-                )
+                    .returning(*jobs.c)
+                ).mappings().all())
         return [r[0] for r in rows]
 
     # ---- people's commands: they ask; workers and intake act ------------------------------------
@@ -659,11 +676,32 @@ class Store:
         if worker_id is not None:
             stmt = stmt.where(jobs.c.worker_id == worker_id)
         with self.engine.begin() as conn:
-            n = conn.execute(stmt.values(status=to.value, updated_us=now_us(), **(values or {}))).rowcount
-            if n != 1:
+            rows = conn.execute(
+                stmt.values(status=to.value, updated_us=now_us(), **(values or {})).returning(*jobs.c)
+            ).mappings().all()
+            if len(rows) != 1:
                 raise LeaseLost(f"job {job_id} was not {frm.value}" + (f" under {worker_id}" if worker_id else ""))
+            # A retry goes back to staging; its "queued" is logged once its files are back (mark_staged).
+            if _shown(frm) != _shown(to) and to is not JobStatus.STAGING:
+                log_states(conn, rows)
             if also is not None:
                 also(conn)
+
+
+def _shown(status: JobStatus) -> JobStatus:
+    return JobStatus.QUEUED if status is JobStatus.STAGING else status
+
+
+def log_states(conn: Connection, rows: Sequence[Any]) -> None:
+    """Record each row's state in `job_events` (its `status --json` entry now), in the caller's transaction."""
+    if not rows:
+        return
+    from i2v_daemon.views import job_summary
+
+    entries = [job_summary(job_from_row(r)) for r in rows]
+    conn.execute(insert(job_events), [
+        {"job_id": e["id"], "status": e["status"], "at_us": e["updated_us"], "entry": e} for e in entries
+    ])
 
 
 def _with_key(row: Any) -> Job:

@@ -83,6 +83,44 @@ def test_each_state_goes_out_once_and_progress_at_most_every_half_second(store: 
     asyncio.run(scenario())
 
 
+def test_a_job_that_is_queued_runs_and_finishes_between_two_polls_still_sends_each_state_in_order(store: Store):
+    async def scenario() -> None:
+        hub = EventHub(store, clock=Clock())
+        sub = Subscriber()
+        hub.subscribers.add(sub)
+        await hub.poll_once()
+        drain(sub)
+        quick, _ = store.enqueue(request("quick"))
+        assert store.claim_next("w1", lease_seconds=60) is not None
+        store.heartbeat(quick.id, "w1", lease_seconds=60, step=1, total_steps=2)
+        store.finish(quick.id, "w1", JobStatus.SUCCEEDED)
+        await hub.poll_once()
+        assert jobs_in(drain(sub)) == [("queued", 0.0), ("running", 0.0), ("succeeded", 1.0)]
+        await hub.poll_once()
+        assert jobs_in(drain(sub)) == []  # each once
+
+        # Canceled while queued, then retried and queued again before the next poll: each change of status.
+        store.request_cancel(quick.id)  # a succeeded job: nothing to cancel, nothing sent
+        again, _ = store.enqueue(request("again"))
+        job = store.claim_next("w1", lease_seconds=60)
+        assert job is not None and job.id == again.id
+        store.finish(again.id, "w1", JobStatus.FAILED, error={"type": "invalid_input", "message": "no"})
+        assert store.retry(again.id)
+        [staged] = store.claim_staging("intake", lease_seconds=60)
+        store.mark_staged([staged.id], "intake")
+        await hub.poll_once()
+        assert [s for s, _ in jobs_in(drain(sub))] == ["queued", "running", "failed", "queued"]
+
+    asyncio.run(scenario())
+
+
+def test_old_states_are_forgotten_from_the_log(store: Store):
+    store.enqueue(request("old"))
+    assert len(store.state_log(0)) == 1
+    assert store.forget_events(older_than_seconds=3600) == 0
+    assert store.forget_events(older_than_seconds=0) == 1 and store.state_log(0) == []
+
+
 def test_a_reconnecting_client_gets_the_current_state_of_what_changed_since_its_last_event(store: Store):
     async def scenario() -> None:
         hub = EventHub(store)

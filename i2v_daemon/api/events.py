@@ -1,10 +1,12 @@
 """Server-sent events fed from the database, so progress written by any worker on any host reaches every client.
 
-One `EventHub` per process polls `Store.changes` every half second and fans each new change
-out to every connected client; clients never query on their own except to catch up after a
-reconnect (`Last-Event-ID`). The feed is a table of current states, not a log: an event is a
-job's state when it was read, and a reconnecting client first gets the current state of every
-job that changed since its last event.
+One `EventHub` per process polls the database every half second and fans each new change out
+to every connected client; clients never query on their own except to catch up after a
+reconnect (`Last-Event-ID`). Two sources make the feed: the jobs table (`Store.changes`: each
+job's current state, which carries its progress) and the log of state changes (`Store.state_log`:
+the `status --json` entry at each change of status, written in the transaction that made it), so
+a state shorter than a poll is still sent. A reconnecting client first gets the current state of
+every job that changed since its last event.
 """
 
 from __future__ import annotations
@@ -34,11 +36,32 @@ PROGRESS_GAP_SECONDS = 0.5
 SUMMARY_SECONDS = 2.0
 PAGE = 500
 MAX_CATCH_UP = 10_000
+RUNNING = JobStatus.RUNNING.value
+TERMINAL = frozenset(s.value for s in JobStatus if s.is_terminal)
 QUEUE_SIZE = 2_000
 
 
-def event_id(job: Job) -> str:
-    return f"{job.updated_us}-{job.id}"
+@dataclass(frozen=True)
+class State:
+    """A job's `status --json` entry at one moment: read from its row now, or from the log of changes."""
+
+    id: int
+    updated_us: int
+    status: str  # as shown: the contract's five
+    entry: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: Job) -> State:
+        entry = job_summary(job)
+        return cls(job.id, job.updated_us, entry["status"], entry)
+
+    @classmethod
+    def logged(cls, entry: dict[str, Any]) -> State:
+        return cls(int(entry["id"]), int(entry["updated_us"]), str(entry["status"]), entry)
+
+
+def event_id(state: State | Job) -> str:
+    return f"{state.updated_us}-{state.id}"
 
 
 def parse_event_id(raw: str | None) -> tuple[int, int] | None:
@@ -51,8 +74,19 @@ def parse_event_id(raw: str | None) -> tuple[int, int] | None:
     return int(us), int(job_id)
 
 
-def job_event(job: Job) -> ServerSentEvent:
-    return ServerSentEvent(event="job", id=event_id(job), raw_data=json.dumps(job_summary(job), ensure_ascii=False))
+def job_event(state: State) -> ServerSentEvent:
+    return ServerSentEvent(event="job", id=event_id(state), raw_data=json.dumps(state.entry, ensure_ascii=False))
+
+
+def read_states(store: Store, since_us: int, *, limit: int) -> list[State]:
+    """Every state since `since_us`: the logged changes of status and the rows' current states, in time order."""
+    states: dict[tuple[int, int], State] = {}
+    for job in read_changes(store, since_us, limit=limit):
+        states[(job.id, job.updated_us)] = State.of(job)
+    for entry in store.state_log(since_us, limit=limit):
+        logged = State.logged(entry)
+        states.setdefault((logged.id, logged.updated_us), logged)
+    return sorted(states.values(), key=lambda s: (s.updated_us, s.id))
 
 
 def summary(store: Store) -> dict[str, Any]:
@@ -108,8 +142,9 @@ class EventHub:
         self.clock = clock  # monotonic seconds, for the progress gap and the summary's refresh
         self.subscribers: set[Subscriber] = set()
         self._seen: dict[tuple[int, int], None] = {}  # (id, updated_us) already sent, within the overlap
-        self._last_sent: dict[int, tuple[float, JobStatus]] = {}  # job id → (monotonic time, status) of its last event
-        self._held: dict[int, Job] = {}  # progress that came too soon after the previous event
+        self._last_sent: dict[int, tuple[float, str]] = {}  # job id → (monotonic time, status) of its last event
+        self._newest: dict[int, int] = {}  # job id → updated_us of the newest state sent: older news is dropped
+        self._held: dict[int, State] = {}  # progress that came too soon after the previous event
         self._summary: dict[str, Any] | None = None
         self._summary_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
@@ -129,7 +164,7 @@ class EventHub:
                 rows = await anyio.to_thread.run_sync(self._catch_up, resume)
                 for job in rows:
                     caught_up[job.id] = job.updated_us
-                    yield job_event(job)
+                    yield job_event(State.of(job))
             if self._summary is None:  # the first client: read it now; the poller sends only changes of it
                 self._summary = await anyio.to_thread.run_sync(summary, self.store)
             yield ServerSentEvent(event="summary", raw_data=json.dumps(self._summary))
@@ -172,25 +207,28 @@ class EventHub:
         self._seen.clear()
         self._held.clear()
         self._last_sent.clear()
+        self._newest.clear()
         self._summary = None
 
     async def poll_once(self) -> None:
         """Read what changed, send what is new (holding back progress that comes too fast), refresh the summary."""
         now_us = time.time_ns() // 1000
         window = now_us - OVERLAP_US
-        rows = await anyio.to_thread.run_sync(lambda: read_changes(self.store, window, limit=MAX_CATCH_UP))
+        states = await anyio.to_thread.run_sync(lambda: read_states(self.store, window, limit=MAX_CATCH_UP))
         now = self.clock()
         sent_any = False
-        for job in rows:
-            key = (job.id, job.updated_us)
+        for state in states:
+            key = (state.id, state.updated_us)
             if key in self._seen:
                 continue
             self._seen[key] = None
-            if self._progress_only(job) and self._too_soon(job.id, now):
-                self._held[job.id] = job  # the newest progress wins; it goes out once the gap has passed
+            if state.updated_us < self._newest.get(state.id, -1):
+                continue  # a newer state of this job went out already
+            if self._progress_only(state) and self._too_soon(state.id, now):
+                self._held[state.id] = state  # the newest progress wins; it goes out once the gap has passed
                 continue
-            self._held.pop(job.id, None)
-            self._send(job, now)
+            self._held.pop(state.id, None)
+            self._send(state, now)
             sent_any = True
         for job_id, job in list(self._held.items()):
             if not self._too_soon(job_id, now):
@@ -199,26 +237,29 @@ class EventHub:
                 sent_any = True
         for key in [k for k in self._seen if k[1] < window]:
             del self._seen[key]
+        for job_id in [i for i, us in self._newest.items() if us < window and i not in self._last_sent]:
+            del self._newest[job_id]  # finished and out of the window: nothing older can come
         # The pause switch is not a job row, so the summary is also read every couple of seconds.
         if sent_any or now - self._summary_at >= SUMMARY_SECONDS:
             self._summary_at = now
             await self._refresh_summary()
 
-    def _progress_only(self, job: Job) -> bool:
+    def _progress_only(self, state: State) -> bool:
         """A running job whose last event said running too: only its progress (step, phase) moved."""
-        last = self._last_sent.get(job.id)
-        return job.status is JobStatus.RUNNING and last is not None and last[1] is JobStatus.RUNNING
+        last = self._last_sent.get(state.id)
+        return state.status == RUNNING and last is not None and last[1] == RUNNING
 
     def _too_soon(self, job_id: int, now: float) -> bool:
         last = self._last_sent.get(job_id)
         return last is not None and now - last[0] < PROGRESS_GAP_SECONDS
 
-    def _send(self, job: Job, now: float) -> None:
-        if job.status.is_terminal:
-            self._last_sent.pop(job.id, None)
+    def _send(self, state: State, now: float) -> None:
+        if state.status in TERMINAL:
+            self._last_sent.pop(state.id, None)
         else:
-            self._last_sent[job.id] = (now, job.status)
-        self._broadcast(job_event(job))
+            self._last_sent[state.id] = (now, state.status)
+        self._newest[state.id] = state.updated_us
+        self._broadcast(job_event(state))
 
     async def _refresh_summary(self) -> None:
         current = await anyio.to_thread.run_sync(summary, self.store)
