@@ -320,9 +320,22 @@ class Daemon:
             if self.worker.paused:
                 log.warning("paused", action="queued jobs stay queued; `i2v-daemon resume` lets them run")
                 break
+            if self._only_models_missing():
+                return EX_CONFIG  # as for the default model: waiting out backoffs here would not fetch it
             if not self._wait_for_backoff():
                 break
         return 0
+
+    def _only_models_missing(self) -> bool:
+        """Every queued job waits for a model that cannot be fetched now (said once, with the reasons)."""
+        from i2v_daemon.jobs import JobStatus
+
+        waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED])
+        if not waiting or any((j.error or {}).get("type") != "model_unavailable" for j in waiting):
+            return False
+        log.error("jobs_wait_for_the_model", job_ids=[j.id for j in waiting],
+                  reasons=sorted({(j.error or {}).get("message", "") for j in waiting}))
+        return True
 
     def _wait_for_backoff(self) -> bool:
         """Jobs wait out a retry backoff: sleep for the next one if it is due soon; False: leave them queued."""

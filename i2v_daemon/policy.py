@@ -75,7 +75,8 @@ def decide(
         # retry_backoff_seconds (30 s by default) doubling; at least a second, at most ten minutes
         delay = min(MAX_WAIT_SECONDS, max(1.0, backoff_seconds) * 2**waits)
         message = f"{environment}; the job waits and runs again in {delay:.0f} s without using an attempt"
-        return Verdict("wait", {"type": "environment", "message": message, "waits": waits + 1}, delay, True)
+        kind = err.kind if isinstance(err, EnvironmentProblem) else "environment"  # e.g. model_unavailable
+        return Verdict("wait", {"type": kind, "message": message, "waits": waits + 1}, delay, True)
     permanent = _permanent(err, where)
     if permanent is not None:
         return Verdict("fail", permanent)

@@ -333,6 +333,17 @@ def test_a_hub_model_that_cannot_be_fetched_keeps_jobs_queued_with_the_reason_an
     assert "problem" not in env.cli("status", check=True).stdout
 
 
+def test_run_once_with_jobs_only_for_another_model_it_cannot_fetch_exits_78_and_keeps_them_queued(env: Env, drop):
+    env.config.write_text(env.config.read_text() + '[models]\nhub = "someone/not-cached-anywhere"\n')
+    drop("cat", (".json", json.dumps({"prompt": "a cat", "model": "hub"})))
+    once = env.cli("run", "--once", env={"HF_HUB_OFFLINE": "1"})
+    assert once.returncode == 78, once.stderr[-2000:]
+    assert '"jobs_wait_for_the_model"' in once.stderr and "someone/not-cached-anywhere" in once.stderr
+    job = job_of(env, "cat")
+    assert job is not None and job["status"] == "queued" and job["attempts"] == 0
+    assert "cannot be fetched" in job["error"] or "not cached" in job["error"], job["error"]
+
+
 def test_the_daemon_starts_without_a_model_it_cannot_fetch_takes_drops_and_says_why_they_wait(env: Env, drop):
     write_config(env.config, env.data, "someone/not-cached-anywhere")
     daemon = env.start(env={"HF_HUB_OFFLINE": "1"})
