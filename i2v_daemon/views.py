@@ -100,6 +100,10 @@ def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: An
     elif job.status in (JobStatus.QUEUED, JobStatus.STAGING):
         queue = store.queue()
         ids = [q.id for q in queue]
+        if job.id not in ids:  # taken (or canceled) since `job` was read: describe it as it is now
+            fresher = store.get(job.id)
+            if fresher is not None and fresher.status is not job.status:
+                return describe(store, fresher, now=now, estimator=estimator)
         if job.id in ids:
             out["position"] = ids.index(job.id) + 1
             if not store.is_paused():  # while paused no queued job starts: when this one will is not known

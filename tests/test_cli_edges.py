@@ -212,3 +212,15 @@ def test_a_name_with_terminal_control_codes_reaches_the_terminal_escaped_and_kee
     assert len(status.splitlines()) == 3  # counts, header, one row: the newline did not break it
     assert "a prompt\\x1b[31m in red" in shown
     assert json.loads(cli(folder, "show", str(job.id), "--json").stdout)["name"] == name  # JSON: the name itself
+
+
+def test_a_job_taken_while_it_is_described_is_described_as_it_is_now(tmp_path: Path) -> None:
+    from i2v_daemon.views import describe
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create_schema()
+    read_before, _ = store.enqueue(JobRequest(name="quick", inputs=("q.png",), intake_key="q", params=PARAMS))
+    store.claim_next("w", lease_seconds=60)  # a worker takes it between the read and the description
+    shown = describe(store, read_before)
+    assert (shown["status"], shown["position"]) == ("running", None)  # not "queued" with no position
+    store.close()
