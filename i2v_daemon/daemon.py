@@ -132,6 +132,7 @@ class Daemon:
         self.model_ready = False
         self._model_retry_at = 0.0
         self._model_wait = MODEL_RETRY_SECONDS
+        self._drain_started_us = 0  # when `run --once` began draining (µs since the epoch)
 
     @property
     def stop_requested(self) -> float | None:
@@ -299,8 +300,10 @@ class Daemon:
             self.sender.close()
             self.service.close()
             self.store.control.resolve_all(by=self.intake.owner)
+            self._forget_old_events()  # a host that only ever runs `run --once` (a timer) prunes it too
 
     def _drain(self) -> int:
+        self._drain_started_us = time.time_ns() // 1000
         self.recover()
         while self.stop_requested is None:
             result = self.intake_pass(once=True)
@@ -331,7 +334,9 @@ class Daemon:
         from i2v_daemon.jobs import JobStatus
 
         waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED])
-        if not waiting or any((j.error or {}).get("type") != "model_unavailable" for j in waiting):
+        # Only what this run found: a wait left by an earlier run is tried again, not believed.
+        if not waiting or any((j.error or {}).get("type") != "model_unavailable"
+                              or (j.updated_us or 0) < self._drain_started_us for j in waiting):
             return False
         log.error("jobs_wait_for_the_model", job_ids=[j.id for j in waiting],
                   reasons=sorted({(j.error or {}).get("message", "") for j in waiting}))

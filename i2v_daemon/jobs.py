@@ -26,8 +26,9 @@ class JobStatus(enum.StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
-#: Job ids are 64-bit signed integers in both databases; a larger number names no job.
-MAX_JOB_ID = 2**63 - 1
+#: Job ids are the `jobs.id` column's INTEGER: 32-bit signed on PostgreSQL (SQLite's would hold 64),
+#: so a larger number names no job on either.
+MAX_JOB_ID = 2**31 - 1
 
 #: The only status changes the store will write. Anything else is a bug or a race lost.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {

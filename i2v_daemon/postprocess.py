@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from i2v_daemon.errors import GenerationError
+from i2v_daemon.errors import DatabaseGone, GenerationError, JobCanceled
 from i2v_daemon.jobs import Job
 from i2v_daemon.logs import JobLog
 from i2v_daemon.video import mp4_info, write_mp4
@@ -127,7 +127,13 @@ def _interpolate(
             frames, fps=fps, output_fps=output_fps, mode=mode, path=target, rife_model=settings.rife_model,
             device=device, on_progress=lambda done, total: on_alive("interpolating"),
         )
+    except (JobCanceled, DatabaseGone):  # not interpolation's failure: the job's, or the daemon's
+        raise
     except Exception as err:
+        from i2v_daemon.store import LeaseLost
+
+        if isinstance(err, LeaseLost):
+            raise
         shutil.copyfile(generated, target)
         from i2v_daemon.errors import I2VError
 

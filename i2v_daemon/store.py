@@ -395,7 +395,9 @@ class Store:
                 )
                 .returning(*jobs.c)
             ).mappings().first()
-            if row:
+            # Only a job that will generate is seen starting; a cancel, a rejection or a late publish
+            # is claimed just to be ended, and its end is what is logged.
+            if row and row["rejection"] is None and not row["cancel_requested"] and row["final_dir"] is None:
                 log_states(conn, [row])
         return job_from_row(row) if row else None
 
@@ -501,9 +503,12 @@ class Store:
             return int(conn.execute(job_events.delete().where(job_events.c.at_us < cutoff)).rowcount or 0)
 
     def state_log(self, since_us: int, *, limit: int = 10_000) -> list[dict[str, Any]]:
-        """The `status --json` entries of the state changes at or after `since_us`, in the order they happened."""
+        """The `status --json` entries of the state changes stamped at or after `since_us`, in `seq` order.
+
+        `seq` orders one job's changes as they were committed; `at_us` is each writer's own clock.
+        """
         q = (select(job_events.c.entry).where(job_events.c.at_us >= since_us)
-             .order_by(job_events.c.at_us, job_events.c.seq).limit(limit))
+             .order_by(job_events.c.seq).limit(limit))
         with self._read() as conn:
             return [dict(e) for (e,) in conn.execute(q).all()]
 

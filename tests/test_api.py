@@ -219,7 +219,8 @@ def test_unknown_jobs_and_paths_are_404_in_json(api: Api):
     for path in ("/api/v1/jobs/999999", "/api/v1/jobs/999999/video", "/api/v1/jobs/999999/poster",
                  "/api/v1/jobs/999999/log", "/api/v1/jobs/999999/manifest", "/api/v1/jobs/999999/retry",
                  f"/api/v1/jobs/{huge}", f"/api/v1/jobs/{huge}/video", f"/api/v1/jobs/{huge}/cancel",
-                 f"/api/v1/jobs/{2**63}/retry", "/api/v1/jobs/0", "/api/v1/jobs/-1", "/api/v1/nothing-here"):
+                 f"/api/v1/jobs/{2**63}/retry", f"/api/v1/jobs/{2**31}/video", "/api/v1/jobs/0", "/api/v1/jobs/-1",
+                 "/api/v1/nothing-here"):
         method = "POST" if path.endswith(("retry", "cancel")) else "GET"
         r = client.request(method, path)
         assert r.status_code == 404, path

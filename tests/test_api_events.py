@@ -114,6 +114,47 @@ def test_a_job_that_is_queued_runs_and_finishes_between_two_polls_still_sends_ea
     asyncio.run(scenario())
 
 
+def test_hosts_whose_clocks_differ_still_end_each_job_on_its_last_state(store: Store, monkeypatch):
+    import i2v_daemon.store as store_module
+
+    real = store_module.now_us
+
+    def on_host_ahead_by(seconds: float) -> None:
+        monkeypatch.setattr(store_module, "now_us", lambda: real() + int(seconds * 1e6))
+
+    async def scenario() -> None:
+        clock = Clock()
+        hub = EventHub(store, clock=clock)
+        sub = Subscriber()
+        hub.subscribers.add(sub)
+        await hub.poll_once()
+        drain(sub)
+        on_host_ahead_by(2)  # the intake's host: its clock runs 2 s ahead of the worker's
+        quick, _ = store.enqueue(request("quick"))
+        on_host_ahead_by(0)
+        assert store.claim_next("w1", lease_seconds=60) is not None
+        store.finish(quick.id, "w1", JobStatus.SUCCEEDED)
+        await hub.poll_once()
+        assert [s for s, _ in jobs_in(drain(sub))] == ["queued", "running", "succeeded"]
+
+        slow, _ = store.enqueue(request("slow"))
+        await hub.poll_once()
+        drain(sub)
+        on_host_ahead_by(1)  # the API's host asks for the cancel, its clock 1 s ahead
+        store.request_cancel(slow.id)
+        on_host_ahead_by(0)
+        clock.now += 0.5
+        await hub.poll_once()
+        assert [(s, d) for s, d in jobs_in(drain(sub))] == [("queued", 0.0)]  # cancel requested, still queued
+        assert store.claim_next("hk", lease_seconds=60, housekeeping=True) is not None  # a worker ends it
+        store.finish(slow.id, "hk", JobStatus.CANCELED, error={"type": "canceled", "message": "canceled"})
+        clock.now += 0.5
+        await hub.poll_once()
+        assert [s for s, _ in jobs_in(drain(sub))] == ["canceled"]  # never "running": it never ran
+
+    asyncio.run(scenario())
+
+
 def test_old_states_are_forgotten_from_the_log(store: Store):
     store.enqueue(request("old"))
     assert len(store.state_log(0)) == 1

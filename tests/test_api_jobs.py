@@ -174,6 +174,8 @@ def test_a_dropped_jobs_video_honours_range_and_its_poster_log_and_manifest_are_
     past = client.get(f"{base}/video", headers={"Range": f"bytes={len(on_disk) + 5}-"})
     assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(on_disk)}"
     assert past.json()["error"]["type"] == "range_not_satisfiable"
+    stale = client.get(f"{base}/video", headers={"Range": f"bytes={len(on_disk) + 5}-", "If-Range": '"old"'})
+    assert stale.status_code == 200 and stale.content == on_disk  # the file changed since: the whole of it
     for unreadable in ("items=0-1", "bytes=abc", "bytes=100-50"):  # RFC 9110: ignored, the whole video
         ignored = client.get(f"{base}/video", headers={"Range": unreadable})
         assert ignored.status_code == 200 and ignored.content == on_disk, unreadable

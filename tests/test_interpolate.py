@@ -267,3 +267,29 @@ def test_requests_that_can_be_delivered_pass(
     fps: int, output_fps: int | None, mode: str | None, rife_model: Path | None
 ) -> None:
     check_request(fps, output_fps, mode, rife_model)
+
+
+@pytest.mark.parametrize("stop", ["database_gone", "canceled"])
+def test_a_stop_that_comes_while_interpolating_is_not_taken_for_an_interpolation_failure(
+    tmp_path: Path, stop: str,
+) -> None:
+    from types import SimpleNamespace
+
+    from i2v_daemon import postprocess
+    from i2v_daemon.errors import DatabaseGone
+    from i2v_daemon.logs import JobLog
+
+    error = DatabaseGone("the job database was deleted") if stop == "database_gone" else JobCanceled("stop")
+
+    def alive(phase: str) -> None:
+        raise error
+
+    generated = tmp_path / "clip.generated.mp4"
+    video.write_mp4(moving_square(), generated, 8)
+    notes: list[str] = []
+    with pytest.raises(type(error)):
+        postprocess._interpolate(  # the progress write inside meets the stop: it reaches the worker as it is
+            moving_square(), generated, tmp_path / "clip.mp4", 8, 24, "blend", SimpleNamespace(rife_model=None),
+            "cpu", JobLog(tmp_path / "job.log", 1, "clip"), notes, alive,
+        )
+    assert notes == [] and not (tmp_path / "clip.mp4").exists()  # no fallback video, no "interpolation failed"

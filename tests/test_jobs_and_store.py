@@ -169,6 +169,13 @@ def test_a_claim_increments_attempts_and_takes_a_lease_for_the_worker(store: Sto
     assert store.get(job.id) == claimed
 
 
+def test_a_number_past_any_job_id_names_no_job_on_either_database(store: Store) -> None:
+    from i2v_daemon.jobs import MAX_JOB_ID
+
+    # PostgreSQL's INTEGER stops at 2³¹−1; a larger number must not reach the driver at all.
+    assert store.get(MAX_JOB_ID) is None and store.get(MAX_JOB_ID + 1) is None and store.get(2**70) is None
+
+
 def test_an_empty_queue_gives_no_claim(store: Store) -> None:
     assert store.claim_next("w1", lease_seconds=LEASE, now=T0) is None
 

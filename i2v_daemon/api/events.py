@@ -79,14 +79,22 @@ def job_event(state: State) -> ServerSentEvent:
 
 
 def read_states(store: Store, since_us: int, *, limit: int) -> list[State]:
-    """Every state since `since_us`: the logged changes of status and the rows' current states, in time order."""
-    states: dict[tuple[int, int], State] = {}
-    for job in read_changes(store, since_us, limit=limit):
-        states[(job.id, job.updated_us)] = State.of(job)
-    for entry in store.state_log(since_us, limit=limit):
-        logged = State.logged(entry)
-        states.setdefault((logged.id, logged.updated_us), logged)
-    return sorted(states.values(), key=lambda s: (s.updated_us, s.id))
+    """Every state since `since_us`, each job's in the order they happened, its current row last.
+
+    The log is read first and the rows after it, so a job's row is never older than a logged state
+    read with it. A job's logged states are in `seq` order, which is their commit order (the row's
+    lock serialises its writers); `updated_us` is not, as each host stamps it with its own clock.
+    """
+    logged = [State.logged(e) for e in store.state_log(since_us, limit=limit)]
+    rows = [State.of(j) for j in read_changes(store, since_us, limit=limit)]
+    out: list[State] = []
+    keys: set[tuple[int, int]] = set()
+    for state in (*logged, *rows):
+        key = (state.id, state.updated_us)
+        if key not in keys:
+            keys.add(key)
+            out.append(state)
+    return out
 
 
 def summary(store: Store) -> dict[str, Any]:
@@ -143,7 +151,6 @@ class EventHub:
         self.subscribers: set[Subscriber] = set()
         self._seen: dict[tuple[int, int], None] = {}  # (id, updated_us) already sent, within the overlap
         self._last_sent: dict[int, tuple[float, str]] = {}  # job id → (monotonic time, status) of its last event
-        self._newest: dict[int, int] = {}  # job id → updated_us of the newest state sent: older news is dropped
         self._held: dict[int, State] = {}  # progress that came too soon after the previous event
         self._summary: dict[str, Any] | None = None
         self._summary_at = float("-inf")
@@ -207,7 +214,6 @@ class EventHub:
         self._seen.clear()
         self._held.clear()
         self._last_sent.clear()
-        self._newest.clear()
         self._summary = None
 
     async def poll_once(self) -> None:
@@ -222,8 +228,6 @@ class EventHub:
             if key in self._seen:
                 continue
             self._seen[key] = None
-            if state.updated_us < self._newest.get(state.id, -1):
-                continue  # a newer state of this job went out already
             if self._progress_only(state) and self._too_soon(state.id, now):
                 self._held[state.id] = state  # the newest progress wins; it goes out once the gap has passed
                 continue
@@ -237,8 +241,6 @@ class EventHub:
                 sent_any = True
         for key in [k for k in self._seen if k[1] < window]:
             del self._seen[key]
-        for job_id in [i for i, us in self._newest.items() if us < window and i not in self._last_sent]:
-            del self._newest[job_id]  # finished and out of the window: nothing older can come
         # The pause switch is not a job row, so the summary is also read every couple of seconds.
         if sent_any or now - self._summary_at >= SUMMARY_SECONDS:
             self._summary_at = now
@@ -258,7 +260,6 @@ class EventHub:
             self._last_sent.pop(state.id, None)
         else:
             self._last_sent[state.id] = (now, state.status)
-        self._newest[state.id] = state.updated_us
         self._broadcast(job_event(state))
 
     async def _refresh_summary(self) -> None:

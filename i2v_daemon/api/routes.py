@@ -173,20 +173,25 @@ def video(job_id: int, ctx: Ctx, request: Request) -> FileResponse:
     path = ctx.inside_job(job, Path(job.output)) if job.output and job.final_dir else None
     if path is None:
         raise ApiError(404, "not_found", f"job {job_id} has no video ({_why_not(job)})")
-    _check_range(request, path.stat().st_size)
-    return FileResponse(path, media_type="video/mp4", filename=path.name, content_disposition_type="inline")
+    response = FileResponse(path, media_type="video/mp4", filename=path.name, content_disposition_type="inline",
+                            stat_result=path.stat())
+    _check_range(request, response)
+    return response
 
 
-def _check_range(request: Request, size: int) -> None:
+def _check_range(request: Request, response: FileResponse) -> None:
     """A `Range` past the end is a JSON 416; one that cannot be parsed is ignored (RFC 9110 §14.2: the whole file).
 
     Starlette's FileResponse would answer both itself, in plain text (416, or 400 for a malformed one).
+    An `If-Range` that no longer matches the file makes the Range moot: the whole file, as Starlette does.
     """
     from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
     raw = request.headers.get("range")
-    if raw is None:
+    if_range = request.headers.get("if-range")
+    if raw is None or (if_range is not None and not response._should_use_range(if_range)):
         return
+    size = int(response.headers["content-length"])
     try:
         FileResponse._parse_range_header(raw, size)
     except RangeNotSatisfiable:
