@@ -23,11 +23,13 @@ from i2v_daemon.errors import ConfigError, DatabaseGone, EnvironmentProblem
 from i2v_daemon.finish import Finisher
 from i2v_daemon.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_type
 from i2v_daemon.intake import Intake
+from i2v_daemon.jobs import Job, JobStatus
 from i2v_daemon.logs import get_logger
 from i2v_daemon.migrate import Upgrade
 from i2v_daemon.models.holder import ModelHolder
 from i2v_daemon.notifications import Sender
 from i2v_daemon.params import BUILTIN_PRESETS
+from i2v_daemon.schema import now_us, utcnow
 from i2v_daemon.service import Service
 from i2v_daemon.settings import Settings
 from i2v_daemon.signals import Stopper
@@ -148,8 +150,6 @@ class Daemon:
                       retries=self.s.webhook_retries, stopping=stopping)
 
     def _finish_rejected(self, job: Any, owner: str) -> None:
-        from i2v_daemon.jobs import JobStatus
-
         latest = self.store.get(job.id) or job
         error = latest.rejection or latest.error or {"type": "invalid_input", "message": "invalid input"}
         self.finisher.finish(latest, JobStatus.FAILED, error, worker_id=owner, frm=JobStatus.STAGING)
@@ -303,7 +303,7 @@ class Daemon:
             self._forget_old_events()  # a host that only ever runs `run --once` (a timer) prunes it too
 
     def _drain(self) -> int:
-        self._drain_started_us = time.time_ns() // 1000
+        self._drain_started_us = now_us()
         self.recover()
         while self.stop_requested is None:
             result = self.intake_pass(once=True)
@@ -323,17 +323,15 @@ class Daemon:
             if self.worker.paused:
                 log.warning("paused", action="queued jobs stay queued; `i2v-daemon resume` lets them run")
                 break
-            if self._only_models_missing():
+            waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED])
+            if self._only_models_missing(waiting):
                 return EX_CONFIG  # as for the default model: waiting out backoffs here would not fetch it
-            if not self._wait_for_backoff():
+            if not self._wait_for_backoff(waiting):
                 break
         return 0
 
-    def _only_models_missing(self) -> bool:
+    def _only_models_missing(self, waiting: list[Job]) -> bool:
         """Every queued job waits for a model that cannot be fetched now (said once, with the reasons)."""
-        from i2v_daemon.jobs import JobStatus
-
-        waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED])
         # Only what this run found: a wait left by an earlier run is tried again, not believed.
         if not waiting or any((j.error or {}).get("type") != "model_unavailable"
                               or (j.updated_us or 0) < self._drain_started_us for j in waiting):
@@ -342,16 +340,11 @@ class Daemon:
                   reasons=sorted({(j.error or {}).get("message", "") for j in waiting}))
         return True
 
-    def _wait_for_backoff(self) -> bool:
-        """Jobs wait out a retry backoff: sleep for the next one if it is due soon; False: leave them queued."""
-        from i2v_daemon.jobs import JobStatus
-
-        waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED])
+    def _wait_for_backoff(self, waiting: list[Job]) -> bool:
+        """The queued jobs wait out a retry backoff: sleep for the next one if it is due soon; False: leave them."""
         if not waiting:  # only staging left: another intake's, or one that cannot be staged (its log says why)
             return False
         soonest = min((j.not_before for j in waiting if j.not_before), default=None)
-        from i2v_daemon.schema import utcnow
-
         left = (soonest - utcnow()).total_seconds() if soonest else 0.2
         if left > 60:
             log.warning("jobs_left_waiting", job_ids=[j.id for j in waiting],

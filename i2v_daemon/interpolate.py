@@ -90,13 +90,13 @@ def check_request(fps: int, output_fps: int | None, mode: str | None, rife_model
             f"generated one; set output_fps to {fps} or more, or lower fps"
         )
     if mode is not None and output_fps == fps:
-        k = next((k for k in (3, 2) if fps * k <= MAX_OUTPUT_FPS), None)
-        example = f"e.g. output_fps = {fps * k}" if k else f"at most {MAX_OUTPUT_FPS}"
         if fps >= MAX_OUTPUT_FPS:
             raise InputError(
                 f"interpolation = {mode!r} needs an output_fps above fps = {fps}, and {MAX_OUTPUT_FPS} is the "
                 "most output_fps may be; lower fps, or leave out interpolation"
             )
+        k = next((k for k in (3, 2) if fps * k <= MAX_OUTPUT_FPS), None)
+        example = f"e.g. output_fps = {fps * k}" if k else f"at most {MAX_OUTPUT_FPS}"
         raise InputError(
             f"interpolation = {mode!r} needs an output_fps above fps = {fps} ({example}); "
             "set output_fps, or leave out interpolation"

@@ -24,6 +24,11 @@ class JobStatus(enum.StrEnum):
     def is_terminal(self) -> bool:
         return self in TERMINAL
 
+    @property
+    def shown(self) -> JobStatus:
+        """As users see it, one of the contract's five: staging (files on their way into work/) is queued."""
+        return JobStatus.QUEUED if self is JobStatus.STAGING else self
+
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 #: Job ids are the `jobs.id` column's INTEGER: 32-bit signed on PostgreSQL (SQLite's would hold 64),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from i2v_daemon.errors import DatabaseGone, GenerationError, JobCanceled
+from i2v_daemon.errors import DatabaseGone, GenerationError, I2VError, JobCanceled
 from i2v_daemon.jobs import Job
 from i2v_daemon.logs import JobLog
 from i2v_daemon.video import mp4_info, write_mp4
@@ -135,8 +135,6 @@ def _interpolate(
         if isinstance(err, LeaseLost):
             raise
         shutil.copyfile(generated, target)
-        from i2v_daemon.errors import I2VError
-
         # Our own errors say what happened in words; anything else is named by its type too.
         why = str(err) if isinstance(err, I2VError) else f"{type(err).__name__}: {err}"
         note = f"interpolation to {output_fps} fps ({mode}) failed, so the video is delivered at {fps} fps: {why}"

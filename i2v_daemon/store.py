@@ -687,14 +687,10 @@ class Store:
             if len(rows) != 1:
                 raise LeaseLost(f"job {job_id} was not {frm.value}" + (f" under {worker_id}" if worker_id else ""))
             # A retry goes back to staging; its "queued" is logged once its files are back (mark_staged).
-            if _shown(frm) != _shown(to) and to is not JobStatus.STAGING:
+            if frm.shown is not to.shown and to is not JobStatus.STAGING:
                 log_states(conn, rows)
             if also is not None:
                 also(conn)
-
-
-def _shown(status: JobStatus) -> JobStatus:
-    return JobStatus.QUEUED if status is JobStatus.STAGING else status
 
 
 def log_states(conn: Connection, rows: Sequence[Any]) -> None:

@@ -56,12 +56,13 @@ def validate(settings: Any, paths: list[str]) -> int:
     bad = 0
     together = group_errors([Path(raw) for raw in paths])
     for raw in paths:
+        path = Path(raw)
         try:
-            if not Path(raw).exists() and not Path(raw).is_symlink():
+            if not path.exists() and not path.is_symlink():
                 raise InputError(f"{raw}: no such file")
-            if Path(raw) in together:
-                raise InputError(together[Path(raw)])
-            notes = check_path(settings, Path(raw))
+            if path in together:
+                raise InputError(together[path])
+            notes = check_path(settings, path)
         except InputError as err:
             bad += 1
             print(f"invalid {raw}: {err}")

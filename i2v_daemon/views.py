@@ -31,7 +31,7 @@ def _escape(c: str) -> str:
 
 def shown_status(job: Job) -> str:
     """The contract's five statuses: a staging job (files on their way into work/) is queued to a user."""
-    return JobStatus.QUEUED.value if job.status is JobStatus.STAGING else job.status.value
+    return job.status.shown.value
 
 
 def job_summary(job: Job) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class State:
         return cls(int(entry["id"]), int(entry["updated_us"]), str(entry["status"]), entry)
 
 
-def event_id(state: State | Job) -> str:
+def event_id(state: State) -> str:
     return f"{state.updated_us}-{state.id}"
 
 

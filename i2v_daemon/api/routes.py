@@ -119,7 +119,7 @@ def list_jobs(
 
 def _statuses(raw: str) -> list[JobStatus]:
     """The contract's five statuses; `queued` includes jobs whose files are still on their way (staging)."""
-    shown = {s.value: s for s in JobStatus if s is not JobStatus.STAGING}
+    shown = {s.value: s for s in JobStatus if s.shown is s}
     out: list[JobStatus] = []
     for name in (s.strip() for s in raw.split(",") if s.strip()):
         if name not in shown:
