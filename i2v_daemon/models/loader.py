@@ -107,9 +107,9 @@ def model_unavailable(model: str, why: BaseException | str) -> ModelUnavailable:
     """A Hub model that cannot be fetched right now (not cached, and offline or the Hub unreachable)."""
     from huggingface_hub import constants
 
-    from i2v_daemon.models.hub import hub_cli
+    from i2v_daemon.models.hub import first_line, hub_cli
 
-    detail = why if isinstance(why, str) else f"{type(why).__name__}: {str(why).splitlines()[0] if str(why) else '-'}"
+    detail = why if isinstance(why, str) else first_line(why)
     return ModelUnavailable(
         f"model {model!r} is not (completely) in the Hugging Face cache and cannot be downloaded now ({detail}). "
         f"Download it once where the Hub can be reached (`HF_HOME={constants.HF_HOME} {hub_cli()} download "
