@@ -11,8 +11,8 @@ from typing import BinaryIO
 
 from PIL import Image, ImageFile
 
-from .errors import InputError
-from .fsutil import open_regular
+from i2v_daemon.errors import InputError
+from i2v_daemon.fsutil import open_regular
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_MAX_PIXELS = 40_000_000

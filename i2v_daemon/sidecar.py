@@ -11,10 +11,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import params
-from .errors import InputError
-from .fsutil import open_regular
-from .params import MAX_TEXT_CHARS, clip, describe
+from i2v_daemon import params
+from i2v_daemon.errors import InputError
+from i2v_daemon.fsutil import open_regular
+from i2v_daemon.params import MAX_TEXT_CHARS, clip, describe
 
 __all__ = [
     "FLOAT_RANGES", "INT_RANGES", "KEYS", "MAX_TEXT_CHARS", "SIDECAR_SUFFIXES", "Sidecar", "parse_sidecar",
