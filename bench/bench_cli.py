@@ -33,9 +33,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
-    from i2v_daemon.jobs import JobRequest
     from i2v_daemon.params import Params
-    from i2v_daemon.store import Store
+    from i2v_daemon.queue.jobs import JobRequest
+    from i2v_daemon.queue.store import Store
 
     # As a user runs it: bytecode is cached (a session or CI may set PYTHONDONTWRITEBYTECODE, which would
     # make only our modules be compiled from source on every run, SQLAlchemy's .pyc being installed).

@@ -156,7 +156,7 @@ def build(args: argparse.Namespace, tiny_dir: Path | None) -> Any:
     if args.tiny:
         assert tiny_dir is not None
         return I2VGenXLModel(str(tiny_dir), device=args.device, dtype=args.dtype)
-    from i2v_daemon.models.tiny import build_full_size_i2vgen_xl
+    from i2v_daemon.models.testing.tiny import build_full_size_i2vgen_xl
 
     pipe = build_full_size_i2vgen_xl(args.device, getattr(torch, args.dtype))
     return I2VGenXLModel("random-full-size-i2vgen-xl", device=args.device, dtype=args.dtype, pipeline=pipe)
@@ -237,7 +237,7 @@ def plain_job(model: Any, image: Any, case: Case, steps: int, seed: int = 0) -> 
 
 def daemon_job(model: Any, image: Any, case: Case, steps: int, seed: int = 0, memory: Any = None,
                ladder: list[int] | None = None) -> tuple[Any, StepClock, float, list[dict[str, Any]]]:
-    from i2v_daemon.generate import generate
+    from i2v_daemon.work.generate import generate
 
     clock = StepClock(model.device)
     tries: list[dict[str, Any]] = []
@@ -385,7 +385,7 @@ def capped_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, imag
     closed, and the daemon's fast-path model, whose first rung the memory model judges."""
     import torch
 
-    from i2v_daemon.memory import MemoryModel
+    from i2v_daemon.models.memory import MemoryModel
 
     total = torch.cuda.get_device_properties(0).total_memory
     cap = int(args.cap_gib * GIB)
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__} on {gpu}; compile cache {args.cache_dir}", flush=True)
     tiny_dir = None
     if args.tiny:
-        from i2v_daemon.models.tiny import build_tiny_i2vgen_xl
+        from i2v_daemon.models.testing.tiny import build_tiny_i2vgen_xl
 
         tiny_dir = build_tiny_i2vgen_xl(Path(tempfile.mkdtemp()) / "tiny")
     models = []

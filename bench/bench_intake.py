@@ -86,7 +86,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=2000)
     args = ap.parse_args()
-    from i2v_daemon.models.tiny import build_tiny_i2vgen_xl
+    from i2v_daemon.models.testing.tiny import build_tiny_i2vgen_xl
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         root = Path(tmp)

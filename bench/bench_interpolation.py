@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from i2v_daemon import video
-from i2v_daemon.interpolate import interpolate_to_mp4
+from i2v_daemon.work import video
+from i2v_daemon.work.interpolate import interpolate_to_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,12 +32,12 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from i2v_daemon.intake import Intake
+    from i2v_daemon.intake.staging import Intake
     from i2v_daemon.models.holder import ModelHolder
-    from i2v_daemon.models.tiny import build_tiny_i2vgen_xl
+    from i2v_daemon.models.testing.tiny import build_tiny_i2vgen_xl
+    from i2v_daemon.queue.store import Store
     from i2v_daemon.settings import load_settings
-    from i2v_daemon.store import Store
-    from i2v_daemon.worker import Worker
+    from i2v_daemon.work.worker import Worker
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,23 +18,23 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from i2v_daemon import folders
+from i2v_daemon import files as folders
+from i2v_daemon.delivery.sender import Sender
 from i2v_daemon.errors import ConfigError, DatabaseGone, EnvironmentProblem
-from i2v_daemon.finish import Finisher
-from i2v_daemon.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_type
-from i2v_daemon.intake import Intake
-from i2v_daemon.jobs import Job, JobStatus
+from i2v_daemon.intake.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_type
+from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
-from i2v_daemon.migrate import Upgrade
 from i2v_daemon.models.holder import ModelHolder
-from i2v_daemon.notifications import Sender
 from i2v_daemon.params import BUILTIN_PRESETS
-from i2v_daemon.schema import now_us, utcnow
-from i2v_daemon.service import Service
+from i2v_daemon.queue.jobs import Job, JobStatus
+from i2v_daemon.queue.migrate import Upgrade
+from i2v_daemon.queue.schema import now_us, utcnow
+from i2v_daemon.queue.store import Store
+from i2v_daemon.service.duties import Service
+from i2v_daemon.service.signals import Stopper
 from i2v_daemon.settings import Settings
-from i2v_daemon.signals import Stopper
-from i2v_daemon.store import Store
-from i2v_daemon.worker import StopDaemon, Worker, dead_local_workers, make_worker_id
+from i2v_daemon.work.finish import Finisher
+from i2v_daemon.work.worker import StopDaemon, Worker, dead_local_workers, make_worker_id
 
 log = get_logger()
 
@@ -143,7 +143,7 @@ class Daemon:
     # ---- the parts' wiring --------------------------------------------------------------------
 
     def _sender(self) -> Sender:
-        from i2v_daemon import hooks_delivery  # webhooks and hooks: delivered from the outbox
+        from i2v_daemon.delivery import kinds as hooks_delivery  # webhooks and hooks: delivered from the outbox
 
         stopping = threading.Event()  # set by Sender.close: it also ends a hook that is still running
         return Sender(self.store.outbox, make_worker_id("outbox"), hooks_delivery.deliverers(self.s, stopping),

@@ -203,7 +203,7 @@ def _quiet_progress_bars() -> None:
 
 def _terminal_safe_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     """Console lines: control characters in string values (a file name with ESC or a newline) as escapes."""
-    from i2v_daemon.views import terminal_safe
+    from i2v_daemon.views.jobs import terminal_safe
 
     for key, value in event.items():
         if isinstance(value, str) and key != "exception" and not value.isprintable():

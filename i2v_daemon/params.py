@@ -20,8 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
-from i2v_daemon.choices import lora_name_problem
 from i2v_daemon.errors import InputError
+from i2v_daemon.intake.choices import lora_name_problem
 
 MAX_TEXT_CHARS = 20_000
 INTERPOLATIONS = ("motion", "blend", "rife")
@@ -319,7 +319,7 @@ def merge(
     asked = values.get("interpolation")
     mode = asked or preset.get("interpolation") or (defaults or {}).get("interpolation") or "motion"
     interpolating = output_fps is not None and output_fps > fps
-    from i2v_daemon.interpolate import check_request  # the interpolation rules live with interpolation
+    from i2v_daemon.work.interpolate import check_request  # the interpolation rules live with interpolation
 
     try:
         check_request(fps, output_fps, asked or (mode if interpolating else None), rife_model)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from i2v_daemon.store import Store
+from i2v_daemon.queue.store import Store
 from tests.databases import BACKENDS, database
 from tests.fixtures_models import (  # noqa: F401
     tiny_family_dirs,

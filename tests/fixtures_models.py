@@ -16,7 +16,7 @@ from i2v_daemon.models.base import VideoModel
 @pytest.fixture(scope="session")
 def tiny_i2vgen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A diffusers folder holding a tiny random I2VGen-XL pipeline (built once per session)."""
-    from i2v_daemon.models.tiny import build_tiny_i2vgen_xl
+    from i2v_daemon.models.testing.tiny import build_tiny_i2vgen_xl
 
     return build_tiny_i2vgen_xl(tmp_path_factory.mktemp("tiny-i2vgen-xl"))
 
@@ -43,7 +43,7 @@ TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox")
 @pytest.fixture(scope="session")
 def tiny_family_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """family -> a diffusers folder with its tiny random pipeline, built on first use, once per session."""
-    from i2v_daemon.models.tiny import build_tiny
+    from i2v_daemon.models.testing.tiny import build_tiny
 
     built: dict[str, Path] = {}
 
@@ -78,7 +78,7 @@ def tiny_family_models(tiny_family_dirs: Callable[[str], Path]) -> Iterator[Call
 @pytest.fixture(scope="session")
 def tiny_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_family_dirs: Callable[[str], Path]) -> Path:
     """A lora_dir holding `style.safetensors`, a random LoRA for the tiny Wan pipeline."""
-    from i2v_daemon.models.tiny import build_tiny_lora
+    from i2v_daemon.models.testing.tiny import build_tiny_lora
 
     folder = tmp_path_factory.mktemp("loras")
     build_tiny_lora(tiny_family_dirs("wan"), folder / "style.safetensors")

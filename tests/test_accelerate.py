@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 from i2v_daemon.errors import JobCanceled
-from i2v_daemon.generate import generate
-from i2v_daemon.jobs import Params
 from i2v_daemon.models.accelerate import host_timesteps
 from i2v_daemon.models.holder import ModelHolder, resolve_accelerate
+from i2v_daemon.queue.jobs import Params
+from i2v_daemon.work.generate import generate
 
 # One worker (under pytest-xdist) runs these and test_bench.py, in that order: the bench then finds the
 # compile cache these tests filled.
@@ -220,8 +220,8 @@ holder = ModelHolder({str(tiny_i2vgen_dir)!r}, "cpu", "float32", accelerate="on"
 import numpy as np, torch
 torch.set_num_threads(1)
 from PIL import Image
-from i2v_daemon.generate import generate
-from i2v_daemon.jobs import Params
+from i2v_daemon.work.generate import generate
+from i2v_daemon.queue.jobs import Params
 from torch._dynamo.utils import counters
 model = holder.get()
 image = Image.fromarray(np.linspace(0, 255, 72 * 128 * 3).reshape(72, 128, 3).astype(np.uint8))

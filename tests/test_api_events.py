@@ -13,9 +13,9 @@ import json
 from typing import Any
 
 from i2v_daemon.api.events import PAGE, EventHub, Subscriber, parse_event_id, read_changes
-from i2v_daemon.jobs import JobRequest, JobStatus
 from i2v_daemon.params import Params
-from i2v_daemon.store import Store
+from i2v_daemon.queue.jobs import JobRequest, JobStatus
+from i2v_daemon.queue.store import Store
 
 PARAMS = Params(preset="standard", resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8)
 
@@ -115,7 +115,7 @@ def test_a_job_that_is_queued_runs_and_finishes_between_two_polls_still_sends_ea
 
 
 def test_hosts_whose_clocks_differ_still_end_each_job_on_its_last_state(store: Store, monkeypatch):
-    import i2v_daemon.store as store_module
+    import i2v_daemon.queue.store as store_module
 
     real = store_module.now_us
 

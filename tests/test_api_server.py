@@ -42,7 +42,7 @@ class NoTorch:
             raise ImportError(f"serve imported {{name}}: the API process must never import PyTorch")
         return None
 sys.meta_path.insert(0, NoTorch())
-from i2v_daemon import cli
+from i2v_daemon.cli import main as cli
 code = cli.main(sys.argv[1:])
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
 print(json.dumps({{"event": "launcher_exit", "code": code, "heavy_modules": loaded}}), file=sys.stderr, flush=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from i2v_daemon.jobs import JobRequest, JobStatus
 from i2v_daemon.params import Params
-from i2v_daemon.store import Store
+from i2v_daemon.queue.jobs import JobRequest, JobStatus
+from i2v_daemon.queue.store import Store
 from tests.conftest import ROOT, SUBPROCESS_ENV
 
 PARAMS = Params(preset="fast", resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8)
@@ -215,7 +215,7 @@ def test_a_name_with_terminal_control_codes_reaches_the_terminal_escaped_and_kee
 
 
 def test_a_job_taken_while_it_is_described_is_described_as_it_is_now(tmp_path: Path) -> None:
-    from i2v_daemon.views import describe
+    from i2v_daemon.views.jobs import describe
 
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
     store.create_schema()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from i2v_daemon.jobs import JobRequest, JobStatus, Params
-from i2v_daemon.store import Store
+from i2v_daemon.queue.jobs import JobRequest, JobStatus, Params
+from i2v_daemon.queue.store import Store
 
 COUNT_KEYS = {"queued", "running", "succeeded", "failed", "canceled"}
 JOB_KEYS = {
@@ -172,7 +172,7 @@ def test_status_with_a_limit_of_zero_prints_only_the_counts(thousand: Data) -> N
 
 PROBE = """
 import json, sys
-from i2v_daemon import cli
+from i2v_daemon.cli import main as cli
 codes = [cli.main(sys.argv[1:] + extra) for extra in ([], ["--json"])]
 heavy = sorted(m for m in ("torch", "diffusers", "transformers", "accelerate") if m in sys.modules)
 print(json.dumps({"codes": codes, "heavy": heavy}), file=sys.stderr)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from i2v_daemon.faults import POINTS
-from i2v_daemon.jobs import JobStatus
-from i2v_daemon.store import Store
+from i2v_daemon.queue.jobs import JobStatus
+from i2v_daemon.queue.store import Store
 from tests.conftest import SUBPROCESS_ENV, Env
 from tests.test_daemon_process import start_daemon, stop, wait_for
 
@@ -192,7 +192,7 @@ def _claim_loop(url: str, worker: str, out: Path, lease: float, start=None) -> N
 def test_processes_racing_for_the_queue_claim_each_job_exactly_once(tmp_path, database_url):
     import multiprocessing as mp
 
-    from i2v_daemon.jobs import JobRequest, Params
+    from i2v_daemon.queue.jobs import JobRequest, Params
 
     url = database_url
     store = Store(url)

@@ -79,8 +79,8 @@ def test_a_model_that_cannot_be_found_is_a_configuration_error_with_exit_78(env:
 
 
 def test_cancel_stops_a_running_job_at_its_next_step_and_the_daemon_keeps_serving(env: Env):
-    from i2v_daemon.jobs import JobStatus
-    from i2v_daemon.store import Store
+    from i2v_daemon.queue.jobs import JobStatus
+    from i2v_daemon.queue.store import Store
 
     proc = start_daemon(env)
     try:

@@ -367,7 +367,7 @@ def test_rife_as_a_default_or_in_a_preset_without_rife_model_stops_doctor_and_ru
 
 
 def test_a_rife_model_that_is_missing_a_folder_or_not_weights_is_a_fail(env: Env, tmp_path: Path):
-    from i2v_daemon.doctor import check_rife_model
+    from i2v_daemon.service.doctor import check_rife_model
 
     garbage = tmp_path / "flownet.safetensors"
     garbage.write_bytes(os.urandom(64))
@@ -378,7 +378,7 @@ def test_a_rife_model_that_is_missing_a_folder_or_not_weights_is_a_fail(env: Env
 
 
 def test_usable_rife_weights_are_ok(env: Env, tmp_path: Path):
-    from i2v_daemon.doctor import check_rife_model
+    from i2v_daemon.service.doctor import check_rife_model
 
     rife = pytest.importorskip("i2v_daemon.models.rife")
     weights = rife.save_random_rife(tmp_path / "flownet.safetensors")
@@ -387,7 +387,7 @@ def test_usable_rife_weights_are_ok(env: Env, tmp_path: Path):
 
 
 def test_an_on_finish_hook_that_cannot_run_is_a_fail_naming_the_key(env: Env, tmp_path: Path):
-    from i2v_daemon.doctor import check_on_finish
+    from i2v_daemon.service.doctor import check_on_finish
 
     not_executable = tmp_path / "notify.sh"
     not_executable.write_text("#!/bin/sh\n")
@@ -402,7 +402,7 @@ def test_an_on_finish_hook_that_cannot_run_is_a_fail_naming_the_key(env: Env, tm
 
 
 def test_an_api_token_file_that_others_can_read_is_a_warning_with_the_chmod(env: Env, tmp_path: Path):
-    from i2v_daemon.doctor import check_api_token_file
+    from i2v_daemon.service.doctor import check_api_token_file
 
     token = tmp_path / "api-token"
     s = settings(env, api_token_file=str(token))
@@ -417,7 +417,7 @@ def test_an_api_token_file_that_others_can_read_is_a_warning_with_the_chmod(env:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
 def test_an_api_token_file_owned_by_another_user_is_a_warning_with_the_chown(env: Env, tmp_path: Path):
-    from i2v_daemon.doctor import check_api_token_file
+    from i2v_daemon.service.doctor import check_api_token_file
 
     token = tmp_path / "api-token"
     token.write_text("secret\n")

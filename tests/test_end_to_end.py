@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from i2v_daemon.video import probe_mp4
+from i2v_daemon.work.video import probe_mp4
 from tests.conftest import TINY_PRESET
 
 pytestmark = pytest.mark.slow

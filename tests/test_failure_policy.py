@@ -17,8 +17,8 @@ from i2v_daemon.errors import (
     OutOfMemory,
     TransientError,
 )
-from i2v_daemon.policy import JobStalled, decide
-from i2v_daemon.store import LeaseLost
+from i2v_daemon.queue.store import LeaseLost
+from i2v_daemon.work.policy import JobStalled, decide
 
 
 def verdict(err: BaseException, *, attempts: int = 1, waits: int = 0, where: str = "generating", **kw):

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from i2v_daemon.errors import InputError, JobCanceled
-from i2v_daemon.generate import plan_rungs
 from i2v_daemon.models import schedulers
 from i2v_daemon.models.base import GenerationRequest, LoraChoice
 from i2v_daemon.models.loader import detect_family, resolve_dtype
 from i2v_daemon.models.planning import plan_frames
 from i2v_daemon.models.svd import motion_bucket_id
+from i2v_daemon.work.generate import plan_rungs
 from tests.fixtures_models import TINY_FAMILIES
 
 #: What each tiny family makes when asked for 4 frames at resolution 64 from a 96×64 image.
@@ -228,7 +228,7 @@ def test_a_file_that_is_not_a_lora_is_an_input_error_and_the_model_keeps_working
 
 
 def test_a_family_without_measured_anchors_tries_every_rung_until_its_own_tries_are_recorded():
-    from i2v_daemon.memory import GIB, MemoryModel
+    from i2v_daemon.models.memory import GIB, MemoryModel
 
     memory = MemoryModel(budget_bytes=24 * GIB, resident_bytes=10 * GIB, anchor_slope=None)
     assert memory.fits(1280, 720, 81)  # nothing known yet: the I2VGen-XL anchors do not apply, so try it
@@ -287,8 +287,8 @@ def test_each_family_offers_the_schedulers_its_noise_schedule_supports(tiny_fami
 
 @pytest.mark.parametrize(("family", "name"), [("svd", "dpm++"), ("ltx-video", "ddim"), ("wan", "ddim")])
 def test_a_scheduler_a_family_cannot_take_is_refused_before_any_work(family, name, tiny_family_models):
-    from i2v_daemon.generate import generate
-    from i2v_daemon.jobs import Params
+    from i2v_daemon.queue.jobs import Params
+    from i2v_daemon.work.generate import generate
 
     model = tiny_family_models(family)
     params = Params(preset="t", resolution=64, num_frames=9, steps=2, guidance_scale=3.0, fps=8, seed=1,

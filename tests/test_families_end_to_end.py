@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from i2v_daemon.video import probe_mp4
+from i2v_daemon.work.video import probe_mp4
 from tests.conftest import Env, write_config
 
 pytestmark = pytest.mark.slow

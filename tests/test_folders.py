@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import pytest
 
-from i2v_daemon.folders import free_name, move_file, move_tree, publish, stage_inputs, write_atomic, write_json
+from i2v_daemon.files import free_name, move_file, move_tree, publish, stage_inputs, write_atomic, write_json
 
 T = TypeVar("T")
 

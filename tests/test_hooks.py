@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from i2v_daemon.hooks import TAIL_BYTES, hook_env, run_hook
-from i2v_daemon.jobs import JobStatus
+from i2v_daemon.delivery.hook import TAIL_BYTES, hook_env, run_hook
+from i2v_daemon.queue.jobs import JobStatus
 
 #: A hook that writes its whole environment, as JSON, to the file named by its first argument.
 DUMP_ENV = [sys.executable, "-c", "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from i2v_daemon.video import probe_mp4
+from i2v_daemon.work.video import probe_mp4
 from tests.conftest import Env, age
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from i2v_daemon.errors import InputError
-from i2v_daemon.images import IMAGE_SUFFIXES, ImageInfo, _webp_canvas_size, inspect_image, load_rgb
+from i2v_daemon.intake.images import IMAGE_SUFFIXES, ImageInfo, _webp_canvas_size, inspect_image, load_rgb
 from tests.conftest import finishes
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

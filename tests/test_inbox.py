@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import pytest
 
-from i2v_daemon.inbox import (
+from i2v_daemon.intake.inbox import (
     NETWORK_FS,
     InboxScanner,
     ScanResult,
@@ -19,7 +19,7 @@ from i2v_daemon.inbox import (
     is_ignored_name,
     needs_polling,
 )
-from i2v_daemon.intake import build_request, intake_key
+from i2v_daemon.intake.staging import build_request, intake_key
 from i2v_daemon.settings import Settings
 from tests.conftest import make_image
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from i2v_daemon import interpolate, video
 from i2v_daemon.errors import InputError, JobCanceled
-from i2v_daemon.interpolate import (
+from i2v_daemon.work import interpolate, video
+from i2v_daemon.work.interpolate import (
     InterpolationError,
     check_request,
     delivered_times,
     interpolate_to_mp4,
     multiple,
 )
-from i2v_daemon.video import probe_mp4
+from i2v_daemon.work.video import probe_mp4
 
 #: H.264 at CRF 18 costs about 1.7 levels (of 255) of mean difference on these frames; the
 #: generated video written by video.write_mp4 shows the same. A delivered frame i*k must be
@@ -275,9 +275,9 @@ def test_a_stop_that_comes_while_interpolating_is_not_taken_for_an_interpolation
 ) -> None:
     from types import SimpleNamespace
 
-    from i2v_daemon import postprocess
     from i2v_daemon.errors import DatabaseGone
     from i2v_daemon.logs import JobLog
+    from i2v_daemon.work import postprocess
 
     error = DatabaseGone("the job database was deleted") if stop == "database_gone" else JobCanceled("stop")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from i2v_daemon.jobs import TERMINAL, TRANSITIONS, JobRequest, JobStatus, Params, can_transition
-from i2v_daemon.store import LeaseLost, Store
+from i2v_daemon.queue.jobs import TERMINAL, TRANSITIONS, JobRequest, JobStatus, Params, can_transition
+from i2v_daemon.queue.store import LeaseLost, Store
 
 Q, R, S, F, C = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED
 ST = JobStatus.STAGING
@@ -170,7 +170,7 @@ def test_a_claim_increments_attempts_and_takes_a_lease_for_the_worker(store: Sto
 
 
 def test_a_number_past_any_job_id_names_no_job_on_either_database(store: Store) -> None:
-    from i2v_daemon.jobs import MAX_JOB_ID
+    from i2v_daemon.queue.jobs import MAX_JOB_ID
 
     # PostgreSQL's INTEGER stops at 2³¹−1; a larger number must not reach the driver at all.
     assert store.get(MAX_JOB_ID) is None and store.get(MAX_JOB_ID + 1) is None and store.get(2**70) is None

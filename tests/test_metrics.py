@@ -11,9 +11,9 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from i2v_daemon.jobs import Job, JobRequest, JobStatus, Params
-from i2v_daemon.metrics import GIB, Metrics
-from i2v_daemon.store import Store
+from i2v_daemon.queue.jobs import Job, JobRequest, JobStatus, Params
+from i2v_daemon.queue.store import Store
+from i2v_daemon.service.metrics import GIB, Metrics
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 PARAMS = Params(preset="standard", resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8)

@@ -30,10 +30,10 @@ from sqlalchemy import (
     text,
 )
 
-from i2v_daemon import migrate
 from i2v_daemon.errors import ConfigError
-from i2v_daemon.jobs import JobRequest, JobStatus, Params
-from i2v_daemon.store import Store, metadata
+from i2v_daemon.queue import migrate
+from i2v_daemon.queue.jobs import JobRequest, JobStatus, Params
+from i2v_daemon.queue.store import Store, metadata
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 PARAMS = Params(preset="fast", resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from i2v_daemon.choices import check_choices, resolve_lora
 from i2v_daemon.errors import ConfigError, GenerationError, InputError
+from i2v_daemon.intake.choices import check_choices, resolve_lora
+from i2v_daemon.intake.sidecar import parse_sidecar_bytes
 from i2v_daemon.models.holder import ModelHolder
 from i2v_daemon.params import params_from_dict
 from i2v_daemon.settings import load_settings
-from i2v_daemon.sidecar import parse_sidecar_bytes
 
 
 def sidecar(**values: object):

@@ -245,8 +245,8 @@ def test_a_closed_model_refuses_to_generate(tiny_i2vgen_dir: Path) -> None:
 
 
 def test_dpm_plus_plus_runs_on_i2vgen_xls_own_schedule_and_the_manifest_names_it(tiny_model: I2VGenXLModel) -> None:
-    from i2v_daemon.generate import generate
-    from i2v_daemon.jobs import Params
+    from i2v_daemon.queue.jobs import Params
+    from i2v_daemon.work.generate import generate
 
     assert (tiny_model.info.scheduler, tiny_model.info.schedulers) == ("ddim", ("ddim", "dpm++"))
     image = _request().image

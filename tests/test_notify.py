@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from i2v_daemon import logs
-from i2v_daemon.notify import Notifier, socket_address, watchdog_seconds
+from i2v_daemon.service.systemd import Notifier, socket_address, watchdog_seconds
 
 
 @pytest.fixture()

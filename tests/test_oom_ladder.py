@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from i2v_daemon.errors import OutOfMemory
-from i2v_daemon.generate import generate, plan_rungs
-from i2v_daemon.jobs import Params
-from i2v_daemon.memory import ANCHOR_RESIDENT, DECODE_BYTES_PER_PIXEL, GIB, MemoryModel, choose_start
 from i2v_daemon.models.holder import ModelHolder
+from i2v_daemon.models.memory import ANCHOR_RESIDENT, DECODE_BYTES_PER_PIXEL, GIB, MemoryModel, choose_start
 from i2v_daemon.models.seams import OOMAbove
+from i2v_daemon.queue.jobs import Params
+from i2v_daemon.work.generate import generate, plan_rungs
 
 IMAGE = Image.new("RGB", (96, 64), (120, 60, 30))
 PARAMS = Params(preset="t", resolution=64, num_frames=4, steps=2, guidance_scale=2.0, fps=4, seed=3)

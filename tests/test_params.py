@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from i2v_daemon.errors import InputError
+from i2v_daemon.intake.sidecar import parse_sidecar_bytes, parse_values
 from i2v_daemon.params import (
     BUILTIN_PRESETS,
     FLOAT_RANGES,
@@ -17,7 +18,6 @@ from i2v_daemon.params import (
     merge,
     params_from_dict,
 )
-from i2v_daemon.sidecar import parse_sidecar_bytes, parse_values
 
 PRESETS = {**BUILTIN_PRESETS, "social": Preset(resolution=512, num_frames=16, steps=25, guidance_scale=7.0, fps=8,
                                                  output_fps=24, interpolation="blend", scheduler="dpm++")}

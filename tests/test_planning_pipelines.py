@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from i2v_daemon.generate import generate, plan_rungs
-from i2v_daemon.jobs import Params
 from i2v_daemon.models import planning
 from i2v_daemon.models.base import GenerationRequest
 from i2v_daemon.models.loader import load_model
-from i2v_daemon.models.tiny import build_tiny
+from i2v_daemon.models.testing.tiny import build_tiny
+from i2v_daemon.queue.jobs import Params
+from i2v_daemon.work.generate import generate, plan_rungs
 
 #: Image shapes (landscape, portrait, square, 16:9, wider than 2:1) and short sides to plan for.
 IMAGES = [(96, 64), (64, 96), (100, 100), (160, 90), (300, 100)]

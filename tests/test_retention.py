@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from i2v_daemon.jobs import JobRequest, JobStatus, Params
-from i2v_daemon.retention import apply_retention
+from i2v_daemon.queue.jobs import JobRequest, JobStatus, Params
+from i2v_daemon.queue.store import Store
+from i2v_daemon.service.retention import apply_retention
 from i2v_daemon.settings import load_settings
-from i2v_daemon.store import Store
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 PARAMS = Params(preset="standard", resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8)
@@ -102,7 +102,7 @@ def test_a_job_retried_meanwhile_is_not_forgotten(store: Store, jobs: dict[str, 
 def test_the_daemon_schedules_retention_daily_only_when_it_is_on(store: Store, tmp_path: Path):
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from i2v_daemon.service import Service
+    from i2v_daemon.service.duties import Service
 
     for days, expected in ((0, None), (7, 86400.0)):
         scheduler = BackgroundScheduler()

@@ -18,11 +18,11 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from i2v_daemon.intake import intake_key
-from i2v_daemon.jobs import JobRequest, JobStatus
+from i2v_daemon.intake.staging import intake_key
+from i2v_daemon.queue.jobs import JobRequest, JobStatus
+from i2v_daemon.queue.store import Store, utcnow
 from i2v_daemon.settings import load_settings
-from i2v_daemon.store import Store, utcnow
-from i2v_daemon.worker import dead_local_workers, make_worker_id
+from i2v_daemon.work.worker import dead_local_workers, make_worker_id
 from tests.databases import fresh_postgres_database, postgres_admin_url
 
 ROOT = Path(__file__).resolve().parent.parent

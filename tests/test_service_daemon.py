@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from i2v_daemon.store import Store
+from i2v_daemon.queue.store import Store
 from tests.conftest import SUBPROCESS_ENV, Env, make_image, write_config
 from tests.test_daemon_process import start_daemon, stop, wait_for
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from i2v_daemon.errors import ConfigError
+from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import Settings, load_settings
-from i2v_daemon.store import Store
 
 CONFIG_TOML = Path(__file__).parent.parent / "config" / "config.toml"
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from i2v_daemon.errors import InputError
-from i2v_daemon.sidecar import (
+from i2v_daemon.intake.sidecar import (
     FLOAT_RANGES,
     INT_RANGES,
     KEYS,

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from i2v_daemon import video
 from i2v_daemon.errors import TransientError
-from i2v_daemon.video import probe_mp4, write_mp4
+from i2v_daemon.work import video
+from i2v_daemon.work.video import probe_mp4, write_mp4
 
 
 def _frames(count: int, height: int, width: int) -> np.ndarray:

@@ -19,8 +19,8 @@ from i2v_daemon.api import auth, page, routes
 from i2v_daemon.api.context import ApiError, Context, authenticated
 from i2v_daemon.api.events import EventHub
 from i2v_daemon.logs import get_logger
+from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import Settings
-from i2v_daemon.store import Store
 
 #: The page loads nothing from anywhere but here, and no other site may frame it.
 CSP = (

@@ -10,9 +10,9 @@ from starlette.requests import Request
 
 from i2v_daemon.api import auth
 from i2v_daemon.api.events import EventHub
-from i2v_daemon.jobs import Job
+from i2v_daemon.queue.jobs import Job
+from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import Settings
-from i2v_daemon.store import Store
 
 
 class ApiError(Exception):

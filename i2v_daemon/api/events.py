@@ -22,10 +22,10 @@ from typing import Any
 import anyio
 from fastapi.sse import ServerSentEvent
 
-from i2v_daemon.jobs import MAX_JOB_ID, Job, JobStatus
 from i2v_daemon.logs import get_logger
-from i2v_daemon.store import Store
-from i2v_daemon.views import iso, job_summary
+from i2v_daemon.queue.jobs import MAX_JOB_ID, Job, JobStatus
+from i2v_daemon.queue.store import Store
+from i2v_daemon.views.jobs import iso, job_summary
 
 POLL_SECONDS = 0.5
 #: Rows stamped this long before the newest poll are read again: a write's commit may land after a

@@ -20,11 +20,12 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from i2v_daemon import ops, views
 from i2v_daemon.api import uploads
 from i2v_daemon.api.context import ApiError, Context, authenticated, context
 from i2v_daemon.errors import InputError
-from i2v_daemon.jobs import Job, JobStatus
+from i2v_daemon.queue.jobs import Job, JobStatus
+from i2v_daemon.views import asks as ops
+from i2v_daemon.views import jobs as views
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(authenticated)])
 Ctx = Annotated[Context, Depends(context)]
@@ -51,7 +52,7 @@ async def submit_job(
         image, image_name = upload.files["image"]
         sidecar, sidecar_name = upload.files.get("sidecar", (None, None))
         params = _params(upload.fields["params"]) if "params" in upload.fields else None
-        from i2v_daemon import intake  # on the first upload, not at start: `serve` answers sooner
+        from i2v_daemon.intake import staging as intake  # on the first upload, not at start: `serve` answers sooner
 
         submit = partial(
             intake.submit, ctx.settings, ctx.store, image=image, image_name=image_name, sidecar=sidecar,

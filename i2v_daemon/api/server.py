@@ -18,9 +18,9 @@ from sqlalchemy.engine import make_url
 from i2v_daemon.api import auth
 from i2v_daemon.errors import ConfigError, DatabaseGone
 from i2v_daemon.logs import get_logger
-from i2v_daemon.schema import HEAD
+from i2v_daemon.queue.schema import HEAD
+from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import Settings
-from i2v_daemon.store import Store
 
 EX_OK, EX_FAILED, EX_CONFIG = 0, 1, 78
 # Loggers in this package are fetched when used: one bound at import would keep structlog's default
@@ -147,7 +147,7 @@ def _run(settings: Settings, store: Store, token: auth.Token, sock: socket.socke
     import uvicorn
 
     from i2v_daemon.api.app import create_app
-    from i2v_daemon.notify import Notifier
+    from i2v_daemon.service.systemd import Notifier
 
     notifier = Notifier.from_env()
 

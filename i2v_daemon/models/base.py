@@ -1,6 +1,6 @@
 """The seam between the daemon and diffusers: one `VideoModel` protocol every family implements.
 
-Only `i2v_daemon.models` and `i2v_daemon.generate` import torch or diffusers; the values here
+Only `i2v_daemon.models` and `i2v_daemon.work.generate` import torch or diffusers; the values here
 are plain Python so the rest of the daemon (and `status`) never pays for that import.
 """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 from typing import TYPE_CHECKING, Any
 
-from i2v_daemon.memory import ANCHOR_SLOPE, GIB, MemoryModel
+from i2v_daemon.models.memory import ANCHOR_SLOPE, GIB, MemoryModel
 
 if TYPE_CHECKING:
     from i2v_daemon.models.base import VideoModel

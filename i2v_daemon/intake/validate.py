@@ -1,0 +1,71 @@
+"""`i2v-daemon validate PATH…`: check sidecars and images exactly as intake would, without queueing them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from i2v_daemon.errors import InputError
+
+EX_OK, EX_FAILED = 0, 1
+
+
+def check_path(settings: Any, path: Path) -> tuple[str, ...]:
+    """Notes on a good file; InputError saying what to fix on a bad one."""
+    from i2v_daemon.intake.choices import check_choices
+    from i2v_daemon.intake.images import IMAGE_SUFFIXES, inspect_image
+    from i2v_daemon.intake.sidecar import SIDECAR_SUFFIXES, parse_sidecar
+    from i2v_daemon.params import merge
+
+    suffix = path.suffix.lower()
+    if suffix in SIDECAR_SUFFIXES:
+        side = parse_sidecar(path, max_bytes=settings.max_sidecar_bytes)
+        # The folder it sits in may be a preset's (inbox/fast/), which is then its default preset.
+        folder = path.parent.name if path.parent.name in settings.all_presets() else None
+        merge(side.values, presets=settings.all_presets(), default_preset=folder or settings.default_preset,
+              defaults=settings.job_defaults(), rife_model=settings.rife_model, where=path.name)
+        check_choices(side.values, settings, path.name)  # model allowed, LoRA file present
+        return side.notes
+    if suffix in IMAGE_SUFFIXES:
+        info = inspect_image(path, max_pixels=settings.max_image_pixels)
+        return (f"{info.format} {info.width}x{info.height}", *info.notes)
+    raise InputError(f"{path.name}: not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
+
+
+def group_errors(paths: list[Path]) -> dict[Path, str]:
+    """What intake would refuse about files named together (one folder, one stem), per file."""
+    from i2v_daemon.intake.images import IMAGE_SUFFIXES
+    from i2v_daemon.intake.sidecar import SIDECAR_SUFFIXES
+    from i2v_daemon.intake.staging import group_problem
+
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for p in dict.fromkeys(paths):
+        groups.setdefault((p.parent, p.stem), []).append(p)
+    out: dict[Path, str] = {}
+    for (_, stem), members in groups.items():
+        problem = group_problem(
+            stem, [p.name for p in members if p.suffix.lower() in IMAGE_SUFFIXES],
+            [p.name for p in members if p.suffix.lower() in SIDECAR_SUFFIXES],
+        )
+        if problem:
+            out.update({p: problem for p in members})
+    return out
+
+
+def validate(settings: Any, paths: list[str]) -> int:
+    bad = 0
+    together = group_errors([Path(raw) for raw in paths])
+    for raw in paths:
+        path = Path(raw)
+        try:
+            if not path.exists() and not path.is_symlink():
+                raise InputError(f"{raw}: no such file")
+            if path in together:
+                raise InputError(together[path])
+            notes = check_path(settings, path)
+        except InputError as err:
+            bad += 1
+            print(f"invalid {raw}: {err}")
+            continue
+        print(f"ok {raw}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return EX_FAILED if bad else EX_OK

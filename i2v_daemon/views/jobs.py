@@ -1,0 +1,114 @@
+"""Jobs as plain JSON-ready dicts: the one shape `status --json`, `show --json`, the API and its events share."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from i2v_daemon.queue.jobs import Job, JobStatus
+
+
+def iso(dt: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a `Z`, or None."""
+    return dt.isoformat().replace("+00:00", "Z") if dt else None
+
+
+def terminal_safe(line: str) -> str:
+    """One line of text for a terminal: control and bidi-format characters (from file names, prompts) as escapes.
+
+    Anyone who may drop files names them, and a name holding ESC sequences or a newline would
+    otherwise reach the operator's terminal as commands, or break a table into lines.
+    """
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() or c == " " else _escape(c) for c in line)
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def shown_status(job: Job) -> str:
+    """The contract's five statuses: a staging job (files on their way into work/) is queued to a user."""
+    return job.status.shown.value
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """One entry of `status --json` (INTERFACE.md §4), with this release's additions after the contract's keys."""
+    return {
+        "id": job.id,
+        "name": job.name,
+        "status": shown_status(job),
+        "progress": round(job.progress, 4),
+        "attempts": job.attempts,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "width": job.width,
+        "height": job.height,
+        "num_frames": job.num_frames,
+        "output": job.output,
+        "error": (job.error or {}).get("message") if job.status is not JobStatus.SUCCEEDED else None,
+        "priority": job.priority,
+        "folder": job.final_dir,
+        "host": job.host,
+        "device": job.device,
+        "phase": job.phase if job.status in (JobStatus.RUNNING, JobStatus.STAGING) else None,
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "source": job.source,
+        "cancel_requested": job.cancel_requested,
+        "updated_us": job.updated_us,
+    }
+
+
+def job_detail(job: Job) -> dict[str, Any]:
+    return {
+        **job_summary(job),
+        "inputs": list(job.inputs),
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "requested": job.params.as_dict() if job.params else None,
+        "effective": job.effective,
+        "attempts_detail": list(job.tries),
+        "max_attempts": job.max_attempts,
+        "worker_id": job.worker_id,
+        "intake_host": job.extra.get("intake_host"),  # which host took the files from the inbox
+        "lease_until": iso(job.lease_until),
+        "not_before": iso(job.not_before),
+        "phase_started_at": iso(job.phase_started_at),
+        "model": job.model,
+        "error_detail": job.error,
+        "notes": list(job.notes),
+    }
+
+
+def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: Any = None) -> dict[str, Any]:
+    """`show --json` and the API's job: the detail plus `position` (1 = next, queued only) and `eta_seconds`."""
+    from i2v_daemon.views.eta import Estimator
+
+    now = now or datetime.now(UTC)
+    estimator = estimator or Estimator.from_tries(store.recent_tries())
+    out = job_detail(job)
+    out["position"] = None
+    out["eta_seconds"] = None
+    out["elapsed_seconds"] = round((now - job.started_at).total_seconds(), 1) if (
+        job.started_at and job.status is JobStatus.RUNNING) else None
+    if job.status is JobStatus.RUNNING:
+        out["eta_seconds"] = estimator.remaining(job, now)
+    elif job.status in (JobStatus.QUEUED, JobStatus.STAGING):
+        queue = store.queue()
+        ids = [q.id for q in queue]
+        if job.id not in ids:  # taken (or canceled) since `job` was read: describe it as it is now
+            fresher = store.get(job.id)
+            if fresher is not None and fresher.status is not job.status:
+                return describe(store, fresher, now=now, estimator=estimator)
+        if job.id in ids:
+            out["position"] = ids.index(job.id) + 1
+            if not store.is_paused():  # while paused no queued job starts: when this one will is not known
+                running = store.list_jobs(100, statuses=[JobStatus.RUNNING])
+                out["eta_seconds"] = estimator.queue_eta(queue[: out["position"]], running, now).get(job.id)
+    return out
+
+

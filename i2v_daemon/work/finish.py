@@ -1,0 +1,162 @@
+"""Finishing a job, whoever finishes it (the worker, intake for a rejection, the housekeeper for a
+cancel): manifest, destination, publish, status and notifications — the one owner of work/<id>/.
+
+Order of the steps, each one safe to crash after (a restart completes the rest from the manifest):
+  job.json written into work/<id>/ → the destination recorded in the database (a unique column,
+  so two daemons never pick the same S-2) → work/<id>/ renamed whole to output/S (or failed/S)
+  → the status written, with the job's notifications (webhooks, the on_finish hook) in the same
+  transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from i2v_daemon import files as folders
+from i2v_daemon.delivery.webhook import job_payload
+from i2v_daemon.faults import crashpoint
+from i2v_daemon.logs import JobLog
+from i2v_daemon.queue.jobs import Job, JobStatus
+from i2v_daemon.queue.outbox import OutboxEntry
+from i2v_daemon.queue.schema import utcnow
+from i2v_daemon.queue.store import Store
+from i2v_daemon.work import manifest
+
+#: Files in work/<id>/ that are the worker's scratch, never part of a published folder.
+SCRATCH = ("frames.npy", "frames.json")
+#: How many times a publish picks a new name when something stands where the folder should go.
+IN_THE_WAY_TRIES = 5
+
+
+class Finisher:
+    def __init__(self, settings: Any, store: Store, *, model_info: Callable[[Job], dict[str, Any]] | None = None):
+        self.s = settings
+        self.store = store
+        self.model_info = model_info or (lambda job: {"name": "default", "id": settings.model, "family": None,
+                                                      "revision": None})
+
+    def job_dir(self, job_id: int) -> Path:
+        return Path(self.s.work_dir) / str(job_id)
+
+    def log(self, job: Job) -> JobLog:
+        return JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+
+    def finish(
+        self, job: Job, status: JobStatus, error: dict[str, Any] | None, *, worker_id: str,
+        output: str | None = None, notes: list[str] | tuple[str, ...] = (), frm: JobStatus = JobStatus.RUNNING,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the manifest, publish work/<id>/ into output/ or failed/, then record the status."""
+        job = self.store.get(job.id) or job  # the latest tries, effective values and notes
+        jdir = self.job_dir(job.id)
+        jdir.mkdir(parents=True, exist_ok=True)
+        for name in SCRATCH:
+            with contextlib.suppress(FileNotFoundError):
+                (jdir / name).unlink()
+        finished = utcnow()
+        all_notes = [*job.notes, *(n for n in notes if n not in job.notes)]
+        doc = manifest.build(
+            job, status, finished_at=finished, error=error, output=output, model=self.model_info(job),
+            notes=all_notes, extra={"poster": "poster.jpg" if (jdir / "poster.jpg").exists() else None,
+                                    **(extra or {})},
+        )
+        jlog = self.log(job)
+        if status is JobStatus.FAILED:
+            jlog.error("failed", error=(error or {}).get("message"))
+        elif error:  # a cancel is a person's decision, not an error
+            jlog.info(status.value, reason=error.get("message"))
+        else:
+            jlog.info(status.value, output=output)
+        folders.write_json(jdir / "job.json", doc)
+        crashpoint("manifest_written")
+        root = Path(self.s.output_dir if status is JobStatus.SUCCEEDED else self.s.failed_dir)
+        dest = self._record_destination(job, root, worker_id)
+        crashpoint("destination_recorded")
+        dest = self._publish(job, jdir, dest, root, worker_id)
+        crashpoint("folder_published")
+        self._record(job, status, error, dest, output, worker_id, finished, frm)
+        crashpoint("job_finished")
+        return dest
+
+    def complete_interrupted(self, job: Job, *, worker_id: str) -> Path:
+        """A job claimed with its destination already recorded: publish (if need be) and record its status."""
+        dest = Path(job.final_dir)  # type: ignore[arg-type]
+        jdir = self.job_dir(job.id)
+        doc_path = jdir / "job.json" if (jdir / "job.json").exists() else dest / "job.json"
+        doc = json.loads(doc_path.read_text())
+        root = dest.parent
+        dest = self._publish(job, jdir, dest, root, worker_id)
+        status = JobStatus(doc["status"])
+        JobLog(dest / "job.log", job.id, job.name).info(
+            "finish_completed_later", status=status.value,
+            why="an earlier try to publish it stopped (a crash, or the disk)",
+        )
+        self._record(job, status, doc.get("error"), dest, doc.get("output"), worker_id, utcnow(), JobStatus.RUNNING)
+        return dest
+
+    # ---- the steps ---------------------------------------------------------------------------------
+
+    def _record_destination(self, job: Job, root: Path, worker_id: str, taken: set[str] | None = None) -> Path:
+        taken = set() if taken is None else taken
+        while True:
+            dest = folders.free_name(root, job.name, taken)
+            try:
+                self.store.update_running(job.id, worker_id, final_dir=str(dest))
+                return dest
+            except IntegrityError:  # another job chose that name a moment ago
+                taken.add(str(dest))
+
+    def _publish(self, job: Job, jdir: Path, dest: Path, root: Path, worker_id: str) -> Path:
+        """Rename work/<id>/ onto `dest`; when something stands in the way, choose the next free name."""
+        taken: set[str] = set()
+        for _ in range(IN_THE_WAY_TRIES):
+            try:
+                folders.publish(jdir, dest)
+                return dest
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR) or not _in_the_way(dest):
+                    raise  # a permission or a full disk: the failure policy keeps the job and waits
+                taken.add(str(dest))
+                self.log(job).warning("destination_in_the_way", folder=str(dest), action="choosing another name")
+                dest = self._record_destination(job, root, worker_id, taken)
+        raise OSError(errno.EEXIST, f"{IN_THE_WAY_TRIES} names in {root} were taken by other files", str(dest))
+
+    def _record(
+        self, job: Job, status: JobStatus, error: dict[str, Any] | None, dest: Path, output: str | None,
+        worker_id: str, finished: Any, frm: JobStatus,
+    ) -> None:
+        out_path = str(dest / output) if output else None
+        final = dataclasses.replace(job, status=status, finished_at=finished, final_dir=str(dest), output=out_path,
+                                    error=error)
+        self.store.finish(
+            job.id, worker_id, status, now=finished, error=error, output=out_path, notify=self.notifications(final),
+            frm=frm,
+        )
+
+    def notifications(self, job: Job) -> list[OutboxEntry]:
+        """What is owed for a finished job: one POST per webhook URL, and the on_finish hook."""
+        entries = [OutboxEntry("webhook", url, job_payload(job)) for url in self.s.webhooks]
+        if self.s.on_finish:
+            folder = Path(job.final_dir or "")
+            env = {
+                "I2V_JOB_ID": str(job.id), "I2V_STATUS": job.status.value, "I2V_JOB_DIR": str(folder),
+                "I2V_MANIFEST": str(folder / "job.json"), "I2V_VIDEO": job.output or "",
+            }
+            entries.append(OutboxEntry("hook", json.dumps(list(self.s.on_finish)), {"env": env}))
+        return entries
+
+
+def _in_the_way(dest: Path) -> bool:
+    """Something other than an empty folder (a file, a full folder someone made) holds `dest`."""
+    try:
+        return not dest.is_dir() or any(dest.iterdir())
+    except OSError:
+        return True

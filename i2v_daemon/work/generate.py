@@ -1,0 +1,262 @@
+"""One job through a model: size, steps and seed decided once, the OOM ladder, every try recorded.
+
+This module and `models/` are the only ones that import torch (here only through models/).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from i2v_daemon.errors import OutOfMemory
+from i2v_daemon.intake.choices import resolve_lora
+from i2v_daemon.models.base import (
+    SAVERS,
+    GenerationRequest,
+    LoraChoice,
+    PhaseCallback,
+    StepCallback,
+    VideoModel,
+)
+from i2v_daemon.models.gpu import (
+    allocated_bytes,
+    card,
+    free_memory,
+    gpu_budget_bytes,
+    gpu_name,
+    is_oom,
+    memory_model_for,
+    peak_bytes,
+    reset_peak,
+)
+from i2v_daemon.models.memory import DEFAULT_FAST_DECODE_CHUNK, MemoryModel, choose_start
+
+if TYPE_CHECKING:
+    # Only its attributes are read: the benchmark passes a plain stand-in where pydantic is missing.
+    from i2v_daemon.params import Params
+
+#: Cheapest first: slicing/tiling only touch the VAE decode, chunking costs a little speed,
+#: offload costs a lot of speed. (Issue 4's benchmark refines this order on real cards.)
+SAVER_STEPS: tuple[tuple[str, ...], ...] = (
+    ("vae_slicing", "vae_tiling"),
+    ("vae_slicing", "vae_tiling", "forward_chunking"),
+    ("vae_slicing", "vae_tiling", "forward_chunking", "cpu_offload"),
+)
+
+
+@dataclass
+class Outcome:
+    frames: np.ndarray
+    effective: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Rung:
+    width: int
+    height: int
+    savers: tuple[str, ...]
+    accelerated: bool = False  # the fast path; an OOM there retries eagerly at the same size first
+
+
+def plan_rungs(
+    model: VideoModel, plan_w: int, plan_h: int, ladder: list[int], *, accelerate: bool = False
+) -> list[Rung]:
+    """The tries in order: (the fast path,) the planned size with ever more savers, then smaller sizes with all."""
+    supported = set(model.info.savers)
+    if not model.device.startswith("cuda"):
+        supported.discard("cpu_offload")
+    steps: list[tuple[str, ...]] = [()]
+    for s in SAVER_STEPS:
+        kept = tuple(x for x in s if x in supported)
+        if kept and kept != steps[-1]:
+            steps.append(kept)
+    rungs = [Rung(plan_w, plan_h, s) for s in steps]
+    if accelerate:
+        # Only the saver-free try at the planned size: once a job has run out of memory the eager
+        # path's smaller peak is worth more than the compiled one's speed.
+        rungs.insert(0, Rung(plan_w, plan_h, (), accelerated=True))
+    short = min(plan_w, plan_h)
+    for r in ladder:
+        if r < short:
+            smaller = model.plan_size((plan_w, plan_h), r, None, None)
+            if min(smaller.width, smaller.height) < short:
+                rungs.append(Rung(smaller.width, smaller.height, steps[-1]))
+    return rungs
+
+
+def decode_chunk_for(model: VideoModel, rung: Rung, num_frames: int, memory: MemoryModel | None) -> int | None:
+    """Frames the VAE decodes at once in this try: the family's default eagerly, as many as fit on the fast path.
+
+    Only for families whose VAE decodes in chunks (I2VGen-XL, SVD); the others decode the video whole.
+    """
+    if not rung.accelerated or not model.info.decode_chunks:
+        return None
+    if memory is None:
+        return min(num_frames, DEFAULT_FAST_DECODE_CHUNK)
+    return memory.decode_chunk(rung.width, rung.height, num_frames, rung.savers)
+
+
+def generate(
+    model: VideoModel,
+    image: Image.Image,
+    prompt: str,
+    negative_prompt: str,
+    params: Params,
+    *,
+    ladder: list[int],
+    on_step: StepCallback,
+    on_try: Callable[[dict[str, Any]], None],
+    seed: int | None = None,
+    memory: MemoryModel | None = None,
+    lora_dir: Path | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> Outcome:
+    """Run the job, stepping down the ladder on out-of-memory; raises OutOfMemory past the last rung.
+
+    The model plans the size, the frame count, the steps and its own conditioning first; what it
+    cannot honour is adjusted with a note, or refused with an InputError before any work is done.
+    With a memory model, rungs predicted not to fit are skipped without a try. A ValueError the
+    pipeline raises (a size it refuses) propagates as it is: the worker fails the job for good.
+    """
+    notes: list[str] = []
+    plan = model.plan_size(image.size, params.resolution, params.width, params.height)
+    notes.extend(plan.notes)
+    frame_plan = model.plan_frames(params.num_frames)
+    notes.extend(frame_plan.notes)
+    num_frames = frame_plan.num_frames
+    steps, step_notes = model.plan_steps(params.steps)
+    notes.extend(step_notes)
+    seed = params.seed if params.seed is not None else (seed if seed is not None else secrets.randbelow(2**32))
+    lora = None
+    if params.lora:
+        path = resolve_lora(lora_dir, params.lora)
+        lora = LoraChoice(params.lora, str(path), 1.0 if params.lora_scale is None else params.lora_scale)
+    base = GenerationRequest(
+        image=image, prompt=prompt, negative_prompt=negative_prompt, width=plan.width, height=plan.height,
+        num_frames=num_frames, steps=steps, guidance_scale=params.guidance_scale, fps=params.fps,
+        seed=seed, motion=params.motion, lora=lora, scheduler=params.scheduler,
+    )
+    conditioning = model.plan_conditioning(base)  # an unknown scheduler is refused here, before any work
+    notes.extend(conditioning.notes)
+    scheduler = model.scheduler_for(params.scheduler)
+    limit = model.info.max_prompt_tokens
+    if model.info.takes_prompt and limit:
+        for label, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            n = model.prompt_tokens(text)
+            if n > limit:
+                notes.append(
+                    f"{label} is {n} tokens; {model.info.family} reads only the first {limit}, the rest is ignored"
+                )
+    fast = model.info.accelerated and model.fast_path_for(replace(base, accelerated=True))
+    rungs = plan_rungs(model, plan.width, plan.height, ladder, accelerate=fast)
+    start, skipped = choose_start(memory, rungs, num_frames)
+    notes.extend(skipped)
+    last_error = ""
+    for n, rung in enumerate(rungs[start:], start + 1):
+        chunk = decode_chunk_for(model, rung, num_frames, memory)
+        req = replace(base, width=rung.width, height=rung.height, savers=rung.savers, accelerated=rung.accelerated,
+                      decode_chunk=chunk)
+        entry: dict[str, Any] = {
+            "try": n, "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
+            "savers": list(rung.savers), "accelerated": rung.accelerated, "gpu": gpu_name(model.device),
+            "dtype": model.dtype, "family": model.info.family,
+        }
+        if chunk is not None:
+            entry["decode_chunk"] = chunk
+        if memory is not None:
+            entry["budget_bytes"] = memory.budget_bytes
+            entry["predicted_peak_bytes"] = memory.predict(
+                rung.width, rung.height, num_frames, rung.savers, rung.accelerated, chunk)
+        reset_peak(model.device)
+        t0 = time.monotonic()
+        oom = None
+        stale = getattr(model, "last_run", None)  # the model replaces it when it starts a call
+        try:
+            video = model.generate(req, on_step, on_phase)
+        except BaseException as err:
+            entry.update(seconds=round(time.monotonic() - t0, 3), peak_vram_bytes=peak_bytes(model.device))
+            _record_run(model, entry, stale, finished=False)
+            if not is_oom(err):
+                entry.update(outcome=getattr(err, "kind", "error"), error=f"{type(err).__name__}: {err}"[:500])
+                on_try(entry)
+                raise
+            # Keep the message only: the error's traceback holds the failed try's frames, and with
+            # them every tensor it allocated.
+            oom = (str(err).splitlines() or ["out of memory"])[0][:300]
+        if oom is not None:
+            # Out of the except block, so nothing of the failed try is referenced while memory is freed.
+            free_memory(model.device)
+            entry.update(outcome="out_of_memory", error=oom)
+            on_try(entry)
+            if memory is not None:
+                memory.learn([entry])
+            last_error = oom
+            continue
+        entry.update(
+            outcome="succeeded", error=None, seconds=round(time.monotonic() - t0, 3),
+            peak_vram_bytes=peak_bytes(model.device),
+        )
+        _record_run(model, entry, stale, finished=True)
+        on_try(entry)
+        if memory is not None:
+            memory.learn([entry])
+        if n > 1:
+            first = rungs[start]
+            where = " on the fast path" if first.accelerated and n > start + 1 else ""
+            notes.append(
+                f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}{where}; "
+                f"made it at {rung.width}x{rung.height} with savers {list(rung.savers) or 'none'}"
+            )
+        if entry.get("fell_back"):
+            notes.append(entry["fell_back"])
+        effective: dict[str, Any] = {
+            "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
+            "guidance_scale": params.guidance_scale, "fps": params.fps, "seed": seed, "savers": list(rung.savers),
+            "model": params.model or "default", "family": model.info.family, "scheduler": scheduler,
+            "accelerated": entry["accelerated"],
+        }
+        if params.motion is not None and model.info.motion:
+            effective["motion"] = params.motion
+        if lora is not None:
+            effective.update(lora=lora.name, lora_scale=lora.scale)
+        effective["conditioning"] = dict(conditioning.values)  # the pipeline's own names for what it was told
+        return Outcome(frames=video, effective=effective, notes=notes)
+    smallest = rungs[-1]
+    raise OutOfMemory(
+        f"out of GPU memory even at {smallest.width}x{smallest.height}, {num_frames} frames, with "
+        f"savers {list(smallest.savers) or 'none'} on {card(model.device)}; ask for fewer frames or a lower "
+        f"resolution, or free the GPU of other programs ({last_error[:160]})"
+    )
+
+
+def _record_run(model: VideoModel, entry: dict[str, Any], stale: Any, *, finished: bool) -> None:
+    """What the model says of how the try ran: the fast path kept or left, shapes compiled on the way.
+
+    A try that failed before the model started its call leaves `last_run` as it was (`stale`): then
+    the entry keeps the path the try was meant to run.
+    """
+    run = getattr(model, "last_run", None)
+    if run is None or run is stale:
+        if finished:  # a model that does not report: the fast path cannot be vouched for
+            entry["accelerated"] = entry["accelerated"] and run is not None
+        return
+    if entry["accelerated"] and (finished or run.get("fell_back")):
+        entry["accelerated"] = bool(run.get("accelerated", False))
+    if run.get("compiled"):
+        entry.update(compiled=list(run["compiled"]), compile_seconds=run.get("compile_seconds"))
+    if run.get("fell_back"):
+        entry["fell_back"] = run["fell_back"]
+
+
+__all__ = [
+    "SAVERS", "Outcome", "Rung", "allocated_bytes", "decode_chunk_for", "free_memory", "generate",
+    "gpu_budget_bytes", "is_oom", "memory_model_for", "plan_rungs",
+]

@@ -1,0 +1,375 @@
+"""The worker, only the runner: claim one job, generate it, write its video and poster, hand it to finish.
+
+`run_once()` is one unit of work. Every exception in a job's life goes to the one failure policy
+(`policy.decide`) and becomes a state change of that job; none escapes as a loop failure except
+"stop" (the daemon itself cannot go on). The job's phases and steps are its liveness (`progress.py`).
+A `housekeeping` worker takes only jobs that need no GPU (a rejection, a cancel, a job out of
+attempts, a finish that was interrupted), so those end at once even while the GPU is busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled
+from i2v_daemon.faults import crashpoint, hangpoint
+from i2v_daemon.logs import JobLog, get_logger
+from i2v_daemon.queue.jobs import Job, JobStatus
+from i2v_daemon.queue.store import LeaseLost, Store, utcnow
+from i2v_daemon.work import postprocess
+from i2v_daemon.work.finish import Finisher
+from i2v_daemon.work.policy import Verdict, decide
+from i2v_daemon.work.progress import JobProgress
+
+log = get_logger()
+
+
+class StopDaemon(Exception):
+    """The daemon cannot go on (its database vanished, its default model can never load); exit 78."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", ""))
+        self.error = error
+
+
+def model_name(job: Job) -> str:
+    """The config's name of the model this job asked for (a sidecar's `model`), "default" if none."""
+    return (job.params.model if job.params else None) or "default"
+
+
+def make_worker_id(device: str = "") -> str:
+    """host/pid: lets a restarted daemon tell its own dead predecessor's jobs from a live sibling's."""
+    return f"{socket.gethostname()}/{os.getpid()}" + (f"/{device}" if device else "")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_local_workers(worker_ids: list[str], host: str | None = None) -> list[str]:
+    """Worker ids of processes on this host that no longer exist (our own earlier runs)."""
+    host = host or socket.gethostname()
+    dead = []
+    for wid in worker_ids:
+        parts = wid.split("/")
+        if len(parts) >= 2 and parts[0] == host and parts[1].isdigit() and not pid_alive(int(parts[1])):
+            dead.append(wid)
+    return dead
+
+
+class Worker:
+    def __init__(
+        self, settings: Any, store: Store, *, worker_id: str | None = None, models: Any = None,
+        device: str | None = None, housekeeping: bool = False, on_alive: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.s = settings
+        self.store = store
+        self.worker_id = worker_id or make_worker_id()
+        self.host = socket.gethostname()
+        self.device = device or settings.device
+        self.models = models
+        self.housekeeping = housekeeping
+        self.on_alive = on_alive
+        self.finisher = Finisher(settings, store, model_info=self._model_info)
+        self.stopping = False  # set by a shutdown: a canceled step means "requeue", not "canceled"
+        self.stop_now = False  # set when the grace period is over: stop at the next step
+        self.current: int | None = None
+        self.progress: JobProgress | None = None
+        self.stalled_at: float | None = None  # monotonic time the current job was declared stalled
+        self.on_progress: Callable[[Job, int, int], None] | None = None
+        self.on_phase: Callable[[Job, str], None] | None = None
+        self.on_try: Callable[[Job, dict[str, Any]], None] | None = None  # one try of the OOM ladder ended
+        self.on_finish: Callable[[Job], None] | None = None  # the job's final row, after its folder moved
+        self.paused = False  # `i2v-daemon pause` is in force: run_once claims nothing
+
+    def job_dir(self, job_id: int) -> Path:
+        return Path(self.s.work_dir) / str(job_id)
+
+    # ---- one unit of work ---------------------------------------------------------------------
+
+    def run_once(self, now: datetime | None = None) -> bool:
+        """Claim and process one job; True if one was processed (more may be waiting)."""
+        if not self.housekeeping and self._check_paused():
+            return False
+        job = self.store.claim_next(
+            self.worker_id, lease_seconds=self.s.lease_seconds, now=now, host=self.host, device=self.device,
+            housekeeping=self.housekeeping,
+        )
+        if job is None:
+            return False
+        self.current = job.id
+        try:
+            self.process(job)
+        finally:
+            self.current = None
+            self.progress = None
+            self.stalled_at = None
+        return True
+
+    def _check_paused(self) -> bool:
+        paused = self.store.is_paused()
+        if paused != self.paused:
+            self.paused = paused
+            log.info("paused" if paused else "resumed", worker=self.worker_id)
+        return paused
+
+    def process(self, job: Job) -> None:
+        """Run or end one claimed job; every way it can go wrong ends in a state change of that job."""
+        where = ["starting"]
+        try:
+            self._process(job, where)
+        except StopDaemon:
+            raise
+        except BaseException as err:
+            if not isinstance(err, Exception):  # KeyboardInterrupt and the like: not the job's
+                raise
+            self._judge(job, err, where[0])
+
+    def _process(self, job: Job, where: list[str]) -> None:
+        jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+        if job.final_dir:
+            where[0] = "publishing"
+            self._finished(self.finisher.complete_interrupted(job, worker_id=self.worker_id), job)
+        elif job.rejection:
+            self._end(job, JobStatus.FAILED, job.rejection)
+        elif job.cancel_requested:
+            self._end(job, JobStatus.CANCELED, {"type": "canceled", "message": _canceled_before(job)})
+        elif job.attempts > job.max_attempts:
+            last = (job.error or {}).get("message", "the worker stopped without a word (crash or kill)")
+            msg = f"gave up after {job.max_attempts} attempts (max_attempts); the last one: {last}"
+            self._end(job, JobStatus.FAILED, {"type": "gave_up", "message": msg})
+        else:
+            jlog.info("started", attempt=job.attempts, of=job.max_attempts, worker=self.worker_id, device=self.device)
+            self._run(job, jlog, where)
+
+    # ---- generating ---------------------------------------------------------------------------
+
+    def _run(self, job: Job, jlog: JobLog, where: list[str]) -> None:
+        if self.models is None:
+            raise ConfigError("model: this worker cannot generate videos")
+        progress = self.progress = JobProgress(
+            self.store, job.id, self.worker_id, lease_seconds=self.s.lease_seconds,
+            stall_seconds=self.s.stall_seconds, on_alive=self.on_alive,
+        )
+
+        def enter(phase: str) -> None:
+            where[0] = phase
+            cancel = progress.enter(phase)
+            hangpoint(phase)
+            if cancel or self.stop_now:
+                raise JobCanceled(f"stopped while {phase}")
+            self._hook(self.on_phase, job, phase)
+
+        enter("loading")
+        model = self.models.get(model_name(job))
+        enter("generating")
+        frames, effective, notes = self._generate(job, model, progress, jlog)
+        if self.models is not None:
+            self.models.touch()
+        output, effective, post = postprocess.deliver(
+            frames, job, effective, self.job_dir(job.id), enter=enter, settings=self.s, device=self.device,
+            jlog=jlog, notes=notes, on_alive=progress.enter,
+        )
+        del frames
+        self.store.update_running(job.id, self.worker_id, effective=effective, notes=notes)
+        crashpoint("video_written")
+        enter("publishing")
+        dest = self.finisher.finish(
+            job, JobStatus.SUCCEEDED, None, worker_id=self.worker_id, output=output, notes=notes,
+            extra={"postprocess": post},
+        )
+        self._finished(dest, job)
+
+    def _generate(self, job: Job, model: Any, progress: JobProgress, jlog: JobLog) -> tuple[Any, dict, list[str]]:
+        """The frames of this job: from an earlier attempt that got as far as generating them, or generated now."""
+        saved = postprocess.saved_frames(self.job_dir(job.id), job)
+        if saved is not None:
+            jlog.info("frames_reused", reason="an earlier attempt generated them; only the encoding is done again")
+            return saved, dict(job.effective or {}), list(job.notes)
+        from i2v_daemon.intake.images import load_rgb
+        from i2v_daemon.work.generate import generate  # torch lives behind this import
+
+        assert job.params is not None
+        jdir = self.job_dir(job.id)
+        image, image_notes = load_rgb(jdir / "input" / job.inputs[0], max_pixels=self.s.max_image_pixels)
+        self.store.update_running(job.id, self.worker_id, model=model.info.model_id)
+        tries = list(job.tries)
+
+        def on_try(entry: dict[str, Any]) -> None:
+            entry = {**entry, "try": len(tries) + 1, "model_name": model_name(job)}
+            entry.setdefault("steps", job.params.steps if job.params else None)
+            entry.setdefault("denoise_seconds", progress.denoise_seconds())
+            progress.step_times.clear()
+            tries.append(entry)
+            self.store.update_running(job.id, self.worker_id, tries=tries)
+            jlog.info("try_finished", **{k: v for k, v in entry.items() if v is not None})
+            self._hook(self.on_try, job, entry)
+
+        def on_step(step: int, total: int) -> None:
+            cancel = progress.advance(step, total)
+            self._hook(self.on_progress, job, step, total)
+            if cancel or self.stop_now:
+                raise JobCanceled(f"stopped at step {step} of {total}")
+
+        def on_phase(phase: str) -> None:  # compiling, denoising, decoding: from inside generate()
+            if progress.enter(phase) or self.stop_now:
+                raise JobCanceled(f"stopped while {phase}")
+            self._hook(self.on_phase, job, phase)
+
+        outcome = generate(
+            model, image, job.prompt, job.negative_prompt, job.params,
+            ladder=self.s.resolution_ladder, on_step=on_step, on_try=on_try, on_phase=on_phase,
+            memory=self.models.memory if self.models else None, lora_dir=self.s.lora_dir,
+        )
+        # Intake already noted what it saw of the image; the same note twice says nothing more.
+        notes = list(dict.fromkeys([*job.notes, *image_notes, *outcome.notes]))
+        for note in outcome.notes:
+            jlog.info("note", message=note)
+        self.store.update_running(job.id, self.worker_id, effective=outcome.effective, notes=notes)
+        postprocess.save_frames(outcome.frames, jdir, outcome.effective)
+        return outcome.frames, outcome.effective, notes
+
+    # ---- the one failure policy, applied ------------------------------------------------------------
+
+    def _judge(self, job: Job, err: Exception, where: str) -> None:
+        latest = self._latest(job)
+        verdict = decide(
+            err, attempts=job.attempts, max_attempts=job.max_attempts, backoff_seconds=self.s.retry_backoff_seconds,
+            waits=int((latest.error or {}).get("waits", 0)) if latest else 0, stopping=self.stopping,
+            cancel_requested=bool(latest and latest.cancel_requested), where=where,
+        )
+        jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+        try:
+            self._apply(job, verdict, jlog, where, err)
+        except StopDaemon:
+            raise
+        except LeaseLost as lost:
+            log.warning("lease_lost", job_id=job.id, error=str(lost))
+        except Exception as again:  # finishing the job failed too (a full disk while writing failed/)
+            fallback = decide(again, attempts=job.attempts, max_attempts=job.max_attempts,
+                              backoff_seconds=self.s.retry_backoff_seconds, where="publishing")
+            if fallback.action not in ("wait", "retry"):
+                fallback = Verdict("wait", {"type": "environment", "message": f"{type(again).__name__}: {again}"},
+                                   60.0, True)
+            log.error("finishing_failed", job_id=job.id, error=f"{type(again).__name__}: {again}",
+                      action="the job stays queued and is finished later")
+            with contextlib.suppress(LeaseLost):
+                self._requeue(job, fallback)
+
+    def _apply(self, job: Job, verdict: Verdict, jlog: JobLog, where: str, err: Exception) -> None:
+        action = verdict.action
+        if action == "drop":
+            log.warning("lease_lost", job_id=job.id, error=str(err), note="another worker owns it now")
+        elif action == "cancel":
+            latest = self._latest(job) or job
+            msg = _canceled_while(latest, where) if latest.tries or where != "starting" else _canceled_before(latest)
+            self._end(job, JobStatus.CANCELED, {"type": "canceled", "message": msg})
+        elif action == "requeue":
+            jlog.info("requeued", reason=f"stopped by a shutdown while {where}; back in the queue")
+            self.store.requeue(job.id, self.worker_id, refund_attempt=True)
+        elif action == "fail":
+            self._end(job, JobStatus.FAILED, verdict.error)
+        elif action in ("retry", "wait"):
+            level = jlog.warning if action == "retry" else jlog.error
+            level("will_retry" if action == "retry" else "waiting", error=(verdict.error or {}).get("message"),
+                  attempt=job.attempts, of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
+            if action == "retry" and not isinstance(err, GenerationError):
+                log.debug("retry_cause", job_id=job.id, error=repr(err))
+            self._requeue(job, verdict)
+        elif action == "stop":
+            jlog.error("daemon_stopping", error=(verdict.error or {}).get("message"))
+            with contextlib.suppress(LeaseLost):
+                self.store.requeue(job.id, self.worker_id, error=verdict.error, refund_attempt=True)
+            raise StopDaemon(verdict.error or {"message": str(err)})
+
+    def _requeue(self, job: Job, verdict: Verdict) -> None:
+        self.store.requeue(
+            job.id, self.worker_id, error=verdict.error, not_before=utcnow() + timedelta(seconds=verdict.delay),
+            refund_attempt=verdict.refund,
+        )
+
+    def _latest(self, job: Job) -> Job | None:
+        try:
+            return self.store.get(job.id)
+        except Exception:
+            return None
+
+    # ---- finishing ----------------------------------------------------------------------------
+
+    def _end(self, job: Job, status: JobStatus, error: dict[str, Any] | None) -> Path:
+        dest = self.finisher.finish(job, status, error, worker_id=self.worker_id)
+        self._finished(dest, job)
+        return dest
+
+    def _finished(self, dest: Path, job: Job) -> None:
+        """Hand the job's final row (status, folder, times) to `on_finish` (metrics, sd_notify)."""
+        if self.on_finish is None:
+            return
+        try:
+            final = self.store.get(job.id)
+        except Exception:  # the job is finished and safe; only its metrics are lost, and said so
+            log.exception("hook_failed", hook="on_finish", job_id=job.id)
+            return
+        if final is not None:
+            self._hook(self.on_finish, final)
+
+    def _model_info(self, job: Job) -> dict[str, Any]:
+        if self.models is None:
+            return {"name": model_name(job), "id": self.s.model_choices().get(model_name(job)), "family": None,
+                    "revision": None}
+        return self.models.info(model_name(job))
+
+    def _hook(self, hook: Callable[..., None] | None, *args: Any) -> None:
+        """Metrics and sd_notify: their failure is logged and never touches the job."""
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:
+                log.exception("hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
+
+    # ---- liveness, from the daemon's timer --------------------------------------------------------
+
+    def beat(self) -> None:
+        """Renew the running job's lease while it progresses; a stalled job is put back in the queue."""
+        progress, job_id = self.progress, self.current
+        if progress is None or job_id is None or self.stalled_at is not None:
+            return
+        try:
+            if progress.beat():
+                return
+        except (LeaseLost, DatabaseGone):  # the job's own next write meets it too, and stops the daemon
+            return
+        self.stalled_at = time.monotonic()
+        msg = (f"no progress for {progress.stalled_for():.0f} s while {progress.phase} (stall_seconds = "
+               f"{self.s.stall_seconds:g}); stopped and put back in the queue")
+        log.error("job_stalled", job_id=job_id, phase=progress.phase, worker=self.worker_id, error=msg)
+        with contextlib.suppress(LeaseLost):
+            self.store.requeue(job_id, self.worker_id, error={"type": "stalled", "message": msg},
+                               not_before=utcnow() + timedelta(seconds=self.s.retry_backoff_seconds))
+
+
+#: A cancel is asked for by `i2v-daemon cancel` or `POST /api/v1/jobs/{id}/cancel`; both only set the flag.
+CANCELED = "canceled on request (`i2v-daemon cancel` or the API)"
+
+
+def _canceled_before(job: Job) -> str:
+    if job.tries or job.step:
+        return f"{CANCELED} while queued (it had run before and was put back in the queue)"
+    return f"{CANCELED} before it started"
+
+
+def _canceled_while(job: Job, where: str) -> str:
+    return f"{CANCELED} while {where}"
