@@ -28,7 +28,8 @@ def _pages() -> list[Path]:
 
 def _prose_lines(text: str) -> list[str]:
     """The lines outside fenced code blocks (a `# comment` in a shell example is no heading, a `](` no link)."""
-    out, fenced = [], False
+    out: list[str] = []
+    fenced = False
     for line in text.splitlines():
         if _FENCE.match(line):
             fenced = not fenced
@@ -50,7 +51,7 @@ def slug(heading: str) -> str:
 def anchors(page: Path) -> set[str]:
     """Every `#anchor` a page offers: its headings' slugs, with GitHub's -1, -2 for repeats."""
     seen: dict[str, int] = {}
-    out = set()
+    out: set[str] = set()
     for line in _prose_lines(page.read_text(encoding="utf-8")):
         m = _HEADING.match(line)
         if not m:
@@ -64,7 +65,7 @@ def anchors(page: Path) -> set[str]:
 
 def links(page: Path) -> list[str]:
     """The link and image targets in a page's prose (not in code)."""
-    out = []
+    out: list[str] = []
     for line in _prose_lines(page.read_text(encoding="utf-8")):
         line = _INLINE_CODE.sub(lambda m: "code" if "](" in m.group(2) else m.group(0), line)
         out.extend(m.group(1) for m in _LINK.finditer(line))
