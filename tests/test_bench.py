@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One tiny run; the compile cache is the session's (tests/test_accelerate.py's), so its graph is warm."""
+    """One tiny run; the compile cache is the session's (tests/models/test_accelerate.py's), so its graph is warm."""
     out = tmp_path_factory.mktemp("bench-out")
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     env.update(OUT=str(out), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

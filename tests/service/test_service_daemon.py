@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from i2v_daemon.queue.store import Store
 from tests.conftest import SUBPROCESS_ENV, Env, make_image, write_config
-from tests.test_daemon_process import start_daemon, stop, wait_for
+from tests.daemon.test_daemon_process import start_daemon, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

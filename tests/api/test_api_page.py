@@ -17,8 +17,8 @@ import pytest
 from tests.browser import chromium, require_chromium
 from tests.browser import wait_for as wait_in_page
 from tests.conftest import age, make_image, wait_for
-from tests.test_api import finished, png, submit
-from tests.test_api_server import Api, api_fixture  # noqa: F401
+from tests.api.test_api import finished, png, submit
+from tests.api.test_api_server import Api, api_fixture  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SUBPROCESS_ENV, Env
-from tests.test_doctor import HUB_MODEL, hub_env, refused_endpoint
+from tests.service.test_doctor import HUB_MODEL, hub_env, refused_endpoint
 
 #: The one plain line the CLI prints by contract (INTERFACE.md §1): a configuration error, then exit 78.
 CONFIG_ERROR = "i2v-daemon: "

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_image, wait_for
-from tests.test_api_server import Api, api_fixture  # noqa: F401
+from tests.api.test_api_server import Api, api_fixture  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

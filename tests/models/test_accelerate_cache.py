@@ -12,7 +12,7 @@ import pytest
 from i2v_daemon.models.compile_cache import CompileCache, cache_key
 from i2v_daemon.models.holder import ModelHolder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

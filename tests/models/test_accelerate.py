@@ -31,7 +31,7 @@ from i2v_daemon.work.generate import generate
 # One worker (under pytest-xdist) runs these and test_bench.py, in that order: the bench then finds the
 # compile cache these tests filled.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile-cache")]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: A 16:9 image at resolution 64: 112×64, as the benchmark's tiny cases (which then find the graph cached).
 IMAGE = Image.fromarray(np.linspace(0, 255, 72 * 128 * 3).reshape(72, 128, 3).astype(np.uint8))

@@ -25,7 +25,7 @@ from i2v_daemon.settings import load_settings
 from i2v_daemon.work.worker import dead_local_workers, make_worker_id
 from tests.databases import fresh_postgres_database, postgres_admin_url
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- the intake key ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from i2v_daemon.errors import ConfigError
 from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import Settings, load_settings
 
-CONFIG_TOML = Path(__file__).parent.parent / "config" / "config.toml"
+CONFIG_TOML = Path(__file__).resolve().parents[2] / "config" / "config.toml"
 
 
 def test_service_features_are_off_by_default(tmp_path: Path):

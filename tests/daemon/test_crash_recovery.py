@@ -16,7 +16,7 @@ from i2v_daemon.faults import POINTS
 from i2v_daemon.queue.jobs import JobStatus
 from i2v_daemon.queue.store import Store
 from tests.conftest import SUBPROCESS_ENV, Env
-from tests.test_daemon_process import start_daemon, stop, wait_for
+from tests.daemon.test_daemon_process import start_daemon, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

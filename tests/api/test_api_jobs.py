@@ -18,8 +18,8 @@ import pytest
 
 from tests.conftest import age, make_image, wait_for
 from tests.databases import BACKENDS, database
-from tests.test_api import finished, png, submit
-from tests.test_api_server import Api, close_api, open_api
+from tests.api.test_api import finished, png, submit
+from tests.api.test_api_server import Api, close_api, open_api
 
 pytestmark = pytest.mark.slow
 
