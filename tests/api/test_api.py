@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_image, wait_for
 from tests.api.test_api_server import Api, api_fixture  # noqa: F401
+from tests.conftest import make_image, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import age, make_image, wait_for
-from tests.databases import BACKENDS, database
 from tests.api.test_api import finished, png, submit
 from tests.api.test_api_server import Api, close_api, open_api
+from tests.conftest import age, make_image, wait_for
+from tests.databases import BACKENDS, database
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from tests.api.test_api import finished, png, submit
+from tests.api.test_api_server import Api, api_fixture  # noqa: F401
 from tests.browser import chromium, require_chromium
 from tests.browser import wait_for as wait_in_page
 from tests.conftest import age, make_image, wait_for
-from tests.api.test_api import finished, png, submit
-from tests.api.test_api_server import Api, api_fixture  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
