@@ -48,6 +48,22 @@ class SyslogPrefixRenderer:
 _console_streams: list[Any] = []  # what counts as "the console": stderr, stdout and our own stream
 
 
+def terminal_safe(line: str) -> str:
+    """One line of text for a terminal: control and bidi-format characters (from file names, prompts) as escapes.
+
+    Anyone who may drop files names them, and a name holding ESC sequences or a newline would
+    otherwise reach the operator's terminal as commands, or break a table into lines.
+    """
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() or c == " " else _escape(c) for c in line)
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
 def _is_console(handler: logging.Handler) -> bool:
     """A handler that writes to this process's stderr or stdout (a FileHandler is not one)."""
     if getattr(handler, "_i2v_daemon", False) or isinstance(handler, logging.FileHandler):
@@ -203,7 +219,6 @@ def _quiet_progress_bars() -> None:
 
 def _terminal_safe_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     """Console lines: control characters in string values (a file name with ESC or a newline) as escapes."""
-    from i2v_daemon.views.jobs import terminal_safe
 
     for key, value in event.items():
         if isinstance(value, str) and key != "exception" and not value.isprintable():

@@ -21,11 +21,57 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
 from i2v_daemon.errors import InputError
-from i2v_daemon.intake.choices import lora_name_problem
 
 MAX_TEXT_CHARS = 20_000
 INTERPOLATIONS = ("motion", "blend", "rife")
 SCHEDULERS = ("default", "ddim", "dpm++")
+MAX_OUTPUT_FPS = 120
+LORA_SUFFIX = ".safetensors"
+
+
+def lora_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a file directly inside lora_dir, or None when it can."""
+    if not name:
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "must be a file name inside lora_dir, without folders ('/' or '\\')"
+    if name in (".", "..") or name.startswith("."):
+        return "must not start with '.'"
+    if "\0" in name:
+        return "contains a NUL character"
+    return None
+
+
+def check_interpolation(fps: int, output_fps: int | None, mode: str | None, rife_model: Path | None) -> None:
+    """Raise InputError naming the keys when this rate and mode cannot be delivered; `mode` None: not asked for."""
+    if mode is not None and mode not in INTERPOLATIONS:
+        raise InputError(f"interpolation = {mode!r} is not a mode; use one of: {', '.join(INTERPOLATIONS)}")
+    if output_fps is None:
+        output_fps = fps
+    if not 1 <= output_fps <= MAX_OUTPUT_FPS:
+        raise InputError(f"output_fps = {output_fps} is out of range; use 1 to {MAX_OUTPUT_FPS}")
+    if output_fps < fps:
+        raise InputError(
+            f"output_fps = {output_fps} is below fps = {fps}: the delivered rate cannot be lower than the "
+            f"generated one; set output_fps to {fps} or more, or lower fps"
+        )
+    if mode is not None and output_fps == fps:
+        if fps >= MAX_OUTPUT_FPS:
+            raise InputError(
+                f"interpolation = {mode!r} needs an output_fps above fps = {fps}, and {MAX_OUTPUT_FPS} is the "
+                "most output_fps may be; lower fps, or leave out interpolation"
+            )
+        k = next((k for k in (3, 2) if fps * k <= MAX_OUTPUT_FPS), None)
+        example = f"e.g. output_fps = {fps * k}" if k else f"at most {MAX_OUTPUT_FPS}"
+        raise InputError(
+            f"interpolation = {mode!r} needs an output_fps above fps = {fps} ({example}); "
+            "set output_fps, or leave out interpolation"
+        )
+    if mode == "rife" and rife_model is None:
+        raise InputError(
+            "interpolation = 'rife' needs the config's rife_model (a local RIFE weights file; nothing is "
+            "downloaded); ask the operator to set rife_model, or use interpolation = 'motion'"
+        )
 
 
 class Bad(Exception):
@@ -319,10 +365,8 @@ def merge(
     asked = values.get("interpolation")
     mode = asked or preset.get("interpolation") or (defaults or {}).get("interpolation") or "motion"
     interpolating = output_fps is not None and output_fps > fps
-    from i2v_daemon.work.interpolate import check_request  # the interpolation rules live with interpolation
-
     try:
-        check_request(fps, output_fps, asked or (mode if interpolating else None), rife_model)
+        check_interpolation(fps, output_fps, asked or (mode if interpolating else None), rife_model)
     except InputError as err:
         raise InputError(f"{where}: {err}") from None
     if chosen.get("scheduler") == "default":

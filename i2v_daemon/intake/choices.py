@@ -14,21 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from i2v_daemon.errors import InputError
-
-LORA_SUFFIX = ".safetensors"
-
-
-def lora_name_problem(name: str) -> str | None:
-    """Why `name` cannot name a file directly inside lora_dir, or None when it can."""
-    if not name:
-        return "is empty"
-    if "/" in name or "\\" in name:
-        return "must be a file name inside lora_dir, without folders ('/' or '\\')"
-    if name in (".", "..") or name.startswith("."):
-        return "must not start with '.'"
-    if "\0" in name:
-        return "contains a NUL character"
-    return None
+from i2v_daemon.params import LORA_SUFFIX, lora_name_problem
 
 
 def check_choices(values: Mapping[str, Any], settings: Any, where: str) -> None:

@@ -69,6 +69,14 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> VideoMo
     return adapter(model, device=resolved_device, dtype=resolved_dtype)
 
 
+def missing_pipeline_class(cls: str) -> str | None:
+    """The installed diffusers' version when it has no pipeline class `cls`, else None (nothing is imported)."""
+    import diffusers
+
+    # the lazy module lists every pipeline without importing it
+    return None if cls in dir(diffusers) else str(diffusers.__version__)
+
+
 def read_model_index(model: str) -> dict[str, Any]:
     """The parsed model_index.json of a local folder or Hub repo id."""
     folder = local_folder(model)

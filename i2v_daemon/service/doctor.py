@@ -362,7 +362,7 @@ def _pipeline(folder: Path) -> tuple[str, str, str]:
 
     Its parts are checked too; a part that is missing reads "is incomplete: …".
     """
-    from i2v_daemon.models.loader import FAMILIES
+    from i2v_daemon.models.loader import FAMILIES, missing_pipeline_class
 
     index = folder / "model_index.json"
     if not index.is_file():
@@ -375,10 +375,9 @@ def _pipeline(folder: Path) -> tuple[str, str, str]:
         return "", f"has a model_index.json that cannot be read ({err})", "copy or download the model again"
     if cls not in FAMILIES:
         return "", f"is a {cls}, which i2v-daemon does not support", f"use a pipeline of one of: {', '.join(FAMILIES)}"
-    import diffusers
-
-    if cls not in dir(diffusers):  # the lazy module lists every pipeline without importing it
-        return "", f"needs diffusers' {cls}, which diffusers {diffusers.__version__} does not have", \
+    installed = missing_pipeline_class(cls)
+    if installed is not None:
+        return "", f"needs diffusers' {cls}, which diffusers {installed} does not have", \
             "upgrade diffusers (pip install -U diffusers)"
     what = f"{cls} ({FAMILIES[cls]})"
     missing = _missing_parts(folder, data)

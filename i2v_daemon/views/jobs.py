@@ -13,22 +13,6 @@ def iso(dt: datetime | None) -> str | None:
     return dt.isoformat().replace("+00:00", "Z") if dt else None
 
 
-def terminal_safe(line: str) -> str:
-    """One line of text for a terminal: control and bidi-format characters (from file names, prompts) as escapes.
-
-    Anyone who may drop files names them, and a name holding ESC sequences or a newline would
-    otherwise reach the operator's terminal as commands, or break a table into lines.
-    """
-    if line.isprintable():
-        return line
-    return "".join(c if c.isprintable() or c == " " else _escape(c) for c in line)
-
-
-def _escape(c: str) -> str:
-    n = ord(c)
-    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
-
-
 def shown_status(job: Job) -> str:
     """The contract's five statuses: a staging job (files on their way into work/) is queued to a user."""
     return job.status.shown.value

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from i2v_daemon.logs import terminal_safe
 from i2v_daemon.queue.jobs import JobStatus
-from i2v_daemon.views.jobs import iso, job_summary, terminal_safe
+from i2v_daemon.views.jobs import iso, job_summary
 
 #: `status` estimates when the first this many queued jobs finish (`show` does it for any job).
 QUEUE_ETA_DEPTH = 100

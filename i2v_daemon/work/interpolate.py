@@ -26,10 +26,9 @@ from typing import IO, Any
 import numpy as np
 
 from i2v_daemon.errors import I2VError
+from i2v_daemon.params import INTERPOLATIONS as MODES
 from i2v_daemon.work.video import CRF, _ffmpeg, _tail, probe_mp4
 
-MODES = ("motion", "blend", "rife")
-MAX_OUTPUT_FPS = 120
 #: Seconds allowed per delivered frame of 512x512 (scaled by size) for ffmpeg, on top of a fixed
 #: allowance: generous, since minterpolate and x264 make about 35 such frames a second on two cores.
 #: RIFE itself has no timeout (torch cannot be interrupted); its progress feeds the caller's watchdog.
@@ -72,40 +71,6 @@ def delivered_times(num_frames: int, fps: int, output_fps: int) -> list[Fraction
     """Where each delivered frame falls, in generated frames (0..F-1): every 1/output_fps s up to the last one."""
     step = Fraction(fps, output_fps)
     return [n * step for n in range(int((num_frames - 1) / step) + 1)]
-
-
-def check_request(fps: int, output_fps: int | None, mode: str | None, rife_model: Path | None) -> None:
-    """Raise InputError naming the keys when this rate and mode cannot be delivered; `mode` None: not asked for."""
-    from i2v_daemon.errors import InputError
-
-    if mode is not None and mode not in MODES:
-        raise InputError(f"interpolation = {mode!r} is not a mode; use one of: {', '.join(MODES)}")
-    if output_fps is None:
-        output_fps = fps
-    if not 1 <= output_fps <= MAX_OUTPUT_FPS:
-        raise InputError(f"output_fps = {output_fps} is out of range; use 1 to {MAX_OUTPUT_FPS}")
-    if output_fps < fps:
-        raise InputError(
-            f"output_fps = {output_fps} is below fps = {fps}: the delivered rate cannot be lower than the "
-            f"generated one; set output_fps to {fps} or more, or lower fps"
-        )
-    if mode is not None and output_fps == fps:
-        if fps >= MAX_OUTPUT_FPS:
-            raise InputError(
-                f"interpolation = {mode!r} needs an output_fps above fps = {fps}, and {MAX_OUTPUT_FPS} is the "
-                "most output_fps may be; lower fps, or leave out interpolation"
-            )
-        k = next((k for k in (3, 2) if fps * k <= MAX_OUTPUT_FPS), None)
-        example = f"e.g. output_fps = {fps * k}" if k else f"at most {MAX_OUTPUT_FPS}"
-        raise InputError(
-            f"interpolation = {mode!r} needs an output_fps above fps = {fps} ({example}); "
-            "set output_fps, or leave out interpolation"
-        )
-    if mode == "rife" and rife_model is None:
-        raise InputError(
-            "interpolation = 'rife' needs the config's rife_model (a local RIFE weights file; nothing is "
-            "downloaded); ask the operator to set rife_model, or use interpolation = 'motion'"
-        )
 
 
 def interpolate_to_mp4(

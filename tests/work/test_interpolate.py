@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from i2v_daemon.errors import InputError, JobCanceled
+from i2v_daemon.params import check_interpolation
 from i2v_daemon.work import interpolate, video
 from i2v_daemon.work.interpolate import (
     InterpolationError,
-    check_request,
     delivered_times,
     interpolate_to_mp4,
     multiple,
@@ -253,7 +253,7 @@ def test_requests_that_cannot_be_delivered_are_input_errors_naming_the_keys(
     fps: int, output_fps: int | None, mode: str | None, rife_model: Path | None, words: list[str]
 ) -> None:
     with pytest.raises(InputError) as err:
-        check_request(fps, output_fps, mode, rife_model)
+        check_interpolation(fps, output_fps, mode, rife_model)
     for word in words:
         assert word in str(err.value)
 
@@ -266,7 +266,7 @@ def test_requests_that_cannot_be_delivered_are_input_errors_naming_the_keys(
 def test_requests_that_can_be_delivered_pass(
     fps: int, output_fps: int | None, mode: str | None, rife_model: Path | None
 ) -> None:
-    check_request(fps, output_fps, mode, rife_model)
+    check_interpolation(fps, output_fps, mode, rife_model)
 
 
 @pytest.mark.parametrize("stop", ["database_gone", "canceled"])
