@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch
 TEST_TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-test run serve test test-fast lint typecheck clean
+.PHONY: install install-test run serve test test-fast lint layers typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,16 +40,22 @@ serve: install
 lint: install-test
 	$(BIN)/ruff check i2v_daemon tests $(wildcard bench)
 
+# The layers contract (pyproject.toml [tool.importlinter], docs/development.md): imports point down only,
+# and torch/diffusers stay in models/.
+layers: install-test
+	$(BIN)/lint-imports
+
 typecheck: install-test
 	$(BIN)/mypy
 
 # The whole suite, two workers (the tests mostly wait on daemon subprocesses, ffmpeg, a browser).
-test: install-test lint typecheck
+test: install-test lint layers typecheck
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # Day-to-day: the quick unit tests only (no daemon subprocesses), a few minutes on two cores.
 test-fast: install-test
 	$(BIN)/ruff check i2v_daemon tests $(wildcard bench)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:

@@ -177,7 +177,8 @@ def _text(key: str, value: Any, kind: str) -> str:
     """A `.txt` sidecar's prompt, checked like the prompt key of a `.json` one."""
     if not isinstance(value, str):
         raise _Bad(f"'{key}' must be text in quotes, got {describe(value, kind)}")
-    return params.check_values({key: value}, kind)[key]
+    text: str = params.check_values({key: value}, kind)[key]
+    return text
 
 
 def _empty_prompt_note(prompt: str) -> tuple[str, ...]:

@@ -44,7 +44,7 @@ def saved_frames(job_dir: Path, job: Job) -> np.ndarray | None:
     eff = job.effective or {}
     try:
         meta = json.loads((job_dir / FRAMES_META).read_text())
-        frames = np.load(job_dir / FRAMES, allow_pickle=False)
+        frames: np.ndarray = np.load(job_dir / FRAMES, allow_pickle=False)
     except (OSError, ValueError):
         return None
     want = [eff.get("num_frames"), eff.get("height"), eff.get("width"), 3]

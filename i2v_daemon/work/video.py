@@ -141,7 +141,7 @@ def _even_sized(frames: np.ndarray) -> np.ndarray:
 
 def _ffmpeg() -> str:
     """Path of the ffmpeg binary bundled with imageio-ffmpeg (or $IMAGEIO_FFMPEG_EXE)."""
-    return imageio_ffmpeg.get_ffmpeg_exe()
+    return str(imageio_ffmpeg.get_ffmpeg_exe())
 
 
 def _fsync_file(path: Path) -> None:
