@@ -27,7 +27,7 @@ import numpy as np
 
 from i2v_daemon.errors import I2VError
 from i2v_daemon.params import INTERPOLATIONS as MODES
-from i2v_daemon.work.video import CRF, _ffmpeg, _tail, probe_mp4
+from i2v_daemon.work.video import CRF, _ffmpeg, _tail, append_xmp, probe_mp4, recipe_args
 
 #: Seconds allowed per delivered frame of 512x512 (scaled by size) for ffmpeg, on top of a fixed
 #: allowance: generous, since minterpolate and x264 make about 35 such frames a second on two cores.
@@ -75,7 +75,7 @@ def delivered_times(num_frames: int, fps: int, output_fps: int) -> list[Fraction
 
 def interpolate_to_mp4(
     frames: np.ndarray, *, fps: int, output_fps: int, mode: str, path: Path, rife_model: Path | None = None,
-    device: str = "cpu", on_progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu", on_progress: Callable[[int, int], None] | None = None, recipe: dict[str, Any] | None = None,
 ) -> Interpolated:
     """Write `frames` (F, H, W, 3) uint8 at `fps` as an H.264 mp4 at `output_fps` at `path`, atomically.
 
@@ -96,20 +96,25 @@ def interpolate_to_mp4(
     pixels = len(times) * height * width / 512**2  # delivered frames, in 512x512 units
     peak: int | None = None
     try:
-        if len(frames) == 1:  # nothing between frames: the one frame, at the delivered rate
-            _encode(iter(frames), temp, output_fps, TIMEOUT_BASE_S, None)
-        elif mode == "rife":
-            from i2v_daemon.models.rife import run_rife  # torch, only for this mode
+        with recipe_args(recipe, path.parent) as extra:
+            if len(frames) == 1:  # nothing between frames: the one frame, at the delivered rate
+                _encode(iter(frames), temp, output_fps, TIMEOUT_BASE_S, None, extra)
+            elif mode == "rife":
+                from i2v_daemon.models.rife import run_rife  # torch, only for this mode
 
-            made, peak = run_rife(frames, times, rife_model, device, on_progress=lambda done, _: report(done))
-            _encode(iter(made), temp, output_fps, TIMEOUT_BASE_S + TIMEOUT_PER_FRAME_S["encode"] * pixels, None)
-        else:
-            limit = TIMEOUT_BASE_S + TIMEOUT_PER_FRAME_S[mode] * pixels
-            _encode(_filtered(frames, fps, output_fps, mode, len(times), k, limit), temp, output_fps, limit, report)
+                made, peak = run_rife(frames, times, rife_model, device, on_progress=lambda done, _: report(done))
+                _encode(iter(made), temp, output_fps, TIMEOUT_BASE_S + TIMEOUT_PER_FRAME_S["encode"] * pixels, None,
+                        extra)
+            else:
+                limit = TIMEOUT_BASE_S + TIMEOUT_PER_FRAME_S[mode] * pixels
+                _encode(_filtered(frames, fps, output_fps, mode, len(times), k, limit), temp, output_fps, limit,
+                        report, extra)
         report(len(times), final=True)
         counted = probe_mp4(temp)["num_frames"]
         if counted != len(times):
             raise InterpolationError(f"the encoder wrote {counted} frames instead of {len(times)}")
+        if recipe is not None:
+            append_xmp(temp, recipe)
         _fsync(temp)
         os.replace(temp, path)
         _fsync(path.parent)
@@ -131,11 +136,12 @@ def interpolate_to_mp4(
 
 
 def _encode(
-    produced: Iterator[np.ndarray], temp: Path, fps: int, timeout: float, report: _Reporter | None
+    produced: Iterator[np.ndarray], temp: Path, fps: int, timeout: float, report: _Reporter | None,
+    extra: tuple[list[str], list[str]] = ([], []),
 ) -> None:
     """Encode every frame `produced` yields into `temp`; on any failure stop both sides and re-raise."""
     first = next(produced)
-    encoder = _Encoder(temp, first.shape[1], first.shape[0], fps, timeout)
+    encoder = _Encoder(temp, first.shape[1], first.shape[0], fps, timeout, extra)
     try:
         encoder.write(first)
         for n, frame in enumerate(produced, start=2):
@@ -231,10 +237,12 @@ class _Process:
 class _Encoder(_Process):
     """Raw RGB frames in, H.264/yuv420p mp4 out, as video.write_mp4 encodes them."""
 
-    def __init__(self, target: Path, width: int, height: int, fps: int, timeout: float) -> None:
+    def __init__(self, target: Path, width: int, height: int, fps: int, timeout: float,
+                 extra: tuple[list[str], list[str]] = ([], [])) -> None:
         cmd = [
             _ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
+            *extra[0], *extra[1],
             "-an", "-c:v", "libx264", "-preset", "medium", "-crf", str(CRF), "-pix_fmt", "yuv420p",
             "-movflags", "+faststart", "-f", "mp4", str(target),
         ]  # fmt: skip

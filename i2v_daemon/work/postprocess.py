@@ -94,28 +94,41 @@ def deliver(
     count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
     post: list[dict[str, Any]] = []
     effective = {**effective, "output_fps": fps, "interpolation": None, "output_frames": count}
+    made = job_recipe(job, effective, job_dir, settings)
     if not output_fps or output_fps <= fps:
-        write_mp4(frames, job_dir / video, fps)
+        write_mp4(frames, job_dir / video, fps, recipe=made)
         check_video(job_dir / video, width, height, count)
         jlog.info("video_written", file=video, width=width, height=height, num_frames=count, fps=fps)
         return video, effective, post
     generated = f"{job.name}.generated.mp4"
-    write_mp4(frames, job_dir / generated, fps)
+    write_mp4(frames, job_dir / generated, fps, recipe=made)
     check_video(job_dir / generated, width, height, count)
     jlog.info("video_written", file=generated, width=width, height=height, num_frames=count, fps=fps)
     mode = params.interpolation or "motion"  # type: ignore[union-attr]
     enter("interpolating")
     entry, delivered = _interpolate(frames, job_dir / generated, job_dir / video, fps, output_fps, mode, settings,
-                                    device, jlog, notes, on_alive)
+                                    device, jlog, notes, on_alive,
+                                    {**made, "output_fps": output_fps, "interpolation": mode})
     post.append(entry)
     effective.update(output_fps=output_fps if delivered else fps, interpolation=mode if delivered else None,
                      output_frames=entry.get("output_frames", count) if delivered else count)
     return video, effective, post
 
 
+def job_recipe(job: Job, effective: dict[str, Any], job_dir: Path, settings: Any) -> dict[str, Any]:
+    """The recipe the job's videos carry (`recipe.py`): its effective values, model and input image's hash."""
+    from i2v_daemon.work import recipe
+
+    name = effective.get("model") or "default"
+    image = job_dir / "input" / job.inputs[0] if job.inputs else None
+    return recipe.build(job.name, job.prompt, job.negative_prompt, effective,
+                        model_id=settings.model_choices().get(name) or job.model,
+                        input_file=image if image is not None and image.is_file() else None)
+
+
 def _interpolate(
     frames: np.ndarray, generated: Path, target: Path, fps: int, output_fps: int, mode: str, settings: Any,
-    device: str, jlog: JobLog, notes: list[str], on_alive: Callable[[str], Any],
+    device: str, jlog: JobLog, notes: list[str], on_alive: Callable[[str], Any], made: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Interpolate to `output_fps`; on any failure the generated video becomes the delivered one, and says why."""
     entry: dict[str, Any] = {"step": "interpolation", "mode": mode, "fps": fps, "output_fps": output_fps}
@@ -125,7 +138,7 @@ def _interpolate(
 
         result = interpolate_to_mp4(
             frames, fps=fps, output_fps=output_fps, mode=mode, path=target, rife_model=settings.rife_model,
-            device=device, on_progress=lambda done, total: on_alive("interpolating"),
+            device=device, on_progress=lambda done, total: on_alive("interpolating"), recipe=made,
         )
     except (JobCanceled, DatabaseGone):  # not interpolation's failure: the job's, or the daemon's
         raise

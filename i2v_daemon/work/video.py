@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,11 @@ _FPS = re.compile(r", (?P<fps>[\d.]+) (?:fps|tbr)\b")
 _FRAMES = re.compile(r"frame=\s*(?P<n>\d+)")
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
+def write_mp4(frames: np.ndarray, path: Path, fps: int, recipe: dict[str, Any] | None = None) -> None:
     """Write uint8 frames (F, H, W, 3) as H.264/yuv420p at `fps`, exactly F frames, atomically at `path`.
 
+    With a `recipe`, the file carries it as XMP, as an SEI of the first frame and as its comment and
+    description tags (`recipe.py`), all written here, before the file gets its name.
     Odd widths or heights lose their last column or row (yuv420p needs even sizes); the
     models produce multiples of 16, so that never happens in practice.
     """
@@ -42,7 +46,10 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
     # A temporary name that does not grow with the file's own: a 251-byte name must still work.
     temp = path.with_name(f".encode-{os.getpid()}.mp4.part")
     try:
-        _encode(frames, temp, fps)
+        with recipe_args(recipe, path.parent) as (inputs, outputs):
+            _encode(frames, temp, fps, inputs, outputs)
+        if recipe is not None:
+            append_xmp(temp, recipe)
         _fsync_file(temp)
         os.replace(temp, path)
         fsync_dir(path.parent)
@@ -89,13 +96,49 @@ def probe_mp4(path: Path) -> dict[str, Any]:
     }
 
 
-def _encode(frames: np.ndarray, target: Path, fps: int) -> None:
+@contextlib.contextmanager
+def recipe_args(recipe: dict[str, Any] | None, folder: Path) -> Iterator[tuple[list[str], list[str]]]:
+    """ffmpeg's extra (input, output) arguments that embed `recipe` as an SEI and as comment tags.
+
+    The values travel in small files beside the video (`-/bsf:v FILE` reads an option from a file),
+    so a 20,000-character prompt never meets the limit of one command-line argument.
+    """
+    if recipe is None:
+        yield [], []
+        return
+    from i2v_daemon.work import recipe as recipes
+
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    meta, bsf = folder / f".recipe-{tag}.ffmeta", folder / f".recipe-{tag}.bsf"
+    try:
+        meta.write_text(recipes.ffmetadata(recipe), encoding="utf-8")
+        bsf.write_text(recipes.sei_option(recipe), encoding="utf-8")
+        yield (["-f", "ffmetadata", "-i", str(meta)],
+               ["-map", "0:v", "-map_metadata", "1", "-/bsf:v", str(bsf)])
+    finally:
+        for made in (meta, bsf):
+            with contextlib.suppress(FileNotFoundError):
+                made.unlink()
+
+
+def append_xmp(path: Path, recipe: dict[str, Any]) -> None:
+    """Append the recipe's XMP `uuid` box at the end of the file: no offset inside the file moves."""
+    from i2v_daemon.work import recipe as recipes
+
+    with open(path, "ab") as fh:
+        fh.write(recipes.xmp_box(recipe))
+
+
+def _encode(
+    frames: np.ndarray, target: Path, fps: int, inputs: Sequence[str] = (), outputs: Sequence[str] = (),
+) -> None:
     """Pipe raw RGB frames through ffmpeg into `target`; raise TransientError when ffmpeg fails."""
     num_frames, height, width, _ = frames.shape
     # The input rate equals the output rate, so ffmpeg neither duplicates nor drops a frame.
     cmd = [
         _ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
+        *inputs, *outputs,
         "-an", "-c:v", "libx264", "-preset", "medium", "-crf", str(CRF), "-pix_fmt", "yuv420p",
         "-movflags", "+faststart",
         "-f", "mp4",  # the temp name's .part suffix says nothing about the format
