@@ -26,9 +26,9 @@ from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
 from i2v_daemon.models.holder import ModelHolder
 from i2v_daemon.params import BUILTIN_PRESETS
+from i2v_daemon.queue.clock import now_us, utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.migrate import Upgrade
-from i2v_daemon.queue.schema import now_us, utcnow
 from i2v_daemon.queue.store import Store
 from i2v_daemon.service.duties import Service
 from i2v_daemon.service.signals import Stopper

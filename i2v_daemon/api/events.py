@@ -23,6 +23,7 @@ import anyio
 from fastapi.sse import ServerSentEvent
 
 from i2v_daemon.logs import get_logger
+from i2v_daemon.queue.clock import now_us
 from i2v_daemon.queue.jobs import MAX_JOB_ID, Job, JobStatus
 from i2v_daemon.queue.store import Store
 from i2v_daemon.views.jobs import iso, job_summary
@@ -218,8 +219,7 @@ class EventHub:
 
     async def poll_once(self) -> None:
         """Read what changed, send what is new (holding back progress that comes too fast), refresh the summary."""
-        now_us = time.time_ns() // 1000
-        window = now_us - OVERLAP_US
+        window = now_us() - OVERLAP_US
         states = await anyio.to_thread.run_sync(lambda: read_states(self.store, window, limit=MAX_CATCH_UP))
         now = self.clock()
         sent_any = False

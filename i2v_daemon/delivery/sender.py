@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from i2v_daemon.logs import get_logger
+from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.outbox import Outbox, OutboxItem
-from i2v_daemon.queue.schema import utcnow
 
 log = get_logger()
 

@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from i2v_daemon.queue.schema import aware, control, db_time, utcnow
+from i2v_daemon.queue.clock import aware, db_time, utcnow
+from i2v_daemon.queue.schema import control
 
 PROBLEM = "problem:"
 

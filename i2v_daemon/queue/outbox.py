@@ -15,7 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from i2v_daemon.queue.schema import aware, db_time, outbox, utcnow
+from i2v_daemon.queue.clock import aware, db_time, utcnow
+from i2v_daemon.queue.schema import outbox
 
 #: How long a sender owns a row it is delivering; past it, another sender may take it over.
 CLAIM_SECONDS = 300.0

@@ -6,8 +6,6 @@ only (no ORM, no Alembic), so `status` stays quick.
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -25,6 +23,7 @@ from sqlalchemy import (
     Text,
 )
 
+from i2v_daemon.queue.clock import aware
 from i2v_daemon.queue.jobs import Job, JobStatus
 
 #: The schema revision this release reads and writes (`migrate.head()` says the same; a test checks).
@@ -119,26 +118,6 @@ outbox = Table(
     Column("claimed_by", String(255)),
     Column("claim_until", DateTime),
 )
-
-
-def now_us() -> int:
-    """Microseconds since the epoch on this host's clock: the `updated_us` every write stamps."""
-    return time.time_ns() // 1000
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def db_time(dt: datetime | None) -> datetime | None:
-    """Stored as naive UTC: SQLite has no time zones, and one convention keeps comparisons right."""
-    if dt is None:
-        return None
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
-
-
-def aware(dt: datetime | None) -> datetime | None:
-    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
 
 
 def job_from_row(row: Any) -> Job:

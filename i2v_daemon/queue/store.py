@@ -22,12 +22,13 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 
 from i2v_daemon.errors import DatabaseGone
+from i2v_daemon.queue.clock import db_time, now_us, utcnow
 from i2v_daemon.queue.control import Control
 from i2v_daemon.queue.jobs import MAX_JOB_ID, TRANSITIONS, Job, JobRequest, JobStatus
 from i2v_daemon.queue.outbox import Outbox, OutboxEntry
-from i2v_daemon.queue.schema import HEAD, aware, db_time, job_events, job_from_row, jobs, metadata, now_us, utcnow
+from i2v_daemon.queue.schema import HEAD, job_events, job_from_row, jobs, metadata
 
-__all__ = ["HEAD", "LeaseLost", "Store", "jobs", "metadata", "utcnow"]
+__all__ = ["HEAD", "LeaseLost", "Store", "jobs", "metadata"]
 
 _Q, _R, _S = JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.STAGING.value
 _TERMINAL = [s.value for s in JobStatus if s.is_terminal]
@@ -710,5 +711,3 @@ def _with_key(row: Any) -> Job:
     job.extra["intake_key"] = row["intake_key"]
     return job
 
-
-__all__ += ["aware"]

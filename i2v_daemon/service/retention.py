@@ -16,8 +16,8 @@ from typing import Any
 
 from i2v_daemon import files as folders
 from i2v_daemon.logs import get_logger
+from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import JobStatus
-from i2v_daemon.queue.store import utcnow
 
 log = get_logger()
 

@@ -24,9 +24,9 @@ from i2v_daemon import files as folders
 from i2v_daemon.delivery.webhook import job_payload
 from i2v_daemon.faults import crashpoint
 from i2v_daemon.logs import JobLog
+from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.outbox import OutboxEntry
-from i2v_daemon.queue.schema import utcnow
 from i2v_daemon.queue.store import Store
 from i2v_daemon.work import manifest
 

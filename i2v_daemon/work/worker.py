@@ -21,8 +21,9 @@ from typing import Any
 from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled
 from i2v_daemon.faults import crashpoint, hangpoint
 from i2v_daemon.logs import JobLog, get_logger
+from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
-from i2v_daemon.queue.store import LeaseLost, Store, utcnow
+from i2v_daemon.queue.store import LeaseLost, Store
 from i2v_daemon.work import postprocess
 from i2v_daemon.work.finish import Finisher
 from i2v_daemon.work.policy import Verdict, decide

@@ -19,8 +19,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from i2v_daemon.intake.staging import intake_key
+from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import JobRequest, JobStatus
-from i2v_daemon.queue.store import Store, utcnow
+from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import load_settings
 from i2v_daemon.work.worker import dead_local_workers, make_worker_id
 from tests.databases import fresh_postgres_database, postgres_admin_url
