@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", parents=[common], help="the HTTP API and web page (no GPU; beside `run`)")
     srv.add_argument("--listen", metavar="ADDR", help="host:port to listen on (default api_listen, 127.0.0.1:8765)")
     cli_ops.add_commands(sub, common)  # doctor, pause, resume, retention
+    from i2v_daemon.cli import demo
+
+    demo.add_command(sub)
     return p
 
 
@@ -149,6 +152,10 @@ def _settings(args: argparse.Namespace) -> Any:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in LIGHT:
         return _light(args)
+    if args.command == "demo":  # its own settings: never the user's config file, variables or data folder
+        from i2v_daemon.cli import demo
+
+        return demo.run(args)
     from i2v_daemon import logs
 
     settings = _settings(args)
