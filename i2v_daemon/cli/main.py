@@ -298,7 +298,7 @@ def _show_text(d: dict[str, Any]) -> str:
             + (f" peak {t['peak_vram_bytes'] / 2**30:.2f} GiB" if t.get("peak_vram_bytes") else "")
             + (f" — {t['error']}" if t.get("error") else "")
         )
-    from i2v_daemon.views.jobs import terminal_safe
+    from i2v_daemon.logs import terminal_safe
 
     return "\n".join(terminal_safe(line) for line in lines)
 
