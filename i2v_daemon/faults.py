@@ -12,7 +12,7 @@ import os
 import time
 
 #: The finishing steps, in order (see finish.py). A crash after any of them must be recoverable.
-POINTS = ("video_written", "manifest_written", "destination_recorded", "folder_published")
+POINTS = ("video_written", "signed", "manifest_written", "destination_recorded", "folder_published")
 #: After the status (and the notifications owed with it) were committed, before any was sent.
 FINISHED = "job_finished"
 #: The staging steps (see intake.py): rows inserted, files moved (not yet synced), queued.

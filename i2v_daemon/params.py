@@ -160,6 +160,11 @@ class PresetValues(BaseModel):
     output_fps: Fps | None = None
     interpolation: Interpolation | None = None
     scheduler: Scheduler | None = None
+    notify: list[str] | None = None  # Apprise URLs told of this preset's jobs (besides the config's); never in Preset
+
+    def values(self) -> dict[str, Any]:
+        """The job parameters this table sets (what a Preset holds): every key but `notify`."""
+        return self.model_dump(exclude_none=True, exclude={"notify"})
 
 
 class Preset(BaseModel):

@@ -23,8 +23,10 @@ _JSON_EXAMPLES = {
     "resolution_ladder": "[768, 512]",
     "on_finish": '["/usr/local/bin/notify", "--quiet"]',
     "webhooks": '["https://example.org/hook"]',
+    "notify": '["ntfy://ntfy.example.org/videos"]',
     "models": '{"svd": "stabilityai/stable-video-diffusion-img2vid-xt"}',
     "presets": '{"social": {"output_fps": 24}}',
+    "batch_roots": '["/srv/photos"]',
 }
 
 #: The keys every preset has; a new one (not a built-in's name) must give them all.
@@ -81,6 +83,8 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=2.0, ge=0.1, le=3600)
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
     max_sidecar_bytes: int = Field(default=65536, ge=64, le=16 * 2**20)
+    batch_roots: list[Path] = Field(default_factory=list)  # folders a batch manifest's absolute image paths may name
+    max_batch_rows: int = Field(default=10_000, ge=1, le=1_000_000)
 
     # the queue
     max_attempts: int = Field(default=3, ge=1, le=100)
@@ -100,6 +104,8 @@ class Settings(BaseSettings):
     webhooks: list[str] = Field(default_factory=list)  # http(s) URLs that get a JSON summary of each finished job
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     webhook_retries: int = Field(default=3, ge=0, le=20)
+    webhook_secret: str | None = None  # "whsec_<base64>": webhooks carry Standard Webhooks signatures
+    notify: list[str] = Field(default_factory=list)  # Apprise URLs told when a job ends (ntfy://, discord://, …)
     retention_days: float = Field(default=0, ge=0, le=36500)  # 0 = keep every job forever
     retention_action: Literal["forget", "archive"] = "forget"
 
@@ -124,6 +130,12 @@ class Settings(BaseSettings):
     accelerate: Literal["auto", "on", "off"] = "auto"
     warm_up: bool = True  # with the fast path on: compile the presets' shapes at start, before the first job
     scheduler: Literal["default", "ddim", "dpm++"] = "default"  # default: the family's own
+
+    # provenance (INTERFACE.md §10): a signed C2PA manifest in every published video and poster
+    provenance: Literal["c2pa", "off"] = "c2pa"
+    c2pa_cert: Path | None = None  # PEM chain, signing certificate first; unset: a self-made one in <data_dir>/c2pa
+    c2pa_key: Path | None = None  # its PEM private key (unencrypted)
+    c2pa_tsa_url: str | None = None  # an RFC 3161 timestamp authority; unset: no timestamp
 
     @classmethod
     def settings_customise_sources(
@@ -195,6 +207,54 @@ class Settings(BaseSettings):
                 raise ValueError(f"{url!r} is not an http:// or https:// URL")
         return v
 
+    @field_validator("c2pa_tsa_url")
+    @classmethod
+    def _tsa(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None or not v.strip():
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http:// or https:// URL of a timestamp authority")
+        return v
+
+    @field_validator("c2pa_cert", "c2pa_key", mode="before")
+    @classmethod
+    def _pem_path(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _webhook_secret(cls, v: Any) -> Any:
+        import base64
+        import binascii
+
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        if not isinstance(v, str):
+            return v
+        raw = v.strip().removeprefix("whsec_")
+        try:
+            key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) < 24:
+            raise ValueError(
+                "must be 'whsec_' followed by at least 24 random bytes in base64, e.g. the output of "
+                "`python3 -c \"import base64,os;print('whsec_'+base64.b64encode(os.urandom(32)).decode())\"`"
+            )
+        return v.strip()
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, v: list[str]) -> list[str]:
+        for url in v:
+            problem = notify_url_problem(url)
+            if problem:
+                raise ValueError(problem)
+        return v
+
     @field_validator("resolution_ladder")
     @classmethod
     def _ladder(cls, v: list[int]) -> list[int]:
@@ -215,6 +275,18 @@ class Settings(BaseSettings):
         self.api_token_file = (self.api_token_file or self.data_dir / "api-token").expanduser()
         if self.rife_model is not None:
             self.rife_model = self.rife_model.expanduser()
+        self.batch_roots = [p.expanduser() for p in self.batch_roots]
+        for root in self.batch_roots:
+            if not root.is_absolute():
+                raise ValueError(f"batch_roots: {str(root)!r} is not an absolute path; name each folder in full")
+        if (self.c2pa_cert is None) != (self.c2pa_key is None):
+            given, absent = ("c2pa_cert", "c2pa_key") if self.c2pa_cert is not None else ("c2pa_key", "c2pa_cert")
+            raise ValueError(
+                f"{absent}: {given} is set but {absent} is not; give both (the certificate chain and its key), "
+                "or neither to sign with a self-made certificate"
+            )
+        self.c2pa_cert = self.c2pa_cert.expanduser() if self.c2pa_cert is not None else None
+        self.c2pa_key = self.c2pa_key.expanduser() if self.c2pa_key is not None else None
         for name, override in self.presets.items():
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
                 raise ValueError(
@@ -222,13 +294,17 @@ class Settings(BaseSettings):
                     "it also names the preset's inbox folder"
                 )
             merged = {**(BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {})}
-            merged.update(override.model_dump(exclude_none=True))
+            merged.update(override.values())
             missing = [k for k in PRESET_REQUIRED if k not in merged]
             if missing:
                 raise ValueError(
                     f"presets.{name}: a new preset needs {', '.join(PRESET_REQUIRED)}; "
                     f"it lacks {', '.join(missing)} (or copy a built-in one: fast, standard, high)"
                 )
+            for url in override.notify or []:
+                problem = notify_url_problem(url)
+                if problem:
+                    raise ValueError(f"presets.{name}.notify: {problem}")
             try:
                 preset = Preset(**merged)
             except ValidationError as err:
@@ -260,8 +336,14 @@ class Settings(BaseSettings):
         out = dict(BUILTIN_PRESETS)
         for name, override in self.presets.items():
             base = BUILTIN_PRESETS[name].model_dump() if name in BUILTIN_PRESETS else {}
-            out[name] = Preset(**{**base, **override.model_dump(exclude_none=True)})
+            out[name] = Preset(**{**base, **override.values()})
         return out
+
+    def notify_for(self, preset: str | None) -> list[str]:
+        """The Apprise URLs told of a job of this preset: the config's `notify`, then the preset's own."""
+        table = self.presets.get(preset) if preset is not None else None
+        own = (table.notify or []) if table is not None else []
+        return list(dict.fromkeys([*self.notify, *own]))
 
     def job_defaults(self) -> dict[str, Any]:
         """Config-level defaults under every preset: the delivered frame rate, how to interpolate, the scheduler."""
@@ -276,6 +358,22 @@ class Settings(BaseSettings):
         out = {"inbox_dir": self.inbox_dir, "output_dir": self.output_dir, "failed_dir": self.failed_dir,
                "work_dir": self.work_dir}
         return {k: v for k, v in out.items() if v is not None}
+
+
+def notify_url_problem(url: str) -> str | None:
+    """Why Apprise cannot use `url` (shown without its secrets), or None when it can."""
+    import re as _re
+
+    shown = _re.sub(r"(://)[^/@]*@", r"\1…@", url)[:80]
+    if "://" not in url:
+        return f"{shown!r} is not an Apprise URL (such as ntfy://HOST/TOPIC or discord://ID/TOKEN)"
+    import apprise  # only when notifications are configured: it takes a quarter of a second to import
+
+    if apprise.Apprise.instantiate(url, suppress_exceptions=True) is None:
+        scheme = url.split("://", 1)[0]
+        return (f"{shown!r} is not a URL Apprise understands (scheme {scheme!r}, or its parts); see "
+                "https://github.com/caronc/apprise/wiki for each service's form")
+    return None
 
 
 def load_settings(config: str | None = None, **overrides: Any) -> Settings:

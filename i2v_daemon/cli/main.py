@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", parents=[common], help="the HTTP API and web page (no GPU; beside `run`)")
     srv.add_argument("--listen", metavar="ADDR", help="host:port to listen on (default api_listen, 127.0.0.1:8765)")
     cli_ops.add_commands(sub, common)  # doctor, pause, resume, retention
+    from i2v_daemon.cli import inspect as cli_inspect
+
+    cli_inspect.add_command(sub, common)
     from i2v_daemon.cli import demo
 
     demo.add_command(sub)
@@ -176,6 +179,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return validate(settings, args.paths)
     if args.command == "migrate":
         return _migrate(settings)
+    if args.command == "inspect":
+        from i2v_daemon.cli import inspect as cli_inspect
+
+        return cli_inspect.run(args, settings)
     return cli_ops.dispatch(args, settings)
 
 

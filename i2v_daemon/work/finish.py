@@ -2,7 +2,9 @@
 cancel): manifest, destination, publish, status and notifications — the one owner of work/<id>/.
 
 Order of the steps, each one safe to crash after (a restart completes the rest from the manifest):
-  job.json written into work/<id>/ → the destination recorded in the database (a unique column,
+  the videos and poster C2PA-signed in place (each into a temp name, then renamed; a crash before
+  this step's end leaves a job whose next attempt encodes and signs again) → job.json written into
+  work/<id>/ → the destination recorded in the database (a unique column,
   so two daemons never pick the same S-2) → work/<id>/ renamed whole to output/S (or failed/S)
   → the status written, with the job's notifications (webhooks, the on_finish hook) in the same
   transaction.
@@ -14,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.outbox import OutboxEntry
 from i2v_daemon.queue.store import Store
 from i2v_daemon.work import manifest
+from i2v_daemon.work.provenance import Provenance
 
 #: Files in work/<id>/ that are the worker's scratch, never part of a published folder.
 SCRATCH = ("frames.npy", "frames.json")
@@ -42,6 +46,7 @@ class Finisher:
         self.store = store
         self.model_info = model_info or (lambda job: {"name": "default", "id": settings.model, "family": None,
                                                       "revision": None})
+        self.provenance = Provenance(settings)
 
     def job_dir(self, job_id: int) -> Path:
         return Path(self.s.work_dir) / str(job_id)
@@ -58,6 +63,8 @@ class Finisher:
         job = self.store.get(job.id) or job  # the latest tries, effective values and notes
         jdir = self.job_dir(job.id)
         jdir.mkdir(parents=True, exist_ok=True)
+        # Signed before the scratch goes: a signing failure keeps the frames, so the retry only encodes again.
+        signed = self._sign(job, jdir) if status is JobStatus.SUCCEEDED and output else None
         for name in SCRATCH:
             with contextlib.suppress(FileNotFoundError):
                 (jdir / name).unlink()
@@ -66,7 +73,7 @@ class Finisher:
         doc = manifest.build(
             job, status, finished_at=finished, error=error, output=output, model=self.model_info(job),
             notes=all_notes, extra={"poster": "poster.jpg" if (jdir / "poster.jpg").exists() else None,
-                                    **(extra or {})},
+                                    "provenance": signed, **(extra or {})},
         )
         jlog = self.log(job)
         if status is JobStatus.FAILED:
@@ -103,6 +110,16 @@ class Finisher:
         return dest
 
     # ---- the steps ---------------------------------------------------------------------------------
+
+    def _sign(self, job: Job, jdir: Path) -> dict[str, Any]:
+        """C2PA-sign the videos and poster in place (provenance.py); a failure is the environment's (the job waits)."""
+        image = jdir / "input" / job.inputs[0] if job.inputs else None
+        started = time.monotonic()
+        entry = self.provenance.sign_job(jdir, image if image is not None and image.is_file() else None)
+        entry["seconds"] = round(time.monotonic() - started, 3)
+        self.log(job).info("provenance", **{k: v for k, v in entry.items() if k in ("method", "signed", "seconds")})
+        crashpoint("signed")
+        return entry
 
     def _record_destination(self, job: Job, root: Path, worker_id: str, taken: set[str] | None = None) -> Path:
         taken = set() if taken is None else taken
