@@ -298,6 +298,9 @@ def _show_text(d: dict[str, Any]) -> str:
         lines.append(f"  {'error' if d['status'] != 'queued' else 'waiting'}: [{err.get('type')}] {err.get('message')}")
     for note in d.get("notes") or ():
         lines.append(f"  note: {note}")
+    for n in d.get("notifications") or ():
+        why = f" — {n['last_error']}" if n.get("last_error") and n["state"] != "delivered" else ""
+        lines.append(f"  {n['kind']} {n['target']}: {n['state']} after {n['tries']} tries{why}")
     for t in d.get("attempts_detail") or ():
         lines.append(
             f"  try {t.get('try')}: {t.get('width')}x{t.get('height')} savers={t.get('savers')} "

@@ -1,4 +1,5 @@
-"""How each kind of outbox entry is delivered: a webhook is one POST, the on_finish hook one run."""
+"""How each kind of outbox entry is delivered: a webhook is one POST, a notification one Apprise message, the
+on_finish hook one run."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ def deliverers(settings: Any, stop: threading.Event | None = None) -> dict[str, 
     def webhook(item: OutboxItem) -> Attempt:
         from i2v_daemon.delivery.webhook import post
 
-        return post(item.target, item.payload, timeout=settings.webhook_timeout_seconds)
+        # The outbox row's id is the message's: the same on every retry of it, another for every other one.
+        return post(item.target, item.payload, timeout=settings.webhook_timeout_seconds,
+                    secret=getattr(settings, "webhook_secret", None), msg_id=f"msg_i2v_{item.job_id}_{item.id}")
+
+    def notify(item: OutboxItem) -> Attempt:
+        from i2v_daemon.delivery.notify import send
+
+        return send(item.target, item.payload, timeout=settings.webhook_timeout_seconds)
 
     def hook(item: OutboxItem) -> Attempt:
         from i2v_daemon.delivery.hook import run_hook
@@ -29,4 +37,4 @@ def deliverers(settings: Any, stop: threading.Event | None = None) -> dict[str, 
         why = result.error or ("timed out" if result.timed_out else f"exit status {result.exit_code}")
         return Attempt(False, why, retry=False)
 
-    return {"webhook": webhook, "hook": hook}
+    return {"webhook": webhook, "notify": notify, "hook": hook}

@@ -12,6 +12,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from typing import Any
 
 from i2v_daemon import __version__
@@ -79,13 +80,28 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def post(url: str, payload: dict[str, Any], *, timeout: float) -> Attempt:
-    """One POST of `payload` as JSON; delivered on a 2xx answer only."""
+def signature_headers(secret: str, msg_id: str, body: bytes, now: datetime | None = None) -> dict[str, str]:
+    """Standard Webhooks headers for `body`: its id (the same on every retry, so a receiver can drop a
+    repeat), the time of this try (a receiver rejects one older than five minutes: no replays) and the
+    HMAC-SHA256 signature of both with the shared secret (`standardwebhooks` verifies them)."""
+    from standardwebhooks import Webhook
+
+    when = now or datetime.now(UTC)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(when.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, when, body),
+    }
+
+
+def post(url: str, payload: dict[str, Any], *, timeout: float, secret: str | None = None,
+         msg_id: str | None = None) -> Attempt:
+    """One POST of `payload` as JSON; delivered on a 2xx answer only. With `secret`: signed (Standard Webhooks)."""
     body = json.dumps(payload, ensure_ascii=False).encode()
-    req = urllib.request.Request(
-        url, data=body, method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": f"i2v-daemon/{__version__}"},
-    )
+    headers = {"Content-Type": "application/json", "User-Agent": f"i2v-daemon/{__version__}"}
+    if secret:
+        headers.update(signature_headers(secret, msg_id or f"msg_{payload.get('job_id')}", body))
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with _OPENER.open(req, timeout=timeout) as resp:  # http(s) only: settings checks the URLs
             resp.read(65536)

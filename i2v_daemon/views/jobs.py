@@ -75,6 +75,7 @@ def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: An
     now = now or datetime.now(UTC)
     estimator = estimator or Estimator.from_tries(store.recent_tries())
     out = job_detail(job)
+    out["notifications"] = notifications(store, job.id)
     out["position"] = None
     out["eta_seconds"] = None
     out["elapsed_seconds"] = round((now - job.started_at).total_seconds(), 1) if (
@@ -96,3 +97,42 @@ def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: An
     return out
 
 
+
+
+def notifications(store: Any, job_id: int) -> list[dict[str, Any]]:
+    """What the outbox owes or owed for a job (webhooks, notify, the hook), targets shown without their secrets."""
+    from i2v_daemon.queue.clock import aware
+
+    outbox = getattr(store, "outbox", None)
+    if outbox is None:
+        return []
+    out = []
+    for row in outbox.for_job(job_id):
+        if row["done_at"] is None:
+            state = "pending" if not row["attempts"] else "retrying"
+        else:
+            state = "delivered" if row["delivered"] else "gave up"
+        out.append({
+            "kind": row["kind"], "target": _target(row["kind"], row["target"]), "state": state,
+            "tries": row["attempts"], "last_error": row["last_error"], "next_at": iso(aware(row["next_at"])) if
+            row["done_at"] is None else None, "done_at": iso(aware(row["done_at"])),
+        })
+    return out
+
+
+def _target(kind: str, target: str) -> str:
+    if kind == "hook":
+        import json
+
+        try:
+            return str(json.loads(target)[0])
+        except (ValueError, IndexError, TypeError):
+            return "?"
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return "?"
+    more = "/…" if parts.path not in ("", "/") or parts.query else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{more}"

@@ -159,8 +159,13 @@ class Finisher:
         )
 
     def notifications(self, job: Job) -> list[OutboxEntry]:
-        """What is owed for a finished job: one POST per webhook URL, and the on_finish hook."""
+        """What is owed for a finished job: a POST per webhook URL, a message per Apprise URL, the on_finish hook."""
         entries = [OutboxEntry("webhook", url, job_payload(job)) for url in self.s.webhooks]
+        targets = self.s.notify_for(job.params.preset if job.params else None) if hasattr(self.s, "notify_for") else []
+        if targets:
+            poster = Path(job.final_dir or "") / "poster.jpg"
+            told = {**job_payload(job), "poster": str(poster) if job.status is JobStatus.SUCCEEDED else None}
+            entries += [OutboxEntry("notify", url, told) for url in targets]
         if self.s.on_finish:
             folder = Path(job.final_dir or "")
             env = {
