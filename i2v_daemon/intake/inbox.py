@@ -21,6 +21,9 @@ from typing import Any
 from i2v_daemon.intake.images import IMAGE_SUFFIXES
 from i2v_daemon.intake.sidecar import SIDECAR_SUFFIXES
 
+#: Batch manifests (intake/batch.py): one job per row.
+MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl"})
+
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".filepart")
 NETWORK_FS = {
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "lustre", "gpfs", "davfs",
@@ -82,6 +85,7 @@ class Group:
 @dataclass
 class ScanResult:
     ready: list[Group] = field(default_factory=list)
+    manifests: list[tuple[str, Path]] = field(default_factory=list)  # (preset folder or "", a stable .csv/.jsonl)
     pending: int = 0  # files seen but not yet stable (or images still waiting for a sidecar)
     next_check: float | None = None  # seconds until a pending file may become ready
 
@@ -152,8 +156,10 @@ class InboxScanner:
                 continue  # subfolders are left alone (the presets' are scanned on their own)
             key = prefix + name
             suffix = Path(name).suffix.lower()
-            if suffix not in IMAGE_SUFFIXES and suffix not in SIDECAR_SUFFIXES:
-                self._skip(key, "not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
+            manifest = suffix in MANIFEST_SUFFIXES
+            if suffix not in IMAGE_SUFFIXES and suffix not in SIDECAR_SUFFIXES and not manifest:
+                self._skip(key, "not an image (.png .jpg .jpeg .webp), a sidecar (.txt .json .toml) or a batch "
+                                "manifest (.csv .jsonl)")
                 continue
             # Symlinks, FIFOs, sockets and devices are not skipped: they travel (by rename, never
             # opened) into a rejected job, so the user finds them in failed/ with the reason.
@@ -171,6 +177,13 @@ class InboxScanner:
             else:
                 ready_in[name] = self.stable_seconds - seen_for
             stem = Path(name).stem
+            if manifest:  # a batch: ready once stable, before the images it names wait out sidecar_wait_seconds
+                if ready_in[name] > 0:
+                    result.pending += 1
+                    result.next_check = min(result.next_check or ready_in[name], ready_in[name])
+                elif stat.S_ISREG(st.st_mode):
+                    result.manifests.append((folder, path / name))
+                continue
             (images if suffix in IMAGE_SUFFIXES else sidecars).setdefault(stem, []).append(path / name)
 
         def wait(seconds: float) -> None:

@@ -185,8 +185,26 @@ class Intake:
         """Finish staging left by others (retries, crashed intakes), then scan and take what is ready."""
         self.recover()
         result = self.scanner.scan(once=once)
+        self.take_batches(result.manifests)  # first: an inbox image a manifest names goes with its row
         self.take(result.ready)
         return result
+
+    def take_batches(self, manifests: Sequence[tuple[str, Path]]) -> None:
+        """One job per row of each batch manifest (intake/batch.py); a manifest's trouble never stops the others."""
+        from i2v_daemon.intake import batch
+
+        batch.publish_leftovers(Path(self.s.work_dir), Path(self.s.output_dir), Path(self.s.failed_dir))
+        for folder, path in manifests:
+            key = f"{folder}/{path.name}" if folder else path.name
+            try:
+                batch.take_batch(self, folder, path)
+            except FileNotFoundError:
+                continue  # moved away between the scan and now
+            except Exception as err:
+                self._problem(key, f"cannot take the batch manifest {display(path.name)}: {type(err).__name__}: {err}")
+            else:
+                self._resolved(key)
+            self.scanner.forget([key])
 
     def take(self, groups: Sequence[Group]) -> list[Job]:
         """Stage every group in one batch; returns the jobs queued or rejected."""
