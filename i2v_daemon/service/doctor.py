@@ -61,6 +61,8 @@ def run_checks(settings: Any, *, min_free_gib: float = 5.0) -> list[Check]:
         ("on_finish", lambda: check_on_finish(settings)),
         ("api_token_file", lambda: check_api_token_file(settings)),
         ("accelerate", lambda: check_accelerate(settings)),
+        ("provenance", lambda: check_provenance(settings)),
+        ("notify", lambda: check_notify(settings)),
     ]
     checks: list[Check] = []
     for name, probe in probes:
@@ -667,3 +669,83 @@ def check_api_token_file(settings: Any) -> list[Check]:
     if problems:
         return [Check("warn", "api_token_file", f"{path}: {'; '.join(problems)}", "; ".join(fixes))]
     return [Check("ok", "api_token_file", f"{path} ({_describe(st)})")]
+
+
+def check_provenance(settings: Any) -> list[Check]:
+    """C2PA signing: the bindings load, the certificate loads, its key is its own, and how long it has left."""
+    from i2v_daemon.errors import ConfigError
+    from i2v_daemon.work import provenance
+
+    if getattr(settings, "provenance", "c2pa") == "off":
+        return [Check("warn", "provenance", "provenance = \"off\": videos are published without a C2PA manifest "
+                      "(each job.json says so); they still carry their recipe",
+                      "set provenance = \"c2pa\" to sign and label every output as AI-made")]
+    checks: list[Check] = []
+    try:
+        checks.append(Check("ok", "c2pa", f"bindings load: {provenance.bindings()}"))
+    except Exception as err:  # ImportError, OSError from the native library
+        return [Check("fail", "c2pa", f"the c2pa bindings do not load ({type(err).__name__}: {err}): no job can be "
+                      "signed, so every finished job waits", "pip install 'c2pa-python>=0.38,<0.39' into the "
+                      "daemon's environment, or set provenance = \"off\"")]
+    files = provenance.signer_files(settings, create=False)
+    if files.self_signed and not files.key.exists():
+        # Not a warning: a self-made chain is a working default (every output is labelled); doctor says what it means.
+        return [*checks, Check("ok", "c2pa_cert", f"no c2pa_cert/c2pa_key: the daemon makes its own chain in "
+                               f"{files.key.parent} at its first start; verifiers will show that signer as "
+                               f"untrusted — to be trusted, {_REAL_CERT}", _REAL_CERT)]
+    try:
+        info = provenance.check_certificate(files)
+    except ConfigError as err:
+        return [*checks, Check("fail", "c2pa_cert", str(err), "give c2pa_cert (the signing certificate first) and "
+                               "its own key in c2pa_key, or unset both to sign with a self-made certificate")]
+    days = info["days_left"]
+    what = (f"{info['subject']} ({info['algorithm']}, {info['chain_length']} certificate(s)), expires "
+            f"{info['expires'][:10]} ({days} days left); the key matches")
+    if days < 0:
+        checks.append(Check("fail", "c2pa_cert", f"{what}: EXPIRED, so signing fails and jobs wait",
+                            "renew the certificate" if not files.self_signed else
+                            f"remove {files.key.parent} so the daemon makes a new chain, or {_REAL_CERT}"))
+    elif days < 30:
+        checks.append(Check("warn", "c2pa_cert", f"{what}: expires soon", "renew the certificate before then"))
+    elif files.self_signed:
+        checks.append(Check("ok", "c2pa_cert", f"self-made: {what}; verifiers will show the signer as untrusted "
+                            f"(every output is still labelled and its signature valid) — to be trusted, {_REAL_CERT}",
+                            _REAL_CERT))
+    else:
+        checks.append(Check("ok", "c2pa_cert", what))
+    mode = stat.S_IMODE(files.key.stat().st_mode)
+    if mode & 0o077:
+        checks.append(Check("warn", "c2pa_key", f"{files.key} has mode {mode:04o}: others than its owner can read "
+                            "the signing key", f"chmod 600 {files.key}"))
+    tsa = getattr(settings, "c2pa_tsa_url", None)
+    if tsa:
+        checks.append(Check("ok", "c2pa_tsa_url", f"signatures are timestamped by {tsa} (not contacted by doctor; "
+                            "unreachable at signing time, a job waits)"))
+    return checks
+
+
+_REAL_CERT = ("set c2pa_cert and c2pa_key to a signing certificate from a CA on the C2PA trust list (or your "
+              "organisation's, for verifiers you configure): docs/provenance-and-batches.md")
+
+
+def check_notify(settings: Any) -> list[Check]:
+    """Every Apprise URL (the config's and the presets') parses; webhook_secret is set where webhooks are."""
+    from i2v_daemon.settings import notify_url_problem
+
+    targets = [("notify", u) for u in getattr(settings, "notify", [])]
+    for name, table in (getattr(settings, "presets", None) or {}).items():
+        targets += [(f"presets.{name}.notify", u) for u in (getattr(table, "notify", None) or [])]
+    checks: list[Check] = []
+    if targets:
+        from i2v_daemon.delivery.notify import shown
+
+        bad = [(key, url, problem) for key, url in targets if (problem := notify_url_problem(url))]
+        for key, _url, problem in bad:
+            checks.append(Check("fail", key, str(problem), "fix the URL's form (see the Apprise wiki for the service)"))
+        if not bad:
+            checks.append(Check("ok", "notify", f"{len(targets)} Apprise target(s): "
+                                f"{', '.join(shown(u) for _, u in targets)} (syntax only; nothing was sent)"))
+    if getattr(settings, "webhooks", None) and not getattr(settings, "webhook_secret", None):
+        checks.append(Check("warn", "webhook_secret", "webhooks are unsigned: a receiver cannot tell them from "
+                            "forgeries", "set webhook_secret (docs/provenance-and-batches.md#signed-webhooks)"))
+    return checks

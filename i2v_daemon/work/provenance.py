@@ -10,7 +10,7 @@ job's next attempt encodes and signs again.
 
 The certificate: the operator's (`c2pa_cert`, `c2pa_key`), or else a chain this module makes in
 `<data_dir>/c2pa/` on first use: a local root and a signing certificate under it. Verifiers accept
-its signature but show the signer as untrusted (it is on no trust list); see docs/provenance.md.
+its signature but show the signer as untrusted (it is on no trust list); see docs/provenance-and-batches.md.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def make_self_signed(folder: Path) -> bool:
         fsync_dir(folder.parent)
         log.warning("c2pa_self_signed_certificate_made", folder=str(folder),
                     note="verifiers show this signer as untrusted; set c2pa_cert and c2pa_key to your own "
-                         "certificate (docs/provenance.md)")
+                         "certificate (docs/provenance-and-batches.md)")
         return True
     finally:
         shutil.rmtree(temp, ignore_errors=True)
