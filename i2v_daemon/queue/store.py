@@ -1,9 +1,10 @@
 """The job table and every transaction on it, named for what it means.
 
 SQLAlchemy connections never leave this module; callers get frozen `Job` values. Every status
-change goes through `_transition`, which refuses what `jobs.TRANSITIONS` does not allow and
-guards the UPDATE with the expected current status (and, for a worker, its lease), so a lost
-race shows up as a row count of 0 rather than a double write. Every write stamps `updated_us`,
+change goes through `_set_status`, the one function that writes `jobs.status`: it refuses what
+`jobs.TRANSITIONS` does not allow and guards the UPDATE with the expected current status (and the
+caller's own conditions: a worker's lease, an intake's ownership, the claim's pick), so a lost race
+shows up as a row count of 0 rather than a double write. Every write stamps `updated_us`,
 the cursor of the events feed. The outbox and the control switches live in `outbox.py` and
 `control.py`; their tables are written here when a job finishes, in the same transaction.
 """
@@ -13,12 +14,12 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, case, create_engine, event, func, insert, or_, select, update
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import ColumnElement, Engine, case, create_engine, event, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, RowMapping, make_url
 from sqlalchemy.exc import IntegrityError
 
 from i2v_daemon.errors import DatabaseGone
@@ -282,13 +283,11 @@ class Store:
         if not ids:
             return []
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                update(jobs).where(jobs.c.id.in_(ids), jobs.c.status == _S, jobs.c.worker_id == owner)
-                .values(status=_Q, worker_id=None, lease_until=None, phase=None, phase_started_at=None,
-                        updated_us=now_us())
-                .returning(*jobs.c)
-            ).mappings().all()
-            log_states(conn, rows)  # queued: its files are in place (a staging row is not yet a job to watch)
+            # Logged as queued: its files are in place (a staging row is not yet a job to watch).
+            rows = _set_status(
+                conn, JobStatus.STAGING, JobStatus.QUEUED, jobs.c.id.in_(ids), jobs.c.worker_id == owner,
+                values={"worker_id": None, "lease_until": None, "phase": None, "phase_started_at": None},
+            )
         return [r["id"] for r in rows]
 
     def unstage(self, job_id: int, owner: str) -> bool:
@@ -381,26 +380,23 @@ class Store:
             skip_locked=True
         )
         counts = jobs.c.rejection.is_(None) & ~jobs.c.cancel_requested & jobs.c.final_dir.is_(None)
+        values = {
+            "worker_id": worker_id, "lease_until": db_time(now + timedelta(seconds=lease_seconds)),
+            "attempts": jobs.c.attempts + case((counts, 1), else_=0), "started_at": db_time(now),
+            "progress": 0.0, "step": 0, "phase": "starting",
+            # Where it last ran: a job that ends without the GPU keeps the host and device of its run.
+            "host": case((no_gpu, jobs.c.host), else_=host), "device": case((no_gpu, jobs.c.device), else_=device),
+            "phase_started_at": db_time(now),
+        }
         with self.engine.begin() as conn:
-            row = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == pick.scalar_subquery())
-                .where(jobs.c.status == _Q)
-                .values(
-                    status=_R, worker_id=worker_id, lease_until=db_time(now + timedelta(seconds=lease_seconds)),
-                    attempts=jobs.c.attempts + case((counts, 1), else_=0), started_at=db_time(now),
-                    progress=0.0, step=0, phase="starting",
-                    # Where it last ran: a job that ends without the GPU keeps the host and device of its run.
-                    host=case((no_gpu, jobs.c.host), else_=host), device=case((no_gpu, jobs.c.device), else_=device),
-                    phase_started_at=db_time(now), updated_us=now_us(),
-                )
-                .returning(*jobs.c)
-            ).mappings().first()
-            # Only a job that will generate is seen starting; a cancel, a rejection or a late publish
-            # is claimed just to be ended, and its end is what is logged.
-            if row and row["rejection"] is None and not row["cancel_requested"] and row["final_dir"] is None:
-                log_states(conn, [row])
-        return job_from_row(row) if row else None
+            # One statement: the pick (FOR UPDATE SKIP LOCKED on PostgreSQL; BEGIN IMMEDIATE holds the
+            # SQLite file) and the guarded write. Only a job that will generate is seen starting; a
+            # cancel, a rejection or a late publish is claimed just to be ended, and its end is logged.
+            rows = _set_status(
+                conn, JobStatus.QUEUED, JobStatus.RUNNING, jobs.c.id == pick.scalar_subquery(), values=values,
+                logged=lambda r: r["rejection"] is None and not r["cancel_requested"] and r["final_dir"] is None,
+            )
+        return job_from_row(rows[0]) if rows else None
 
     def heartbeat(
         self, job_id: int, worker_id: str, *, lease_seconds: float, now: datetime | None = None,
@@ -521,7 +517,6 @@ class Store:
         return [r[0] for r in rows if r[0]]
 
     def _release_where(self, cond: Any, why: str) -> list[int]:
-        assert JobStatus.QUEUED in TRANSITIONS[JobStatus.RUNNING]
         with self.engine.begin() as conn:
             conn.execute(
                 update(jobs).where(jobs.c.status == _S, jobs.c.worker_id.is_not(None), cond)
@@ -533,13 +528,10 @@ class Store:
             for job_id, worker, phase in rows:
                 # The reason stays visible on the queued job until it runs again.
                 message = f"{why} ({worker}, in {phase or 'an unknown phase'}); it runs again"
-                log_states(conn, conn.execute(
-                    update(jobs).where(jobs.c.id == job_id, jobs.c.status == _R, jobs.c.worker_id == worker)
-                    .values(status=_Q, worker_id=None, lease_until=None, progress=0.0, step=0, phase=None,
-                            phase_started_at=None, error={"type": "lease_expired", "message": message},
-                            updated_us=now_us())
-                    .returning(*jobs.c)
-                ).mappings().all())
+                _set_status(conn, JobStatus.RUNNING, JobStatus.QUEUED, jobs.c.id == job_id, jobs.c.worker_id == worker,
+                            values={"worker_id": None, "lease_until": None, "progress": 0.0, "step": 0, "phase": None,
+                                    "phase_started_at": None,
+                                    "error": {"type": "lease_expired", "message": message}})
         return [r[0] for r in rows]
 
     # ---- people's commands: they ask; workers and intake act ------------------------------------
@@ -676,22 +668,40 @@ class Store:
         self, job_id: int, frm: JobStatus, to: JobStatus, *, worker_id: str | None = None,
         values: dict[str, Any] | None = None, also: Any = None,
     ) -> None:
-        if to not in TRANSITIONS[frm]:
-            raise ValueError(f"illegal transition {frm.value} → {to.value}")
-        stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status == frm.value)
-        if worker_id is not None:
-            stmt = stmt.where(jobs.c.worker_id == worker_id)
+        """One job from `frm` to `to` (under `worker_id`'s lease if given), with `also` in the same transaction.
+
+        Raises LeaseLost when the job was not `frm` (under that worker) any more.
+        """
+        held = [jobs.c.worker_id == worker_id] if worker_id is not None else []
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                stmt.values(status=to.value, updated_us=now_us(), **(values or {})).returning(*jobs.c)
-            ).mappings().all()
+            rows = _set_status(conn, frm, to, jobs.c.id == job_id, *held, values=values)
             if len(rows) != 1:
                 raise LeaseLost(f"job {job_id} was not {frm.value}" + (f" under {worker_id}" if worker_id else ""))
-            # A retry goes back to staging; its "queued" is logged once its files are back (mark_staged).
-            if frm.shown is not to.shown and to is not JobStatus.STAGING:
-                log_states(conn, rows)
             if also is not None:
                 also(conn)
+
+
+def _set_status(
+    conn: Connection, frm: JobStatus, to: JobStatus, *where: ColumnElement[bool],
+    values: Mapping[str, Any] | None = None, logged: Callable[[RowMapping], bool] | None = None,
+) -> Sequence[RowMapping]:
+    """The only writer of `jobs.status`: the rows now in `frm` that match `where` go to `to`; returns them.
+
+    Refuses what `jobs.TRANSITIONS` does not allow. The expected status is in the UPDATE itself, so
+    a row another writer moved meanwhile is simply not among the rows returned. Each change is
+    logged in `job_events` in the caller's transaction, except a move into staging (a retry: its
+    "queued" is logged once intake has its files back) and rows `logged` says are not worth showing.
+    """
+    if to not in TRANSITIONS[frm]:
+        raise ValueError(f"illegal transition {frm.value} → {to.value}")
+    rows = conn.execute(
+        update(jobs).where(jobs.c.status == frm.value, *where)
+        .values(status=to.value, updated_us=now_us(), **(values or {}))
+        .returning(*jobs.c)
+    ).mappings().all()
+    if to is not JobStatus.STAGING:
+        log_states(conn, [r for r in rows if logged is None or logged(r)])
+    return rows
 
 
 def log_states(conn: Connection, rows: Sequence[Any]) -> None:

@@ -3,16 +3,21 @@ leases, fencing, retries, races."""
 
 from __future__ import annotations
 
+import ast
 import itertools
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
+from i2v_daemon.queue import store as store_module
 from i2v_daemon.queue.jobs import TERMINAL, TRANSITIONS, JobRequest, JobStatus, Params, can_transition
 from i2v_daemon.queue.store import LeaseLost, Store
 
@@ -496,3 +501,101 @@ def test_many_threads_claiming_from_one_database_never_claim_a_job_twice(
     for worker, got in claimed.items():
         for job_id in got:
             assert store.get(job_id).worker_id == worker  # type: ignore[union-attr]
+
+
+# ---- one writer of a status, and the log of what users see --------------------------------------
+
+#: The SET list of an UPDATE of the jobs table, as the drivers receive it.
+UPDATE_JOBS = re.compile(r"^\s*UPDATE\s+jobs\s+SET\s+(?P<set>.*?)\s+WHERE\s", re.IGNORECASE | re.DOTALL)
+
+
+def every_change_of_status(store: Store) -> tuple[int, int, int]:
+    """Each of the store's intents that changes a job's status, at least once; the ids of its three jobs."""
+    first = running(store, "first")  # staged, queued, running
+    store.finish(first, "w1", F, now=at(1), error={"type": "generation", "message": "boom"})
+    assert store.retry(first)  # back to staging
+    [taken] = store.claim_staging("intake", lease_seconds=LEASE, now=at(2))
+    assert store.mark_staged([taken.id], "intake") == [first]
+    claimed = store.claim_next("w1", lease_seconds=LEASE, now=at(3))
+    assert claimed is not None and claimed.id == first
+    store.requeue(first, "w1", refund_attempt=True)
+    store.claim_next("w1", lease_seconds=10, now=at(4))
+    assert store.requeue_expired(now=at(60)) == [first]
+    second = running(store, "second", worker="dead/1", now=at(61))
+    assert store.requeue_workers(["dead/1"]) == [second]
+    [(rejected, _)] = store.stage([request("rejected", rejected=True)], owner="intake", lease_seconds=LEASE)
+    store.finish(rejected.id, "intake", F, frm=ST, error={"type": "invalid_input", "message": "broken"})
+    return first, second, rejected.id
+
+
+def test_every_status_write_goes_through_the_one_guarded_writer(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An UPDATE that sets `jobs.status` anywhere but in `_set_status` (which checks TRANSITIONS) fails this."""
+    within = threading.local()
+    writer = store_module._set_status
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        within.yes = True
+        try:
+            return writer(*args, **kwargs)
+        finally:
+            within.yes = False
+
+    monkeypatch.setattr(store_module, "_set_status", watched)
+    writes: list[tuple[bool, str]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        found = UPDATE_JOBS.match(statement)
+        if found and re.search(r"\bstatus\s*=", found["set"]):
+            writes.append((getattr(within, "yes", False), statement))
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    every_change_of_status(store)
+    assert len(writes) >= 10  # the watch sees every status write (so the test can fail) ...
+    assert [sql for by_writer, sql in writes if not by_writer] == []  # ... and each was the writer's
+
+
+def test_no_function_of_the_store_but_the_writer_names_the_status_column_in_a_write() -> None:
+    """The static twin of the test above, for code paths it does not run."""
+    tree = ast.parse(Path(store_module.__file__).read_text())
+    naming: set[str] = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            for node in ast.walk(fn):
+                as_keyword = isinstance(node, ast.keyword) and node.arg == "status"
+                as_key = isinstance(node, ast.Dict) and any(
+                    isinstance(k, ast.Constant) and k.value == "status" for k in node.keys
+                )
+                if as_keyword or as_key:
+                    naming.add(fn.name)
+    # _row: a new row's first status (an INSERT, not a change); log_states: the events log's own column.
+    assert naming == {"_set_status", "_row", "log_states"}
+
+
+def test_a_status_change_the_table_forbids_is_refused_and_nothing_is_written(store: Store) -> None:
+    job_id = running(store, "cat")
+    store.finish(job_id, "w1", S, now=at(1))
+    with pytest.raises(ValueError, match="illegal transition succeeded → failed"):
+        store.finish(job_id, "w1", F, frm=S, now=at(2))
+    job = store.get(job_id)
+    assert job is not None and job.status is S and job.finished_at == at(1)
+
+
+def test_the_events_log_has_each_change_users_see_and_not_staging_or_a_claim_only_to_end_a_job(store: Store) -> None:
+    first, second, rejected = every_change_of_status(store)
+    canceled, _ = store.enqueue(request("canceled"), now=at(70))
+    store.request_cancel(canceled.id)
+    ending = store.claim_next("w1", lease_seconds=LEASE, now=at(71))  # claimed only to be ended: not logged
+    assert ending is not None and ending.id == canceled.id
+    store.finish(canceled.id, "w1", C, now=at(72))
+    logged = [(e["id"], e["status"]) for e in store.state_log(0)]
+    assert logged == [
+        (first, "queued"), (first, "running"), (first, "failed"),
+        (first, "queued"),  # the retry's files are back (its staging is not logged)
+        (first, "running"), (first, "queued"),  # requeued
+        (first, "running"), (first, "queued"),  # its lease ran out
+        (second, "queued"), (second, "running"), (second, "queued"),  # its worker was dead
+        (rejected, "failed"),
+        (canceled.id, "queued"), (canceled.id, "canceled"),
+    ]
