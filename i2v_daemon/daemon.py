@@ -33,6 +33,7 @@ from i2v_daemon.queue.store import Store
 from i2v_daemon.service.duties import Service
 from i2v_daemon.service.signals import Stopper
 from i2v_daemon.settings import Settings
+from i2v_daemon.work import provenance
 from i2v_daemon.work.finish import Finisher
 from i2v_daemon.work.worker import StopDaemon, Worker, dead_local_workers, make_worker_id
 
@@ -111,6 +112,7 @@ class Daemon:
     def __init__(self, settings: Settings, *, models: ModelHolder | None = None) -> None:
         self.s = settings
         ensure_folders(settings)
+        provenance.prepare(settings)  # the self-made signing chain on first start; a bad c2pa_cert is exit 78
         self.store = open_store(settings)
         _warn_if_sqlite_on_a_network_share(self.store)
         self.models = models or ModelHolder.from_settings(settings, history=self.store.recent_tries)

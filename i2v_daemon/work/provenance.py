@@ -353,3 +353,23 @@ def bindings() -> str:
     import c2pa
 
     return f"c2pa-python {c2pa.__version__} (c2pa-rs {c2pa.sdk_version()})"
+
+
+def prepare(settings: Any) -> SignerFiles | None:
+    """At the daemon's start: the self-made chain made if none is configured; the configured one checked.
+
+    A configured certificate that cannot be read, or whose key is not its own, is a configuration
+    error (exit 78); an expired one is logged (its jobs would wait), so the operator hears of it now.
+    """
+    if str(getattr(settings, "provenance", "c2pa")) != "c2pa":
+        log.warning("provenance_off", note="videos are published without a C2PA manifest (provenance = \"off\")")
+        return None
+    files = signer_files(settings)
+    info = check_certificate(files)
+    if info["days_left"] < 0:
+        log.error("c2pa_certificate_expired", certificate=str(files.chain), expired=info["expires"],
+                  fix="renew it (or remove the self-made folder so a new one is made); until then finished jobs wait")
+    elif files.self_signed:
+        log.info("c2pa_signer", certificate=str(files.chain), trust="self-made: verifiers show it as untrusted; set "
+                 "c2pa_cert and c2pa_key to your own certificate to be trusted")
+    return files

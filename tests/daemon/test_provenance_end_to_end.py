@@ -158,3 +158,19 @@ def test_the_sidecar_inspect_makes_reproduces_the_job_with_the_same_image(env: E
     keys = ("width", "height", "num_frames", "steps", "guidance_scale", "fps", "seed", "scheduler", "output_fps")
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     assert np.array_equal(decode(first / "cat.mp4"), decode(second / "again.mp4"))
+
+
+def test_the_first_start_makes_the_self_made_chain_with_a_private_key_and_a_foreign_key_is_exit_78(
+    env: Env, tmp_path: Path,
+) -> None:
+    import stat
+
+    env.cli("run", "--once", check=True)  # nothing to do: only the start
+    key = env.data / "c2pa" / "key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and (env.data / "c2pa" / "chain.pem").is_file()
+    other = tmp_path / "other"
+    env.cli("run", "--once", "--data-dir", str(other), check=True)
+    write_config(env.config, env.data, env.model_dir, c2pa_cert=str(env.data / "c2pa" / "chain.pem"),
+                 c2pa_key=str(other / "c2pa" / "key.pem"))
+    result = env.cli("run", "--once")
+    assert result.returncode == 78 and "does not belong to the first certificate" in result.stderr
