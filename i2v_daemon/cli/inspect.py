@@ -40,7 +40,19 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     except OSError as err:
         print(f"i2v-daemon: {args.file}: cannot read it: {err.strerror}", file=sys.stderr)
         return EX_FAILED
-    proof = provenance.describe(path, _anchors(args.trust, settings))
+    try:
+        anchors, anchor_source = _anchors(args.trust, settings)
+    except OSError as err:
+        print(f"i2v-daemon: --trust {args.trust}: {err.strerror}; give a PEM file of trust anchors", file=sys.stderr)
+        return EX_FAILED
+    proof = provenance.describe(path, anchors)
+    if proof.get("present"):
+        proof["trust_anchor"] = anchor_source
+        if proof.get("trusted") and anchor_source and "self-made" in anchor_source:
+            proof["trust"] = (f"trusted by {anchor_source} only: any other verifier shows this signer as untrusted "
+                              "(set c2pa_cert and c2pa_key to a certificate on a trust list)")
+        elif proof.get("trusted"):
+            proof["trust"] = f"trusted by {anchor_source}"
     if made is None and proof.get("recipe"):
         made, source = proof["recipe"], "c2pa"
     if args.sidecar:
@@ -59,19 +71,21 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     return EX_FAILED if broken or (made is None and not proof.get("present")) else EX_OK
 
 
-def _anchors(trust: str | None, settings: Any) -> str | None:
-    """PEM trust anchors: the --trust file, else this daemon's self-made root or configured chain."""
-    if trust:
-        return Path(trust).read_text()
-    candidates = [Path(settings.data_dir) / "c2pa" / "root.pem"]
+def _anchors(trust: str | None, settings: Any) -> tuple[str | None, str | None]:
+    """PEM trust anchors and where they came from: --trust, else this daemon's configured chain or self-made root."""
+    candidates = [(Path(settings.data_dir) / "c2pa" / "root.pem", "this daemon's self-made root")]
     if getattr(settings, "c2pa_cert", None) is not None:
-        candidates.insert(0, Path(settings.c2pa_cert))
-    for pem in candidates:
+        candidates.insert(0, (Path(settings.c2pa_cert), f"this daemon's certificate chain ({settings.c2pa_cert})"))
+    if trust:
+        candidates = [(Path(trust), f"--trust {trust}")]
+    for pem, source in candidates:
         try:
-            return pem.read_text()
+            return pem.read_text(), source
         except OSError:
+            if trust:
+                raise
             continue
-    return None
+    return None, None
 
 
 _WHERE = {

@@ -304,20 +304,23 @@ def describe(path: Path, trust_anchors: str | None = None) -> dict[str, Any]:
     except ImportError as err:  # pragma: no cover - a dependency
         return {"present": False, "error": f"the c2pa bindings do not load: {err}"}
     mime = MEDIA_TYPES.get(path.suffix.lower())
+    if mime is None:
+        return {"present": False, "error": f"{path.suffix or 'a file without a suffix'}: not a kind of file read for "
+                                           "C2PA here (.mp4, .jpg, .jpeg, .png, .webp)"}
     settings: dict[str, Any] = {}
     if trust_anchors:
         settings = {"trust": {"trust_anchors": trust_anchors}, "verify": {"verify_trust": True}}
     try:
         with open(path, "rb") as fh:
-            reader = c2pa.Reader.try_create(mime or "video/mp4", fh, None, c2pa.Context.from_dict(settings))
+            reader = c2pa.Reader.try_create(mime, fh, None, c2pa.Context.from_dict(settings))
             if reader is None:
                 return {"present": False, "error": None}
             with reader:
                 store = json.loads(reader.json())
                 state = reader.get_validation_state()
                 results = reader.get_validation_results() or {}
-    except c2pa.C2paError as err:
-        return {"present": True, "state": "Invalid", "error": str(err), "errors": [str(err)]}
+    except c2pa.C2paError as err:  # not a readable file of its kind: nothing to validate
+        return {"present": False, "error": f"the file could not be read as {mime}: {str(err).strip()[:200]}"}
     active = (store.get("manifests") or {}).get(store.get("active_manifest") or "", {})
     codes = (results.get("activeManifest") or {}).get("failure") or []
     errors = [f"{c.get('code')}: {c.get('explanation', '')}".strip() for c in codes if c.get("code") != UNTRUSTED]
