@@ -81,7 +81,8 @@ def main() -> int:
             unsigned = {p: p.read_bytes() for p in (jdir / "cat.mp4", jdir / "poster.jpg")}
             signer = provenance.Provenance(settings)
 
-            def sign(jdir: Path = jdir, image: Path = image, unsigned: dict = unsigned) -> None:  # type: ignore[type-arg]
+            def sign(jdir: Path = jdir, image: Path = image, unsigned: dict = unsigned,  # type: ignore[type-arg]
+                     signer: provenance.Provenance = signer) -> None:
                 for path, data in unsigned.items():
                     path.write_bytes(data)
                 signer.sign_job(jdir, image)
