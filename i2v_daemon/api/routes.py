@@ -68,6 +68,39 @@ async def submit_job(
     return JSONResponse(body, status_code=202 if created else 200)
 
 
+@router.post("/batches", status_code=202)
+async def submit_batch(request: Request, ctx: Ctx) -> dict[str, Any]:
+    """A batch: a `manifest` file (.csv or .jsonl, one job per row) and the `image` files it names; its report."""
+    try:
+        upload = await uploads.receive(
+            request, Path(str(ctx.settings.work_dir)), ctx.settings.api_max_upload_bytes,
+            files=uploads.BATCH_FILE_FIELDS, texts=(), repeated=uploads.BATCH_REPEATED,
+        )
+    except uploads.TooLarge as err:
+        raise ApiError(413, "too_large", str(err)) from None
+    except uploads.BadForm as err:
+        raise ApiError(422, "invalid_input", str(err)) from None
+    try:
+        if "manifest" not in upload.files:
+            raise ApiError(422, "invalid_input", "the form has no 'manifest' file; send one, e.g. "
+                           "curl -F manifest=@batch.csv -F image=@cat.png -F image=@dog.png")
+        manifest, manifest_name = upload.files["manifest"]
+        images = {name: path for key, (path, name) in upload.files.items() if key.startswith("image/")}
+        from i2v_daemon.intake import batch
+
+        submit = partial(batch.submit_batch, ctx.settings, ctx.store, manifest=manifest, manifest_name=manifest_name,
+                         images=images)
+        try:
+            report: dict[str, Any] = await anyio.to_thread.run_sync(submit)
+        except InputError as err:
+            raise ApiError(422, *_kind_message(err.as_dict())) from None
+    finally:
+        await anyio.to_thread.run_sync(upload.discard)
+    if report.get("error"):
+        raise ApiError(422, "invalid_input", str(report["error"]))
+    return report
+
+
 def _idempotency_key(raw: str | None) -> str | None:
     if raw is None:
         return None

@@ -60,8 +60,19 @@ def safe_file_name(raw: str, part: str) -> str:
     return name
 
 
-async def receive(request: Request, work_dir: Path, max_bytes: int) -> Upload:
-    """Parse a multipart/form-data body into an `Upload`; raises TooLarge or BadForm, leaving nothing behind."""
+#: A batch (POST /api/v1/batches): one `manifest` file and any number of `image` files it names.
+BATCH_FILE_FIELDS = ("manifest",)
+BATCH_REPEATED = ("image",)
+
+
+async def receive(
+    request: Request, work_dir: Path, max_bytes: int, *, files: tuple[str, ...] = FILE_FIELDS,
+    texts: tuple[str, ...] = TEXT_FIELDS, repeated: tuple[str, ...] = (),
+) -> Upload:
+    """Parse a multipart/form-data body into an `Upload`; raises TooLarge or BadForm, leaving nothing behind.
+
+    `repeated` fields may come many times: each one lands as `files["NAME/CLIENT NAME"]`.
+    """
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
         raise BadForm("send multipart/form-data: an 'image' file, and a 'sidecar' file or a 'params' JSON field")
@@ -71,7 +82,7 @@ async def receive(request: Request, work_dir: Path, max_bytes: int) -> Upload:
     upload = Upload(folder=work_dir / f"{UPLOAD_PREFIX}{secrets.token_hex(12)}")
     upload.folder.mkdir(parents=True)
     try:
-        await _parse(request, options[b"boundary"], upload, max_bytes)
+        await _parse(request, options[b"boundary"], upload, max_bytes, (files, texts, repeated))
     except BaseException:
         await anyio.to_thread.run_sync(upload.discard)
         raise
@@ -85,8 +96,9 @@ def _too_large(max_bytes: int) -> str:
     )
 
 
-async def _parse(request: Request, boundary: bytes, upload: Upload, max_bytes: int) -> None:
-    state = _PartState(upload)
+async def _parse(request: Request, boundary: bytes, upload: Upload, max_bytes: int,
+                 allowed: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]) -> None:
+    state = _PartState(upload, *allowed)
     parser = MultipartParser(boundary, state.callbacks())
     received = 0
     try:
@@ -112,8 +124,10 @@ def _write_all(writes: list[tuple[IO[bytes], bytes]]) -> None:
 class _PartState:
     """python-multipart's callbacks: where the current part's bytes go."""
 
-    def __init__(self, upload: Upload) -> None:
+    def __init__(self, upload: Upload, files: tuple[str, ...] = FILE_FIELDS, texts: tuple[str, ...] = TEXT_FIELDS,
+                 repeated: tuple[str, ...] = ()) -> None:
         self.upload = upload
+        self.file_fields, self.text_fields, self.repeated = files, texts, repeated
         self.pending: list[tuple[IO[bytes], bytes]] = []  # written off the event loop, chunk by chunk
         self.ended = False
         self._header_name = b""
@@ -154,13 +168,26 @@ class _PartState:
         _, opts = parse_options_header(self._disposition)
         name = _decode(opts.get(b"name", b""), "a part's name")
         self._name = name
-        if name not in FILE_FIELDS + TEXT_FIELDS:
-            near = difflib.get_close_matches(name, FILE_FIELDS + TEXT_FIELDS, n=1)
+        known = self.file_fields + self.text_fields + self.repeated
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
             hint = f" — did you mean '{near[0]}'?" if near else ""
-            raise BadForm(f"unknown form field {name!r}{hint} (send 'image', and 'sidecar' or 'params')")
+            raise BadForm(f"unknown form field {name!r}{hint} (send {', '.join(repr(k) for k in known)})")
+        if name in self.repeated:
+            if b"filename" not in opts:
+                raise BadForm(f"'{name}' must be a file part, e.g. curl -F {name}=@cat.png")
+            client_name = safe_file_name(_decode(opts[b"filename"], f"the '{name}' file name"), name)
+            key = f"{name}/{client_name}"
+            if key in self.upload.files:
+                raise BadForm(f"two '{name}' files are both called {client_name!r}; give each its own name")
+            path = self.upload.folder / f"{name}-{len(self.upload.files)}"
+            self._file = path.open("xb")
+            self._open.append(self._file)
+            self.upload.files[key] = (path, client_name)
+            return
         if name in self.upload.files or name in self.upload.fields:
             raise BadForm(f"the form has more than one {name!r} part; send one")
-        if name in TEXT_FIELDS:
+        if name in self.text_fields:
             if b"filename" in opts:
                 raise BadForm(f"'{name}' is a text field holding a JSON object, not a file; send it with -F '{name}=…'")
             self._text = bytearray()

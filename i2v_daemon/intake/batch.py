@@ -24,6 +24,7 @@ from typing import Any
 
 from i2v_daemon.errors import InputError
 from i2v_daemon.intake.images import IMAGE_SUFFIXES, inspect_image
+from i2v_daemon.intake.inbox import MANIFEST_SUFFIXES
 from i2v_daemon.intake.sidecar import parse_values
 from i2v_daemon.params import FLOAT_RANGES, INT_RANGES
 from i2v_daemon.queue.jobs import JobRequest
@@ -52,7 +53,7 @@ class Batch:
     error: str | None = None
 
 
-def read_batch(path: Path, settings: Any, *, folder: str = "", inbox: Path) -> Batch:
+def read_batch(path: Path, settings: Any, *, folder: str = "", inbox: Path, source: str | None = None) -> Batch:
     """Parse and check a manifest; every problem becomes a rejected row or the manifest's own error."""
     try:
         with open(path, "rb") as fh:
@@ -83,7 +84,7 @@ def read_batch(path: Path, settings: Any, *, folder: str = "", inbox: Path) -> B
         return batch
     uses: dict[Path, int] = {}
     for line, values in records:
-        batch.rows.append(_row(path, line, values, settings, digest, folder, inbox))
+        batch.rows.append(_row(path, line, values, settings, digest, folder, inbox, source))
     for row in batch.rows:  # an inbox image named by several rows is copied for all but its last row
         if row.image is not None and row.move:
             uses[row.image] = uses.get(row.image, 0) + 1
@@ -138,12 +139,12 @@ def _cell(key: str, value: str) -> Any:
 
 
 def _row(path: Path, line: int, values: dict[str, Any], settings: Any, digest: str, folder: str,
-         inbox: Path) -> Row:
+         inbox: Path, source: str | None) -> Row:
     from i2v_daemon.intake.staging import _request, display
 
     where = f"{path.name} line {line}"
     key = f"batch:{digest}:{line}"
-    source = "inbox/" + folder if folder else "inbox"
+    source = source or ("inbox/" + folder if folder else "inbox")
     raw = str(values.get("image") or "")
     stem = Path(raw).stem or f"{path.stem}-line{line}"
     try:
@@ -236,7 +237,8 @@ def report(batch: Batch, outcome: dict[int, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def take_batch(intake: Any, folder: str, path: Path) -> dict[str, Any]:
+def take_batch(intake: Any, folder: str, path: Path, *, inbox: Path | None = None,
+               source: str | None = None) -> dict[str, Any]:
     """Stage every row of one manifest (as Intake.take stages groups), then publish the manifest and its report.
 
     Safe to repeat after a crash at any line: rows already staged are found by their keys (and
@@ -247,7 +249,7 @@ def take_batch(intake: Any, folder: str, path: Path) -> dict[str, Any]:
 
     log = get_logger()
     s = intake.s
-    batch = read_batch(path, s, folder=folder, inbox=Path(s.inbox_dir))
+    batch = read_batch(path, s, folder=folder, inbox=inbox or Path(s.inbox_dir), source=source)
     outcome: dict[int, dict[str, Any]] = {}
     if batch.error is None:
         staged = intake.store.stage([r.request for r in batch.rows], owner=intake.owner,
@@ -316,3 +318,32 @@ def publish_leftovers(work_dir: Path, output_dir: Path, failed_dir: Path) -> Non
             continue
         valid = doc.get("jobs", 0) + doc.get("already_made", 0)
         folders.publish(wdir, folders.free_name(Path(output_dir if valid else failed_dir), manifest.stem))
+
+
+def submit_batch(settings: Any, store: Any, *, manifest: Path, manifest_name: str,
+                 images: dict[str, Path]) -> dict[str, Any]:
+    """The HTTP API's batch upload: a manifest and the images it names by file name → one job per row.
+
+    The same rows, checks and report as a manifest dropped in the inbox; the uploaded images are
+    moved into their jobs. A bad row is queued as a rejected job, which the daemon's housekeeper
+    fails at once (`serve` finishes no job itself). Raises InputError when the upload is no manifest.
+    """
+    import socket
+
+    from i2v_daemon.intake.staging import Intake
+
+    if Path(manifest_name).suffix.lower() not in MANIFEST_SUFFIXES:
+        raise InputError(f"{manifest_name}: a batch manifest is a .csv or .jsonl file")
+    folder = manifest.parent / "batch"
+    folder.mkdir()
+    path = folder / manifest_name
+    os.replace(manifest, path)
+    for name, image in images.items():
+        os.replace(image, folder / name)
+    host = socket.gethostname()
+
+    def queue_rejected(job: Any, owner: str) -> None:
+        store.mark_staged([job.id], owner)
+
+    intake = Intake(settings, store, owner=f"{host}/{os.getpid()}/api", host=host, finish_rejected=queue_rejected)
+    return take_batch(intake, "", path, inbox=folder, source="api")
