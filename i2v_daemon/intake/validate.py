@@ -29,7 +29,25 @@ def check_path(settings: Any, path: Path) -> tuple[str, ...]:
     if suffix in IMAGE_SUFFIXES:
         info = inspect_image(path, max_pixels=settings.max_image_pixels)
         return (f"{info.format} {info.width}x{info.height}", *info.notes)
-    raise InputError(f"{path.name}: not an image (.png .jpg .jpeg .webp) or a sidecar (.txt .json .toml)")
+    if suffix in (".csv", ".jsonl"):
+        return _check_batch(settings, path)
+    raise InputError(f"{path.name}: not an image (.png .jpg .jpeg .webp), a sidecar (.txt .json .toml) or a batch "
+                     "manifest (.csv .jsonl)")
+
+
+def _check_batch(settings: Any, path: Path) -> tuple[str, ...]:
+    """A batch manifest's rows, checked as intake would check them (its images read where they are, never moved)."""
+    from i2v_daemon.intake.batch import read_batch
+
+    folder = path.parent.name if path.parent.name in settings.all_presets() else ""
+    batch = read_batch(path, settings, folder=folder, inbox=Path(settings.inbox_dir))
+    if batch.error:
+        raise InputError(batch.error)
+    bad = [row.request.rejection["message"] for row in batch.rows if row.request.rejection]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise InputError(f"{len(bad)} of {len(batch.rows)} rows would fail: {'; '.join(bad[:3])}{more}")
+    return (f"{len(batch.rows)} rows, each a valid job",)
 
 
 def group_errors(paths: list[Path]) -> dict[Path, str]:

@@ -87,7 +87,7 @@ def summary(recipe: dict[str, Any]) -> str:
     """One sentence for players' `description`: that it is AI-made, by what, and from which prompt."""
     made = f"{recipe.get('width')}x{recipe.get('height')}, {recipe.get('num_frames')} frames"
     model = recipe.get("model_id") or recipe.get("model")
-    prompt = recipe.get("prompt") or "(no prompt)"
+    prompt = " ".join(str(recipe.get("prompt") or "").split()) or "(no prompt)"  # one line, whatever was typed
     return (f"AI-generated video ({recipe.get('generator')}, model {model}, {made}, seed {recipe.get('seed')}): "
             f"{prompt}")
 

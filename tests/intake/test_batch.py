@@ -170,3 +170,22 @@ def test_a_manifest_longer_than_max_batch_rows_fails_whole(tmp_path: Path) -> No
         assert "more than max_batch_rows = 2" in report["error"]
     finally:
         world.close()
+
+
+def test_validate_checks_a_manifests_rows_without_moving_its_images(world: World, capsys: Any) -> None:
+    from i2v_daemon.intake.validate import validate
+
+    pics = world.inbox / "pics"
+    pics.mkdir()
+    make_image(pics / "a.png")
+    bad = world.inbox.parent / "bad.csv"
+    bad.write_text("image,prompt,steps\npics/a.png,x,2\npics/b.png,y,2\n")
+    good = world.inbox / "good.csv"
+    good.write_text("image,prompt\npics/a.png,x\n")
+    (world.inbox.parent / "pics").mkdir()
+    make_image(world.inbox.parent / "pics" / "a.png")
+    assert validate(world.settings, [str(bad), str(good)]) == 1
+    out = capsys.readouterr().out
+    assert "1 of 2 rows would fail: bad.csv line 3: pics/b.png: no such file" in out
+    assert f"ok {good} (1 rows, each a valid job)" in out
+    assert (pics / "a.png").is_file() and world.jobs() == []
