@@ -194,7 +194,9 @@ class Worker:
         )
         self._finished(dest, job)
 
-    def _generate(self, job: Job, model: Any, progress: JobProgress, jlog: JobLog) -> tuple[Any, dict, list[str]]:
+    def _generate(
+        self, job: Job, model: Any, progress: JobProgress, jlog: JobLog,
+    ) -> tuple[Any, dict[str, Any], list[str]]:
         """The frames of this job: from an earlier attempt that got as far as generating them, or generated now."""
         saved = postprocess.saved_frames(self.job_dir(job.id), job)
         if saved is not None:
@@ -331,7 +333,8 @@ class Worker:
         if self.models is None:
             return {"name": model_name(job), "id": self.s.model_choices().get(model_name(job)), "family": None,
                     "revision": None}
-        return self.models.info(model_name(job))
+        info: dict[str, Any] = self.models.info(model_name(job))
+        return info
 
     def _hook(self, hook: Callable[..., None] | None, *args: Any) -> None:
         """Metrics and sd_notify: their failure is logged and never touches the job."""
