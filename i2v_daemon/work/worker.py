@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,16 @@ def dead_local_workers(worker_ids: list[str], host: str | None = None) -> list[s
     return dead
 
 
+@dataclass
+class Attempt:
+    """The claimed job in a worker's hands and how far it got: the failure policy judges a failure by its phase."""
+
+    job: Job
+    phase: str = "starting"  # then loading, generating, …, publishing: where a failure would have happened
+    progress: JobProgress | None = None  # its liveness, once it generates
+    stalled_at: float | None = None  # monotonic time it was declared stalled
+
+
 class Worker:
     def __init__(
         self, settings: Any, store: Store, *, worker_id: str | None = None, models: Any = None,
@@ -87,9 +98,7 @@ class Worker:
         self.finisher = Finisher(settings, store, model_info=self._model_info)
         self.stopping = False  # set by a shutdown: a canceled step means "requeue", not "canceled"
         self.stop_now = False  # set when the grace period is over: stop at the next step
-        self.current: int | None = None
-        self.progress: JobProgress | None = None
-        self.stalled_at: float | None = None  # monotonic time the current job was declared stalled
+        self.attempt: Attempt | None = None  # the job in hand (read by the daemon's timer threads too)
         self.on_progress: Callable[[Job, int, int], None] | None = None
         self.on_phase: Callable[[Job, str], None] | None = None
         self.on_try: Callable[[Job, dict[str, Any]], None] | None = None  # one try of the OOM ladder ended
@@ -98,6 +107,18 @@ class Worker:
 
     def job_dir(self, job_id: int) -> Path:
         return Path(self.s.work_dir) / str(job_id)
+
+    @property
+    def current(self) -> int | None:
+        """The id of the job in hand, None when idle."""
+        attempt = self.attempt
+        return attempt.job.id if attempt is not None else None
+
+    @property
+    def stalled_at(self) -> float | None:
+        """Monotonic time the job in hand was declared stalled, None while it progresses (or when idle)."""
+        attempt = self.attempt
+        return attempt.stalled_at if attempt is not None else None
 
     # ---- one unit of work ---------------------------------------------------------------------
 
@@ -111,13 +132,11 @@ class Worker:
         )
         if job is None:
             return False
-        self.current = job.id
+        self.attempt = Attempt(job)
         try:
-            self.process(job)
+            self.process(self.attempt)
         finally:
-            self.current = None
-            self.progress = None
-            self.stalled_at = None
+            self.attempt = None
         return True
 
     def _check_paused(self) -> bool:
@@ -127,22 +146,22 @@ class Worker:
             log.info("paused" if paused else "resumed", worker=self.worker_id)
         return paused
 
-    def process(self, job: Job) -> None:
+    def process(self, attempt: Attempt) -> None:
         """Run or end one claimed job; every way it can go wrong ends in a state change of that job."""
-        where = ["starting"]
         try:
-            self._process(job, where)
+            self._process(attempt)
         except StopDaemon:
             raise
         except BaseException as err:
             if not isinstance(err, Exception):  # KeyboardInterrupt and the like: not the job's
                 raise
-            self._judge(job, err, where[0])
+            self._judge(attempt.job, err, attempt.phase)
 
-    def _process(self, job: Job, where: list[str]) -> None:
+    def _process(self, attempt: Attempt) -> None:
+        job = attempt.job
         jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
         if job.final_dir:
-            where[0] = "publishing"
+            attempt.phase = "publishing"
             self._finished(self.finisher.complete_interrupted(job, worker_id=self.worker_id), job)
         elif job.rejection:
             self._end(job, JobStatus.FAILED, job.rejection)
@@ -154,20 +173,21 @@ class Worker:
             self._end(job, JobStatus.FAILED, {"type": "gave_up", "message": msg})
         else:
             jlog.info("started", attempt=job.attempts, of=job.max_attempts, worker=self.worker_id, device=self.device)
-            self._run(job, jlog, where)
+            self._run(attempt, jlog)
 
     # ---- generating ---------------------------------------------------------------------------
 
-    def _run(self, job: Job, jlog: JobLog, where: list[str]) -> None:
+    def _run(self, attempt: Attempt, jlog: JobLog) -> None:
         if self.models is None:
             raise ConfigError("model: this worker cannot generate videos")
-        progress = self.progress = JobProgress(
+        job = attempt.job
+        progress = attempt.progress = JobProgress(
             self.store, job.id, self.worker_id, lease_seconds=self.s.lease_seconds,
             stall_seconds=self.s.stall_seconds, on_alive=self.on_alive,
         )
 
         def enter(phase: str) -> None:
-            where[0] = phase
+            attempt.phase = phase
             cancel = progress.enter(phase)
             hangpoint(phase)
             if cancel or self.stop_now:
@@ -348,15 +368,16 @@ class Worker:
 
     def beat(self) -> None:
         """Renew the running job's lease while it progresses; a stalled job is put back in the queue."""
-        progress, job_id = self.progress, self.current
-        if progress is None or job_id is None or self.stalled_at is not None:
+        attempt = self.attempt
+        if attempt is None or attempt.progress is None or attempt.stalled_at is not None:
             return
+        progress, job_id = attempt.progress, attempt.job.id
         try:
             if progress.beat():
                 return
         except (LeaseLost, DatabaseGone):  # the job's own next write meets it too, and stops the daemon
             return
-        self.stalled_at = time.monotonic()
+        attempt.stalled_at = time.monotonic()
         msg = (f"no progress for {progress.stalled_for():.0f} s while {progress.phase} (stall_seconds = "
                f"{self.s.stall_seconds:g}); stopped and put back in the queue")
         log.error("job_stalled", job_id=job_id, phase=progress.phase, worker=self.worker_id, error=msg)
