@@ -232,10 +232,7 @@ class Provenance:
         try:
             signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(alg, chain, key, self.s.c2pa_tsa_url or None))
             try:
-                builder = c2pa.Builder(manifest_definition(path.name, mime, made), _context())
-                if image is not None:
-                    with open(image, "rb") as fh:
-                        builder.add_ingredient(ingredient_definition(image), _media_type(image), fh)
+                builder = _builder(manifest_definition(path.name, mime, made), image)
                 with open(path, "rb") as src, open(temp, "w+b") as dst:
                     builder.sign(signer, mime, src, dst)
                     dst.flush()
@@ -275,7 +272,40 @@ def ingredient_definition(image: Path) -> dict[str, Any]:
             "metadata": {"org.i2v-daemon.sha256": recipes.sha256_file(image)}}
 
 
+def _builder(definition: dict[str, Any], image: Path | None) -> Any:
+    """A Builder with the input image as its ingredient, read from the file (with a thumbnail) where c2pa can
+    parse it; else the ingredient as a record only (name, type, hash), so an odd but valid input never stops a
+    job from being signed."""
+    import c2pa
+
+    if image is None:
+        return c2pa.Builder(definition, _context())
+    builder = c2pa.Builder(definition, _context())
+    try:
+        with open(image, "rb") as fh:
+            builder.add_ingredient(ingredient_definition(image), _media_type(image), fh)
+        return builder
+    except c2pa.C2paError as err:
+        builder.close()
+        log.info("c2pa_ingredient_recorded", image=image.name, reason=str(err).strip()[:200],
+                 note="named with its hash, without a thumbnail")
+    record = {**ingredient_definition(image), "format": _media_type(image)}
+    return c2pa.Builder({**definition, "ingredients": [record]}, _context())
+
+
 def _media_type(image: Path) -> str:
+    """The image's real type from its first bytes (a JPEG named .png is taken, as intake takes it)."""
+    try:
+        with open(image, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        head = b""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
     return MEDIA_TYPES.get(image.suffix.lower(), "image/png")
 
 

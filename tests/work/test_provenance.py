@@ -164,3 +164,23 @@ def test_describe_reports_signer_trust_label_ingredient_and_recipe(job_dir: Path
     assert provenance.describe(job_dir / "cat.mp4", trust_anchors=root)["trusted"] is True
     assert json.dumps(seen)  # plain JSON for inspect --json
     assert provenance.describe(job_dir / "input" / "cat.png")["present"] is False
+
+
+@pytest.mark.parametrize("kind", ["jpeg named png", "16-bit png", "not an image c2pa reads"])
+def test_an_unusual_input_image_is_still_the_ingredient_and_never_stops_signing(
+    job_dir: Path, tmp_path: Path, kind: str,
+) -> None:
+    image = job_dir / "input" / "cat.png"
+    if kind == "jpeg named png":
+        Image.new("RGB", (64, 96), (10, 20, 30)).save(image, "JPEG")  # intake takes it, noted
+    elif kind == "16-bit png":
+        Image.new("I;16", (64, 96)).save(image, "PNG")
+    else:
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature and nothing c2pa can parse
+    Provenance(_settings(tmp_path / "data")).sign_job(job_dir, image)
+    reader = _read(job_dir / "cat.mp4")
+    assert reader.get_validation_state() == "Valid"
+    [ingredient] = reader.get_active_manifest()["ingredients"]
+    assert ingredient["metadata"]["org.i2v-daemon.sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    if kind == "jpeg named png":
+        assert ingredient["format"] == "image/jpeg"
