@@ -36,6 +36,7 @@ def main() -> int:
     from i2v_daemon.params import Params
     from i2v_daemon.queue.jobs import JobRequest
     from i2v_daemon.queue.store import Store
+    from i2v_daemon.views.jobs import job_summary
 
     # As a user runs it: bytecode is cached (a session or CI may set PYTHONDONTWRITEBYTECODE, which would
     # make only our modules be compiled from source on every run, SQLAlchemy's .pyc being installed).
@@ -44,7 +45,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for label, jobs in (("empty", 0), ("1000_jobs", 1000)):
             data = Path(tmp) / label
-            store = Store(f"sqlite:///{data / 'jobs.db'}")
+            store = Store(f"sqlite:///{data / 'jobs.db'}", describe=job_summary)
             store.create_schema()
             params = Params(preset="fast", resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8)
             for i in range(jobs):

@@ -37,6 +37,7 @@ def main() -> int:
     from i2v_daemon.models.testing.tiny import build_tiny_i2vgen_xl
     from i2v_daemon.queue.store import Store
     from i2v_daemon.settings import load_settings
+    from i2v_daemon.views.jobs import job_summary
     from i2v_daemon.work.worker import Worker
 
     torch.set_num_threads(1)
@@ -55,7 +56,7 @@ def main() -> int:
         logs.configure("error", "json")
         for folder in settings.folders().values():
             folder.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.database_url)  # type: ignore[arg-type]
+        store = Store(settings.database_url, describe=job_summary)  # type: ignore[arg-type]
         store.create_schema()
         holder = ModelHolder.from_settings(settings)
         model = holder.get()

@@ -33,6 +33,7 @@ from i2v_daemon.queue.store import Store
 from i2v_daemon.service.duties import Service
 from i2v_daemon.service.signals import Stopper
 from i2v_daemon.settings import Settings
+from i2v_daemon.views.jobs import job_summary
 from i2v_daemon.work import provenance
 from i2v_daemon.work.finish import Finisher
 from i2v_daemon.work.worker import StopDaemon, Worker, dead_local_workers, make_worker_id
@@ -56,7 +57,7 @@ def open_store(settings: Settings) -> Store:
 def open_and_upgrade(settings: Settings) -> tuple[Store, Upgrade]:
     url: str = settings.database_url  # type: ignore[assignment]
     try:
-        store = Store(url, max_attempts=settings.max_attempts)
+        store = Store(url, max_attempts=settings.max_attempts, describe=job_summary)
         upgrade = store.create_schema()
     except ConfigError:
         raise

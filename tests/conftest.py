@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from i2v_daemon.queue.store import Store
+from i2v_daemon.views.jobs import job_summary
 from tests.databases import BACKENDS, database
 from tests.fixtures_models import (  # noqa: F401
     tiny_family_dirs,
@@ -221,7 +222,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 @pytest.fixture()
 def store(database_url: str) -> Iterator[Store]:
     """A migrated Store on `database_url` (SQLite, and PostgreSQL when a server is configured)."""
-    s = Store(database_url)
+    s = Store(database_url, describe=job_summary)
     s.create_schema()
     yield s
     s.close()

@@ -21,6 +21,7 @@ from i2v_daemon.logs import get_logger
 from i2v_daemon.queue.schema import HEAD
 from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import Settings
+from i2v_daemon.views.jobs import job_summary
 
 EX_OK, EX_FAILED, EX_CONFIG = 0, 1, 78
 # Loggers in this package are fetched when used: one bound at import would keep structlog's default
@@ -120,7 +121,7 @@ def _open_store(settings: Settings) -> Store:
     """The store as `run` made it: never created, never migrated here (the daemon owns the schema)."""
     url: str = settings.database_url  # type: ignore[assignment]
     try:
-        store = Store(url, max_attempts=settings.max_attempts, create=False)
+        store = Store(url, max_attempts=settings.max_attempts, create=False, describe=job_summary)
         revision = store.revision()
     except DatabaseGone as err:
         raise NotYet(f"database_url / I2V_DATABASE_URL: {err}") from None

@@ -29,7 +29,7 @@ from i2v_daemon.queue.jobs import MAX_JOB_ID, TRANSITIONS, Job, JobRequest, JobS
 from i2v_daemon.queue.outbox import Outbox, OutboxEntry
 from i2v_daemon.queue.schema import HEAD, job_events, job_from_row, jobs, metadata
 
-__all__ = ["HEAD", "LeaseLost", "Store", "jobs", "metadata"]
+__all__ = ["HEAD", "Describe", "LeaseLost", "Store", "jobs", "metadata"]
 
 _Q, _R, _S = JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.STAGING.value
 _TERMINAL = [s.value for s in JobStatus if s.is_terminal]
@@ -164,9 +164,21 @@ def open_existing(url: str) -> Store:
     return store
 
 
+#: How the events log records a job's state: its `status --json` entry. That shape is presentation
+#: (views/), so whoever opens the store for a daemon or the API hands it in; queue/ never imports it.
+Describe = Callable[[Job], dict[str, Any]]
+
+
 class Store:
-    def __init__(self, url: str, *, max_attempts: int = 3, create: bool = True, busy_seconds: float = 30.0) -> None:
-        """Open the job database; `create=False` (read-only commands) never makes a file that is not there."""
+    def __init__(
+        self, url: str, *, max_attempts: int = 3, create: bool = True, busy_seconds: float = 30.0,
+        describe: Describe | None = None,
+    ) -> None:
+        """Open the job database; `create=False` (read-only commands) never makes a file that is not there.
+
+        `describe`: each change of status is logged in `job_events` as `describe(job)`, for the API's
+        events stream. Without it no log is kept: a command's store (cancel, retry) needs none.
+        """
         self.url = url
         self.path = sqlite_path(url)
         if not create and self.path is not None and not os.path.exists(self.path):
@@ -176,6 +188,7 @@ class Store:
             )
         self.engine = make_engine(url, create=create, busy_seconds=busy_seconds)
         self.max_attempts = max_attempts
+        self.describe = describe
         self.control = Control(self.engine)
         self.outbox = Outbox(self.engine)
         self._identity = self._file_identity()
@@ -284,7 +297,7 @@ class Store:
             return []
         with self.engine.begin() as conn:
             # Logged as queued: its files are in place (a staging row is not yet a job to watch).
-            rows = _set_status(
+            rows = self._set_status(
                 conn, JobStatus.STAGING, JobStatus.QUEUED, jobs.c.id.in_(ids), jobs.c.worker_id == owner,
                 values={"worker_id": None, "lease_until": None, "phase": None, "phase_started_at": None},
             )
@@ -392,7 +405,7 @@ class Store:
             # One statement: the pick (FOR UPDATE SKIP LOCKED on PostgreSQL; BEGIN IMMEDIATE holds the
             # SQLite file) and the guarded write. Only a job that will generate is seen starting; a
             # cancel, a rejection or a late publish is claimed just to be ended, and its end is logged.
-            rows = _set_status(
+            rows = self._set_status(
                 conn, JobStatus.QUEUED, JobStatus.RUNNING, jobs.c.id == pick.scalar_subquery(), values=values,
                 logged=lambda r: r["rejection"] is None and not r["cancel_requested"] and r["final_dir"] is None,
             )
@@ -528,10 +541,11 @@ class Store:
             for job_id, worker, phase in rows:
                 # The reason stays visible on the queued job until it runs again.
                 message = f"{why} ({worker}, in {phase or 'an unknown phase'}); it runs again"
-                _set_status(conn, JobStatus.RUNNING, JobStatus.QUEUED, jobs.c.id == job_id, jobs.c.worker_id == worker,
-                            values={"worker_id": None, "lease_until": None, "progress": 0.0, "step": 0, "phase": None,
-                                    "phase_started_at": None,
-                                    "error": {"type": "lease_expired", "message": message}})
+                self._set_status(
+                    conn, JobStatus.RUNNING, JobStatus.QUEUED, jobs.c.id == job_id, jobs.c.worker_id == worker,
+                    values={"worker_id": None, "lease_until": None, "progress": 0.0, "step": 0, "phase": None,
+                            "phase_started_at": None, "error": {"type": "lease_expired", "message": message}},
+                )
         return [r[0] for r in rows]
 
     # ---- people's commands: they ask; workers and intake act ------------------------------------
@@ -674,46 +688,43 @@ class Store:
         """
         held = [jobs.c.worker_id == worker_id] if worker_id is not None else []
         with self.engine.begin() as conn:
-            rows = _set_status(conn, frm, to, jobs.c.id == job_id, *held, values=values)
+            rows = self._set_status(conn, frm, to, jobs.c.id == job_id, *held, values=values)
             if len(rows) != 1:
                 raise LeaseLost(f"job {job_id} was not {frm.value}" + (f" under {worker_id}" if worker_id else ""))
             if also is not None:
                 also(conn)
 
+    def _set_status(
+        self, conn: Connection, frm: JobStatus, to: JobStatus, *where: ColumnElement[bool],
+        values: Mapping[str, Any] | None = None, logged: Callable[[RowMapping], bool] | None = None,
+    ) -> Sequence[RowMapping]:
+        """The only writer of `jobs.status`: the rows now in `frm` that match `where` go to `to`; returns them.
 
-def _set_status(
-    conn: Connection, frm: JobStatus, to: JobStatus, *where: ColumnElement[bool],
-    values: Mapping[str, Any] | None = None, logged: Callable[[RowMapping], bool] | None = None,
-) -> Sequence[RowMapping]:
-    """The only writer of `jobs.status`: the rows now in `frm` that match `where` go to `to`; returns them.
+        Refuses what `jobs.TRANSITIONS` does not allow. The expected status is in the UPDATE itself, so
+        a row another writer moved meanwhile is simply not among the rows returned. Each change is
+        logged in `job_events` in the caller's transaction, except a move into staging (a retry: its
+        "queued" is logged once intake has its files back) and rows `logged` says are not worth showing.
+        """
+        if to not in TRANSITIONS[frm]:
+            raise ValueError(f"illegal transition {frm.value} → {to.value}")
+        rows = conn.execute(
+            update(jobs).where(jobs.c.status == frm.value, *where)
+            .values(status=to.value, updated_us=now_us(), **(values or {}))
+            .returning(*jobs.c)
+        ).mappings().all()
+        if to is not JobStatus.STAGING:
+            self._log_states(conn, [r for r in rows if logged is None or logged(r)])
+        return rows
 
-    Refuses what `jobs.TRANSITIONS` does not allow. The expected status is in the UPDATE itself, so
-    a row another writer moved meanwhile is simply not among the rows returned. Each change is
-    logged in `job_events` in the caller's transaction, except a move into staging (a retry: its
-    "queued" is logged once intake has its files back) and rows `logged` says are not worth showing.
-    """
-    if to not in TRANSITIONS[frm]:
-        raise ValueError(f"illegal transition {frm.value} → {to.value}")
-    rows = conn.execute(
-        update(jobs).where(jobs.c.status == frm.value, *where)
-        .values(status=to.value, updated_us=now_us(), **(values or {}))
-        .returning(*jobs.c)
-    ).mappings().all()
-    if to is not JobStatus.STAGING:
-        log_states(conn, [r for r in rows if logged is None or logged(r)])
-    return rows
-
-
-def log_states(conn: Connection, rows: Sequence[Any]) -> None:
-    """Record each row's state in `job_events` (its `status --json` entry now), in the caller's transaction."""
-    if not rows:
-        return
-    from i2v_daemon.views.jobs import job_summary
-
-    entries = [job_summary(job_from_row(r)) for r in rows]
-    conn.execute(insert(job_events), [
-        {"job_id": e["id"], "status": e["status"], "at_us": e["updated_us"], "entry": e} for e in entries
-    ])
+    def _log_states(self, conn: Connection, rows: Sequence[RowMapping]) -> None:
+        """Record each row's state in `job_events` as `describe` shows it, in the caller's transaction."""
+        if not rows or self.describe is None:
+            return
+        states = [job_from_row(r) for r in rows]
+        conn.execute(insert(job_events), [
+            {"job_id": job.id, "status": job.status.shown.value, "at_us": job.updated_us, "entry": self.describe(job)}
+            for job in states
+        ])
 
 
 def _with_key(row: Any) -> Job:

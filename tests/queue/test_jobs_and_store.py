@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from i2v_daemon.queue import store as store_module
 from i2v_daemon.queue.jobs import TERMINAL, TRANSITIONS, JobRequest, JobStatus, Params, can_transition
 from i2v_daemon.queue.store import LeaseLost, Store
+from i2v_daemon.views.jobs import job_summary
 
 Q, R, S, F, C = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED
 ST = JobStatus.STAGING
@@ -57,7 +58,7 @@ def db_url(database_url: str) -> str:
 
 @pytest.fixture()
 def store(db_url: str) -> Iterator[Store]:
-    s = Store(db_url, max_attempts=3)
+    s = Store(db_url, max_attempts=3, describe=job_summary)
     s.create_schema()
     yield s
     s.close()
@@ -533,7 +534,7 @@ def test_every_status_write_goes_through_the_one_guarded_writer(
 ) -> None:
     """An UPDATE that sets `jobs.status` anywhere but in `_set_status` (which checks TRANSITIONS) fails this."""
     within = threading.local()
-    writer = store_module._set_status
+    writer = Store._set_status
 
     def watched(*args: Any, **kwargs: Any) -> Any:
         within.yes = True
@@ -542,7 +543,7 @@ def test_every_status_write_goes_through_the_one_guarded_writer(
         finally:
             within.yes = False
 
-    monkeypatch.setattr(store_module, "_set_status", watched)
+    monkeypatch.setattr(Store, "_set_status", watched)
     writes: list[tuple[bool, str]] = []
 
     def seen(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
@@ -569,8 +570,8 @@ def test_no_function_of_the_store_but_the_writer_names_the_status_column_in_a_wr
                 )
                 if as_keyword or as_key:
                     naming.add(fn.name)
-    # _row: a new row's first status (an INSERT, not a change); log_states: the events log's own column.
-    assert naming == {"_set_status", "_row", "log_states"}
+    # _row: a new row's first status (an INSERT, not a change); _log_states: the events log's own column.
+    assert naming == {"_set_status", "_row", "_log_states"}
 
 
 def test_a_status_change_the_table_forbids_is_refused_and_nothing_is_written(store: Store) -> None:
@@ -589,7 +590,9 @@ def test_the_events_log_has_each_change_users_see_and_not_staging_or_a_claim_onl
     ending = store.claim_next("w1", lease_seconds=LEASE, now=at(71))  # claimed only to be ended: not logged
     assert ending is not None and ending.id == canceled.id
     store.finish(canceled.id, "w1", C, now=at(72))
-    logged = [(e["id"], e["status"]) for e in store.state_log(0)]
+    log = store.state_log(0)
+    assert log[-1] == job_summary(store.get(canceled.id))  # type: ignore[arg-type]  # the entry as describe made it
+    logged = [(e["id"], e["status"]) for e in log]
     assert logged == [
         (first, "queued"), (first, "running"), (first, "failed"),
         (first, "queued"),  # the retry's files are back (its staging is not logged)
@@ -599,3 +602,16 @@ def test_the_events_log_has_each_change_users_see_and_not_staging_or_a_claim_onl
         (rejected, "failed"),
         (canceled.id, "queued"), (canceled.id, "canceled"),
     ]
+
+
+def test_a_store_opened_without_a_describer_keeps_no_events_log(db_url: str, store: Store) -> None:
+    """A command's store (cancel, retry) changes states the daemon's own log records as they move on."""
+    plain = Store(db_url)
+    try:
+        job, _ = plain.enqueue(request("quiet"), now=T0)
+        assert plain.claim_next("w1", lease_seconds=LEASE, now=at(1)) is not None
+        assert plain.state_log(0) == []
+        store.finish(job.id, "w1", S, now=at(2))
+        assert [(e["id"], e["status"]) for e in plain.state_log(0)] == [(job.id, "succeeded")]
+    finally:
+        plain.close()
