@@ -9,13 +9,14 @@ that handler, before or after `configure`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -64,12 +65,75 @@ def _escape(c: str) -> str:
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
+def terminal_json(obj: Any, *, indent: int | None = None) -> str:
+    """JSON for a terminal: what `json.dumps` leaves raw (C1 controls, bidi formats) as `\\uXXXX` escapes.
+
+    Still the same JSON to a parser (the name itself comes back), and, like `terminal_safe`'s
+    text, nothing in it can act on the terminal that shows it.
+    """
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=str)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in " \n" else _json_escape(c) for c in text)
+
+
+def _json_escape(c: str) -> str:
+    n = ord(c)
+    if n < 0x10000:
+        return f"\\u{n:04x}"
+    n -= 0x10000  # a UTF-16 surrogate pair, as JSON spells a character beyond the BMP
+    return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
+
+
+class TerminalWriter:
+    """The command line's stdout or stderr: no control or bidi-format character reaches the terminal raw.
+
+    Whatever a command writes keeps its line breaks; every other character that is not printable
+    is written as `terminal_safe`'s escape. So a command that forgets to pass a user's text through
+    `terminal_safe` still cannot let a file name set the window title, clear the screen or colour
+    the text. (A newline inside a name is a line break to this writer: lines that hold users' text
+    go through `terminal_safe` too, which escapes it.) `control` writes a sequence the command
+    itself means, such as `status --watch`'s redraw.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        safe = text if text.isprintable() else "\n".join(terminal_safe(part) for part in text.split("\n"))
+        self.raw.write(safe)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def control(self, sequence: str) -> None:
+        """Write a terminal control sequence the program itself means (never a user's text)."""
+        self.raw.write(sequence)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, …
+        return getattr(self.raw, name)
+
+
+@contextlib.contextmanager
+def terminal_writers() -> Iterator[None]:
+    """For a command's run: sys.stdout and sys.stderr as TerminalWriters (the log pipeline writes its own)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = TerminalWriter(sys.stdout), TerminalWriter(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 def _is_console(handler: logging.Handler) -> bool:
     """A handler that writes to this process's stderr or stdout (a FileHandler is not one)."""
     if getattr(handler, "_i2v_daemon", False) or isinstance(handler, logging.FileHandler):
         return False
     stream = getattr(handler, "stream", None)
     consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__, *_console_streams)
+    consoles += tuple(s.raw for s in consoles if isinstance(s, TerminalWriter))
     return isinstance(handler, logging.StreamHandler) and any(stream is s for s in consoles if s is not None)
 
 
@@ -235,6 +299,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None, syslog
     if syslog_prefix is None:
         syslog_prefix = stream is None and journal_stream()
     stream = stream or sys.stderr
+    if isinstance(stream, TerminalWriter):  # the pipeline escapes its values itself, and colours are its own
+        stream = stream.raw
     tty = _isatty(stream)
     if fmt == "auto":
         fmt = "console" if tty else "json"

@@ -9,12 +9,11 @@ Exit 0 when something was found and nothing in it failed validation; 1 otherwise
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from i2v_daemon.logs import terminal_safe
+from i2v_daemon.logs import terminal_json, terminal_safe
 
 EX_OK, EX_FAILED = 0, 1
 
@@ -33,17 +32,18 @@ def run(args: argparse.Namespace, settings: Any) -> int:
 
     path = Path(args.file)
     if not path.is_file():
-        print(f"i2v-daemon: {args.file}: no such file", file=sys.stderr)
+        print(terminal_safe(f"i2v-daemon: {args.file}: no such file"), file=sys.stderr)
         return EX_FAILED
     try:
         made, source = recipe.read(path) if path.suffix.lower() in (".mp4", ".m4v", ".mov") else (None, None)
     except OSError as err:
-        print(f"i2v-daemon: {args.file}: cannot read it: {err.strerror}", file=sys.stderr)
+        print(terminal_safe(f"i2v-daemon: {args.file}: cannot read it: {err.strerror}"), file=sys.stderr)
         return EX_FAILED
     try:
         anchors, anchor_source = _anchors(args.trust, settings)
     except OSError as err:
-        print(f"i2v-daemon: --trust {args.trust}: {err.strerror}; give a PEM file of trust anchors", file=sys.stderr)
+        print(terminal_safe(f"i2v-daemon: --trust {args.trust}: {err.strerror}; give a PEM file of trust anchors"),
+              file=sys.stderr)
         return EX_FAILED
     proof = provenance.describe(path, anchors)
     if proof.get("present"):
@@ -57,14 +57,14 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         made, source = proof["recipe"], "c2pa"
     if args.sidecar:
         if made is None:
-            print(f"i2v-daemon: {args.file}: no i2v-daemon recipe in it (none of XMP, SEI, comment or C2PA "
-                  "survived); a re-encoded file keeps none", file=sys.stderr)
+            print(terminal_safe(f"i2v-daemon: {args.file}: no i2v-daemon recipe in it (none of XMP, SEI, comment or "
+                                "C2PA survived); a re-encoded file keeps none"), file=sys.stderr)
             return EX_FAILED
-        print(json.dumps(recipe.as_sidecar(made), ensure_ascii=False, indent=2))
+        print(terminal_json(recipe.as_sidecar(made), indent=2))
         return EX_OK
     if args.json:
-        print(json.dumps({"file": str(path), "recipe": made, "recipe_source": source, "provenance": proof},
-                         ensure_ascii=False, indent=2))
+        print(terminal_json({"file": str(path), "recipe": made, "recipe_source": source, "provenance": proof},
+                            indent=2))
     else:
         print(_text(path, made, source, proof))
     broken = proof.get("present") and not proof.get("valid")

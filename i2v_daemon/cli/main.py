@@ -16,6 +16,7 @@ from typing import Any
 from i2v_daemon import __version__
 from i2v_daemon.cli import operator as cli_ops
 from i2v_daemon.errors import ConfigError, DatabaseGone
+from i2v_daemon.logs import terminal_json, terminal_safe, terminal_writers
 from i2v_daemon.queue.jobs import MAX_JOB_ID
 
 EX_OK, EX_FAILED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
@@ -116,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: every command writes through `TerminalWriter`s, so no user's text drives the terminal."""
+    with terminal_writers():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -209,8 +216,6 @@ def _job_command(store: Any, args: argparse.Namespace) -> int:
     from i2v_daemon.views import asks as ops
 
     if args.command == "show":
-        import json
-
         from i2v_daemon.views.jobs import describe
 
         job = store.get(args.job_id)
@@ -218,13 +223,13 @@ def _job_command(store: Any, args: argparse.Namespace) -> int:
             print(f"i2v-daemon: no job {args.job_id}", file=sys.stderr)
             return EX_FAILED
         detail = describe(store, job)
-        print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else _show_text(detail))
+        print(terminal_json(detail, indent=2) if args.json else _show_text(detail))
         return EX_OK
     outcome = ops.cancel(store, args.job_id) if args.command == "cancel" else ops.retry(store, args.job_id)
     if not outcome.ok:
-        print(f"i2v-daemon: {outcome.message}", file=sys.stderr)
+        print(terminal_safe(f"i2v-daemon: {outcome.message}"), file=sys.stderr)
         return EX_FAILED
-    print(outcome.message)
+    print(terminal_safe(outcome.message))
     return EX_OK
 
 
@@ -248,23 +253,22 @@ def _migrate(settings: Any) -> int:
 
 
 def _status(store: Any, limit: int, as_json: bool, *, watch: bool = False, interval: float = 2.0) -> int:
-    import json
-
     from i2v_daemon.views.status import render_status, status_document
 
     if not watch:
         if as_json:
             # Exactly INTERFACE.md's two keys; `doctor --json` and the metrics say whether it is paused.
-            print(json.dumps(status_document(store, limit), ensure_ascii=False))
+            print(terminal_json(status_document(store, limit)))
         else:
             print(render_status(store, limit))
         return EX_OK
     tty = sys.stdout.isatty() and not as_json
     while True:  # until Ctrl-C (exit 0)
         if as_json:
-            print(json.dumps(status_document(store, limit), ensure_ascii=False), flush=True)
+            print(terminal_json(status_document(store, limit)), flush=True)
         elif tty:
-            sys.stdout.write("\033[H\033[2J" + render_status(store, limit) + "\n")
+            getattr(sys.stdout, "control", sys.stdout.write)("\033[H\033[2J")  # home, clear: ours, not a user's
+            sys.stdout.write(render_status(store, limit) + "\n")
             sys.stdout.flush()
         else:
             print(render_status(store, limit) + "\n", flush=True)
@@ -308,8 +312,6 @@ def _show_text(d: dict[str, Any]) -> str:
             + (f" peak {t['peak_vram_bytes'] / 2**30:.2f} GiB" if t.get("peak_vram_bytes") else "")
             + (f" — {t['error']}" if t.get("error") else "")
         )
-    from i2v_daemon.logs import terminal_safe
-
     return "\n".join(terminal_safe(line) for line in lines)
 
 

@@ -7,8 +7,9 @@ them over before it opens the database (doctor must work when the database does 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+from i2v_daemon.logs import terminal_json, terminal_safe
 
 EX_OK, EX_FAILED = 0, 1
 COMMANDS = frozenset({"doctor", "retention"})  # pause and resume take cli.py's fast path
@@ -46,7 +47,7 @@ def _doctor(settings: Any, as_json: bool, min_free_gib: float) -> int:
 
     checks = run_checks(settings, min_free_gib=min_free_gib)
     if as_json:
-        print(json.dumps({"ok": exit_code(checks) == 0, "checks": [c.as_dict() for c in checks]}, ensure_ascii=False))
+        print(terminal_json({"ok": exit_code(checks) == 0, "checks": [c.as_dict() for c in checks]}))
     else:
         print(render(checks))
     return exit_code(checks)
@@ -76,14 +77,14 @@ def _retention(store: Any, settings: Any, args: argparse.Namespace) -> int:
         return EX_OK
     result = apply_retention(store, settings, days=days, action=action, dry_run=not args.now)
     if args.json:
-        print(json.dumps({"applied": args.now, "action": action, "days": days, **result.as_dict()}))
+        print(terminal_json({"applied": args.now, "action": action, "days": days, **result.as_dict()}))
         return EX_OK if not result.skipped else EX_FAILED
     verb = ("archived and forgot" if action == "archive" else "forgot") if args.now else f"would {action}"
     print(f"{verb} {len(result.forgotten)} job(s) finished before {result.as_dict()['cutoff']}")
     for job_id, folder in result.archived:
-        print(f"  job {job_id} → {folder}")
+        print(terminal_safe(f"  job {job_id} → {folder}"))
     for job_id, why in result.skipped:
-        print(f"  job {job_id} kept: {why}")
+        print(terminal_safe(f"  job {job_id} kept: {why}"))
     if not args.now and result.forgotten:
         print("run again with --now to do it")
     return EX_OK if not result.skipped else EX_FAILED

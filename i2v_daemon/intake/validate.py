@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from i2v_daemon.errors import InputError
+from i2v_daemon.logs import terminal_safe
 
 EX_OK, EX_FAILED = 0, 1
 
@@ -83,7 +84,7 @@ def validate(settings: Any, paths: list[str]) -> int:
             notes = check_path(settings, path)
         except InputError as err:
             bad += 1
-            print(f"invalid {raw}: {err}")
+            print(terminal_safe(f"invalid {raw}: {err}"))
             continue
-        print(f"ok {raw}" + (f" ({'; '.join(notes)})" if notes else ""))
+        print(terminal_safe(f"ok {raw}" + (f" ({'; '.join(notes)})" if notes else "")))
     return EX_FAILED if bad else EX_OK

@@ -236,3 +236,34 @@ def test_a_canceled_job_is_logged_at_info_not_as_an_error(env: Env, drop: Callab
     events = parse(proc.stderr)
     assert [(e["level"], e["job_id"]) for e in events if e["event"] == "canceled"] == [("info", job["id"])]
     assert not [e for e in events if e["level"] in ("error", "critical")], events
+
+
+def test_the_command_lines_writer_lets_no_control_character_through_whatever_a_command_forgets() -> None:
+    import io
+
+    from i2v_daemon.logs import TerminalWriter, terminal_json
+
+    raw = io.StringIO()
+    out = TerminalWriter(raw)
+    print("job 3: x\x1b]0;OWNED\x07\x1b[2J \x9b1m\u202eevil", "second", file=out)  # forgot terminal_safe
+    out.control("\x1b[H\x1b[2J")  # a sequence the program itself means goes through as it is
+    assert raw.getvalue() == "job 3: x\\x1b]0;OWNED\\x07\\x1b[2J \\x9b1m\\u202eevil second\n\x1b[H\x1b[2J"
+    text = terminal_json({"name": "x\x1b\x9b\u202e\U000e0041é"}, indent=2)
+    assert text.isascii() is False and "é" in text  # readable names stay readable
+    assert all(c.isprintable() or c in " \n" for c in text)
+    assert json.loads(text) == {"name": "x\x1b\x9b\u202e\U000e0041é"}
+
+
+def test_the_log_pipeline_under_the_command_lines_writer_writes_its_own_lines_to_the_real_stream(
+    tmp_path: Path,
+) -> None:
+    code = (
+        "import sys\n"
+        "from i2v_daemon import logs\n"
+        "with logs.terminal_writers():\n"
+        "    logs.configure('info', 'json')\n"
+        "    assert logs.logging.getLogger().handlers[-1].stream is sys.__stderr__\n"
+        "    logs.get_logger().info('hello', name='x\\x1b[2J')\n"
+    )
+    line = json.loads(run_python(code, tmp_path).strip().splitlines()[-1])
+    assert line["event"] == "hello" and line["name"] == "x\x1b[2J"
