@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +101,10 @@ class Finisher:
         doc_path = jdir / "job.json" if (jdir / "job.json").exists() else dest / "job.json"
         doc = json.loads(doc_path.read_text())
         root = dest.parent
+        if jdir.exists() and not os.path.lexists(dest):
+            # Not published yet: the recorded name was only the last try's. A name is decided at the
+            # publish that succeeds, so a try that failed (output/ unwritable, or not a folder) uses none up.
+            dest = self._record_destination(job, root, worker_id)
         dest = self._publish(job, jdir, dest, root, worker_id)
         status = JobStatus(doc["status"])
         JobLog(dest / "job.log", job.id, job.name).info(
@@ -139,6 +144,8 @@ class Finisher:
                 folders.publish(jdir, dest)
                 return dest
             except OSError as err:
+                if not dest.parent.is_dir():  # output/ itself is not a folder: the machine's problem, not a name's
+                    raise OSError(errno.ENOTDIR, f"{dest.parent} is not a folder", str(dest.parent)) from err
                 if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR) or not _in_the_way(dest):
                     raise  # a permission or a full disk: the failure policy keeps the job and waits
                 taken.add(str(dest))

@@ -65,6 +65,32 @@ def test_an_unwritable_output_folder_keeps_the_job_visible_and_it_finishes_by_it
     every_byte_in_one_place(env, ["cat.png", "cat.txt"])
 
 
+def test_publishes_that_fail_while_output_is_not_a_folder_use_up_no_name(env: Env, drop):
+    daemon = env.start()
+    try:
+        wait_ready(daemon)
+        env.output.rmdir()
+        env.output.write_text("not a folder\n")  # after start-up: the daemon's own check of the folders passed
+        drop("blocked", (".txt", "a blocked cat"))
+        waiting = wait_for(lambda: (j := job_of(env, "blocked")) and j["error"] and j, what="the publish to fail")
+        assert waiting["status"] in ("queued", "running") and "without using an attempt" in waiting["error"]
+        shown = json.loads(env.cli("show", str(waiting["id"]), "--json", check=True).stdout)
+        wait_for(lambda: (json.loads(env.cli("show", str(waiting["id"]), "--json").stdout)["error_detail"] or {})
+                 .get("waits", 0) >= 2, what="a second failed publish")
+        assert "not a folder" in shown["error"] or "Not a directory" in shown["error"]
+        env.output.unlink()
+        env.output.mkdir()
+        done = wait_for(lambda: (j := job_of(env, "blocked")) and j["status"] == "succeeded" and j, what="success")
+    finally:
+        if env.output.is_file():
+            env.output.unlink()
+        assert stop_daemon(daemon) == 0
+    # S/, since no `blocked` stood there when the job published: no name was used up by the failed tries.
+    assert sorted(p.name for p in env.output.iterdir()) == ["blocked"]
+    assert done["output"] == str(env.output / "blocked" / "blocked.mp4")
+    assert "destination_in_the_way" not in (env.output / "blocked" / "job.log").read_text()
+
+
 def test_a_file_standing_where_the_jobs_folder_should_go_is_passed_by_with_the_next_free_name(env: Env, drop):
     drop("cat", (".txt", "a cat"))
     assert env.cli("run", "--once", env={"I2V_TEST_CRASH_AT": "destination_recorded"}).returncode == 99
