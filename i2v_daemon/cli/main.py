@@ -286,7 +286,11 @@ def _show_text(d: dict[str, Any]) -> str:
             value = {k: v for k, v in value.items() if v is not None}  # the JSON form keeps the nulls
         if value not in (None, "", [], {}):
             lines.append(f"  {key}: {json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}")
-    if d["status"] == "running":
+    if d["status"] == "running" and d.get("lease_expired_seconds") is not None:
+        from i2v_daemon.views.status import gone_text
+
+        lines.append(f"  progress: {gone_text(d)}")
+    elif d["status"] == "running":
         from i2v_daemon.views.status import phase_text
 
         eta = f", about {_duration(d['eta_seconds'])} left" if d.get("eta_seconds") is not None else ""

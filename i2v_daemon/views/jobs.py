@@ -18,7 +18,15 @@ def shown_status(job: Job) -> str:
     return job.status.shown.value
 
 
-def job_summary(job: Job) -> dict[str, Any]:
+def lease_expired_seconds(job: Job, now: datetime | None = None) -> float | None:
+    """Seconds since a running job's lease ran out (its worker died or hung: it will be taken again), else None."""
+    if job.status is not JobStatus.RUNNING or job.lease_until is None:
+        return None
+    late = ((now or datetime.now(UTC)) - job.lease_until).total_seconds()
+    return round(late, 1) if late > 0 else None
+
+
+def job_summary(job: Job, *, now: datetime | None = None) -> dict[str, Any]:
     """One entry of `status --json` (INTERFACE.md §4), with this release's additions after the contract's keys."""
     return {
         "id": job.id,
@@ -44,12 +52,13 @@ def job_summary(job: Job) -> dict[str, Any]:
         "source": job.source,
         "cancel_requested": job.cancel_requested,
         "updated_us": job.updated_us,
+        "lease_expired_seconds": lease_expired_seconds(job, now),
     }
 
 
-def job_detail(job: Job) -> dict[str, Any]:
+def job_detail(job: Job, *, now: datetime | None = None) -> dict[str, Any]:
     return {
-        **job_summary(job),
+        **job_summary(job, now=now),
         "inputs": list(job.inputs),
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
@@ -74,13 +83,13 @@ def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: An
 
     now = now or datetime.now(UTC)
     estimator = estimator or Estimator.from_tries(store.recent_tries())
-    out = job_detail(job)
+    out = job_detail(job, now=now)
     out["notifications"] = notifications(store, job.id)
     out["position"] = None
     out["eta_seconds"] = None
     out["elapsed_seconds"] = round((now - job.started_at).total_seconds(), 1) if (
         job.started_at and job.status is JobStatus.RUNNING) else None
-    if job.status is JobStatus.RUNNING:
+    if job.status is JobStatus.RUNNING and out["lease_expired_seconds"] is None:  # a gone worker finishes nothing
         out["eta_seconds"] = estimator.remaining(job, now)
     elif job.status in (JobStatus.QUEUED, JobStatus.STAGING):
         queue = store.queue()

@@ -19,11 +19,24 @@ def status_document(store: Any, limit: int) -> dict[str, Any]:
 
 
 def phase_text(job: dict[str, Any]) -> str:
-    """"denoising 21/50", "loading", "encoding"… for a running job's summary."""
+    """"denoising 21/50", "loading", "encoding"… for a running job's summary; "worker gone" once its lease ran out."""
+    if job.get("lease_expired_seconds") is not None:
+        return "worker gone"
     phase = job.get("phase") or "starting"
     if phase == "denoising" and job.get("total_steps"):
         return f"denoising {job.get('step', 0)}/{job['total_steps']}"
     return phase
+
+
+def gone_text(job: dict[str, Any]) -> str:
+    """Why a running job makes no progress: its worker stopped renewing the lease (killed, hung, cut off)."""
+    return (f"worker gone, lease expired {_ago(job['lease_expired_seconds'])} ago; it will be taken again "
+            "(by the next daemon that looks)")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def _short(name: str, most: int = 60) -> str:
@@ -67,9 +80,11 @@ def render_status(store: Any, limit: int, *, now: datetime | None = None) -> str
         f"{'CREATED':19}  {'HOST/DEVICE':20}  NAME / RESULT"
     )
     for j in jobs:
-        s = job_summary(j)
+        s = job_summary(j, now=now)
         size = f"{j.width}x{j.height}x{j.num_frames}" if j.width else "-"
         result = j.output or ((j.error or {}).get("message") if j.status is not JobStatus.SUCCEEDED else "") or ""
+        if s["lease_expired_seconds"] is not None:
+            result = gone_text(s)
         if j.cancel_requested and not j.status.is_terminal:
             result = "cancel requested" + (f"; {result}" if result else "")
         created = (iso(j.created_at) or "")[:19].replace("T", " ")
@@ -77,7 +92,8 @@ def render_status(store: Any, limit: int, *, now: datetime | None = None) -> str
         where = "/".join(x for x in (j.host, j.device) if x) or (
             j.extra.get("intake_host") if j.status.is_terminal else None) or "-"
         phase = phase_text(s) if j.status is JobStatus.RUNNING else ("staging" if j.status is JobStatus.STAGING else "")
-        eta = estimator.remaining(j, now) if estimator and j.status is JobStatus.RUNNING else queue_eta.get(j.id)
+        eta = (estimator.remaining(j, now) if estimator and s["lease_expired_seconds"] is None else None) if (
+            j.status is JobStatus.RUNNING) else queue_eta.get(j.id)
         lines.append(
             f"{j.id:>6}  {s['status']:9}  {j.progress * 100:7.0f}%  {phase or '-':15}  {_eta(eta):>6}  "
             f"{j.attempts:>5}  {size:>13}  {created:19}  {where:20}  {_short(j.name)}{'  ' + result if result else ''}"

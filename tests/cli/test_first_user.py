@@ -1,0 +1,62 @@
+"""What a new user tripped on, each driven the way they met it: the real command line, its bytes read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from i2v_daemon.params import Params
+from i2v_daemon.queue.jobs import JobRequest
+from i2v_daemon.queue.store import Store
+from tests.conftest import ROOT, SUBPROCESS_ENV
+
+PARAMS = Params(preset="fast", resolution=512, num_frames=8, steps=40, guidance_scale=9.0, fps=8)
+
+
+def cli(data: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("I2V_")} | SUBPROCESS_ENV | (env or {})
+    return subprocess.run([sys.executable, "-m", "i2v_daemon.cli", args[0], "--data-dir", str(data), *args[1:]],
+                          capture_output=True, text=True, timeout=120, env=full, cwd=ROOT)
+
+
+def new_store(data: Path) -> Store:
+    store = Store(f"sqlite:///{data / 'jobs.db'}")
+    store.create_schema()
+    return store
+
+
+def test_a_job_whose_worker_was_killed_says_its_lease_ran_out_instead_of_a_step_and_a_growing_eta(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    store = new_store(data)
+    past = datetime.now(UTC) - timedelta(seconds=80)
+    # Killed with kill -9 at step 4 of 40, 80 s ago: its 60 s lease ran out 20 s ago.
+    gone, _ = store.enqueue(JobRequest(name="gone", inputs=("g.png",), intake_key="g", params=PARAMS), now=past)
+    store.claim_next("w1", lease_seconds=60, job_id=gone.id, now=past)
+    store.update_running(gone.id, "w1", effective={"width": 512, "height": 512, "num_frames": 8})
+    store.heartbeat(gone.id, "w1", lease_seconds=60, now=past, phase="denoising", step=4, total_steps=40)
+    alive, _ = store.enqueue(JobRequest(name="alive", inputs=("a.png",), intake_key="a", params=PARAMS))
+    store.claim_next("w2", lease_seconds=60, job_id=alive.id)
+    store.heartbeat(alive.id, "w2", lease_seconds=60, phase="denoising", step=4, total_steps=40)
+    store.close()
+
+    gone_said = re.compile(r"worker gone, lease expired (\d+) s ago; it will be taken again")
+    lines = cli(data, "status").stdout.splitlines()
+    row = next(line for line in lines if line.split()[0] == str(gone.id))
+    assert "denoising 4/40" not in row and (said := gone_said.search(row)) and 19 <= int(said[1]) < 300, row
+    alive_row = next(line for line in lines if line.split()[0] == str(alive.id))
+    assert "denoising 4/40" in alive_row and "worker gone" not in alive_row
+    shown = cli(data, "show", str(gone.id)).stdout
+    assert re.search(r"progress: " + gone_said.pattern, shown), shown
+    detail = json.loads(cli(data, "show", str(gone.id), "--json").stdout)
+    assert 19 <= detail["lease_expired_seconds"] < 300 and detail["eta_seconds"] is None
+    listed = {j["name"]: j for j in json.loads(cli(data, "status", "--json").stdout)["jobs"]}
+    assert 19 <= listed["gone"]["lease_expired_seconds"] < 300
+    assert listed["alive"]["lease_expired_seconds"] is None
+
