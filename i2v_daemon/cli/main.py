@@ -279,7 +279,7 @@ def _show_text(d: dict[str, Any]) -> str:
     import json
 
     lines = [f"job {d['id']}: {d['name']} ({d['status']})"]
-    for key in ("inputs", "source", "prompt", "negative_prompt", "requested", "effective", "output", "folder",
+    for key in ("inputs", "source", "prompt", "negative_prompt", "requested", "effective", "output", "job_dir",
                 "created_at", "started_at", "finished_at", "attempts", "max_attempts", "host", "device", "model"):
         value = d.get(key)
         if isinstance(value, dict):

@@ -33,8 +33,8 @@ def message(payload: dict[str, Any]) -> tuple[str, str]:
                      "running).")
     if payload.get("output"):
         lines.append(f"Video: {payload['output']}")
-    elif payload.get("folder"):
-        lines.append(f"Folder: {payload['folder']}")
+    elif payload.get("job_dir") or payload.get("folder"):  # `folder`: an entry owed since before the rename
+        lines.append(f"Folder: {payload.get('job_dir') or payload['folder']}")
     return title, "\n".join(lines)
 
 

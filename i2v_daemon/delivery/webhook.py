@@ -36,7 +36,7 @@ def job_payload(job: Job) -> dict[str, Any]:
         "name": job.name,
         "status": job.status.value,
         "output": job.output,
-        "folder": job.final_dir,
+        "job_dir": job.final_dir,  # as I2V_JOB_DIR; `folder` (the manifest's) is where the job came from
         "error": job.error if job.error and job.status.value != "succeeded" else None,
         "attempts": job.attempts,
         "inputs": list(job.inputs),

@@ -43,7 +43,7 @@ def job_summary(job: Job, *, now: datetime | None = None) -> dict[str, Any]:
         "output": job.output,
         "error": (job.error or {}).get("message") if job.status is not JobStatus.SUCCEEDED else None,
         "priority": job.priority,
-        "folder": job.final_dir,
+        "job_dir": job.final_dir,  # its folder in output/ or failed/ (the manifest's `folder` is where it came from)
         "host": job.host,
         "device": job.device,
         "phase": job.phase if job.status in (JobStatus.RUNNING, JobStatus.STAGING) else None,

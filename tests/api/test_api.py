@@ -108,7 +108,7 @@ def test_an_image_with_params_becomes_an_ordinary_job_with_its_folder_manifest_a
     assert body["name"] == "owl" and body["status"] == "queued" and isinstance(body["id"], int)
     job = finished(api, body["id"])
     assert job["status"] == "succeeded", job
-    folder = Path(job["folder"])
+    folder = Path(job["job_dir"])
     assert folder.parent == api.env.output and folder.name.startswith("owl")
     assert (folder / "input" / "owl.png").read_bytes() == (tmp_path / "owl.png").read_bytes()
     manifest = json.loads((folder / "job.json").read_text())

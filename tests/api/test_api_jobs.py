@@ -183,9 +183,9 @@ def test_a_dropped_jobs_video_honours_range_and_its_poster_log_and_manifest_are_
     assert head.status_code == 200 and int(head.headers["content-length"]) == len(on_disk) and head.content == b""
     poster = client.get(f"{base}/poster")
     assert poster.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
-    assert poster.content[:2] == b"\xff\xd8" and poster.content == (Path(job["folder"]) / "poster.jpg").read_bytes()
+    assert poster.content[:2] == b"\xff\xd8" and poster.content == (Path(job["job_dir"]) / "poster.jpg").read_bytes()
     log = client.get(f"{base}/log")
-    assert log.status_code == 200 and log.text == (Path(job["folder"]) / "job.log").read_text()
+    assert log.status_code == 200 and log.text == (Path(job["job_dir"]) / "job.log").read_text()
     manifest = client.get(f"{base}/manifest").json()
     assert manifest["job_id"] == job["id"] and manifest["status"] == "succeeded"
     assert manifest["poster"] == "poster.jpg"

@@ -60,3 +60,34 @@ def test_a_job_whose_worker_was_killed_says_its_lease_ran_out_instead_of_a_step_
     assert 19 <= listed["gone"]["lease_expired_seconds"] < 300
     assert listed["alive"]["lease_expired_seconds"] is None
 
+
+def test_the_key_folder_means_where_a_job_came_from_on_every_surface_and_job_dir_names_its_folder(
+    tmp_path: Path,
+) -> None:
+    from i2v_daemon.delivery.webhook import job_payload
+    from i2v_daemon.queue.jobs import JobStatus
+    from i2v_daemon.work.manifest import build
+
+    data = tmp_path / "data"
+    store = new_store(data)
+    job, _ = store.enqueue(JobRequest(name="cat", inputs=("cat.png",), intake_key="c", params=PARAMS,
+                                      source="inbox/fast"))
+    store.claim_next("w", lease_seconds=60, job_id=job.id)
+    final = data / "output" / "cat"
+    store.update_running(job.id, "w", final_dir=str(final))
+    store.finish(job.id, "w", JobStatus.SUCCEEDED, output=str(final / "cat.mp4"))
+    done = store.get(job.id)
+    store.close()
+    assert done is not None
+    manifest = build(done, JobStatus.SUCCEEDED, finished_at=done.finished_at, error=None, output="cat.mp4",
+                     model={"name": "default"}, notes=[])
+    assert manifest["folder"] == "inbox/fast"  # the contract (INTERFACE.md §6): where it came from
+    surfaces = {
+        "status --json": json.loads(cli(data, "status", "--json").stdout)["jobs"][0],
+        "show --json": json.loads(cli(data, "show", str(job.id), "--json").stdout),
+        "the webhook": job_payload(done),
+    }
+    for where, entry in surfaces.items():
+        assert entry.get("folder", "inbox/fast") == "inbox/fast", where  # never the output folder
+        assert entry["job_dir"] == str(final), where
+    assert f"job_dir: {final}" in cli(data, "show", str(job.id)).stdout

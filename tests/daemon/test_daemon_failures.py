@@ -99,7 +99,7 @@ def test_a_file_standing_where_the_jobs_folder_should_go_is_passed_by_with_the_n
     assert (env.output / "cat").read_text() == "someone's notes\n"  # untouched
     assert (env.output / "cat-2" / "cat.mp4").exists()
     [job] = env.status()["jobs"]
-    assert job["status"] == "succeeded" and job["folder"] == str(env.output / "cat-2")
+    assert job["status"] == "succeeded" and job["job_dir"] == str(env.output / "cat-2")
     assert "destination_in_the_way" in (env.output / "cat-2" / "job.log").read_text()
 
 
