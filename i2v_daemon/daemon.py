@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from i2v_daemon import files as folders
 from i2v_daemon.delivery.sender import Sender
-from i2v_daemon.errors import ConfigError, DatabaseGone, EnvironmentProblem
+from i2v_daemon.errors import ConfigError, DatabaseGone, EnvironmentProblem, StopDaemon
 from i2v_daemon.intake.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_type
 from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
@@ -36,7 +36,7 @@ from i2v_daemon.settings import Settings
 from i2v_daemon.views.jobs import job_summary
 from i2v_daemon.work import provenance
 from i2v_daemon.work.finish import Finisher
-from i2v_daemon.work.worker import StopDaemon, Worker, dead_local_workers, make_worker_id
+from i2v_daemon.work.worker import Worker, dead_local_workers, make_worker_id
 
 log = get_logger()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class I2VError(Exception):
     """Base class: `str(err)` is a complete, actionable sentence."""
@@ -65,3 +67,21 @@ class ModelUnavailable(EnvironmentProblem):
     """A Hub model is not in the cache and cannot be downloaded now (offline, Hub down)."""
 
     kind = "model_unavailable"
+
+
+class JobStalled(I2VError):
+    """The running job showed no progress for `stall_seconds`."""
+
+    kind = "stalled"
+
+
+class LeaseLost(Exception):
+    """This worker no longer owns the job (lease expired and another took it, or it was canceled)."""
+
+
+class StopDaemon(Exception):
+    """The daemon cannot go on (its database vanished, its default model can never load); exit 78."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", ""))
+        self.error = error

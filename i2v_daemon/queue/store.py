@@ -22,21 +22,17 @@ from sqlalchemy import ColumnElement, Engine, case, create_engine, event, func, 
 from sqlalchemy.engine import Connection, RowMapping, make_url
 from sqlalchemy.exc import IntegrityError
 
-from i2v_daemon.errors import DatabaseGone
+from i2v_daemon.errors import DatabaseGone, LeaseLost
 from i2v_daemon.queue.clock import db_time, now_us, utcnow
 from i2v_daemon.queue.control import Control
 from i2v_daemon.queue.jobs import MAX_JOB_ID, TRANSITIONS, Job, JobRequest, JobStatus
 from i2v_daemon.queue.outbox import Outbox, OutboxEntry
 from i2v_daemon.queue.schema import HEAD, job_events, job_from_row, jobs, metadata
 
-__all__ = ["HEAD", "Describe", "LeaseLost", "Store", "jobs", "metadata"]
+__all__ = ["HEAD", "Describe", "Store", "jobs", "metadata"]
 
 _Q, _R, _S = JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.STAGING.value
 _TERMINAL = [s.value for s in JobStatus if s.is_terminal]
-
-
-class LeaseLost(Exception):
-    """This worker no longer owns the job (lease expired and another took it, or it was canceled)."""
 
 
 def sqlite_path(url: str) -> str | None:

@@ -29,6 +29,7 @@ from i2v_daemon.errors import (
     I2VError,
     InputError,
     JobCanceled,
+    LeaseLost,
     TransientError,
 )
 
@@ -39,12 +40,6 @@ ENVIRONMENT_ERRNOS = frozenset({
 })
 #: Longest wait between two looks at an environment problem.
 MAX_WAIT_SECONDS = 600.0
-
-
-class JobStalled(I2VError):
-    """The running job showed no progress for `stall_seconds`."""
-
-    kind = "stalled"
 
 
 @dataclass(frozen=True)
@@ -60,8 +55,6 @@ def decide(
     stopping: bool = False, cancel_requested: bool = False, where: str = "",
 ) -> Verdict:
     """The verdict for `err`, raised while the job (on its `attempts`-th try) was `where`."""
-    from i2v_daemon.queue.store import LeaseLost  # store imports SQLAlchemy; the policy is imported by the worker only
-
     if isinstance(err, LeaseLost):
         return Verdict("drop")
     if isinstance(err, JobCanceled):
@@ -145,4 +138,4 @@ def _os_error(err: BaseException) -> OSError | None:
     return None
 
 
-__all__ = ["JobStalled", "TransientError", "Verdict", "decide"]
+__all__ = ["TransientError", "Verdict", "decide"]

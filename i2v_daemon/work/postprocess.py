@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from i2v_daemon.errors import DatabaseGone, GenerationError, I2VError, JobCanceled
+from i2v_daemon.errors import DatabaseGone, GenerationError, I2VError, JobCanceled, LeaseLost
 from i2v_daemon.logs import JobLog
 from i2v_daemon.queue.jobs import Job
 from i2v_daemon.work.video import mp4_info, write_mp4
@@ -140,13 +140,9 @@ def _interpolate(
             frames, fps=fps, output_fps=output_fps, mode=mode, path=target, rife_model=settings.rife_model,
             device=device, on_progress=lambda done, total: on_alive("interpolating"), recipe=made,
         )
-    except (JobCanceled, DatabaseGone):  # not interpolation's failure: the job's, or the daemon's
+    except (JobCanceled, LeaseLost, DatabaseGone):  # not interpolation's failure: the job's, or the daemon's
         raise
     except Exception as err:
-        from i2v_daemon.queue.store import LeaseLost
-
-        if isinstance(err, LeaseLost):
-            raise
         shutil.copyfile(generated, target)
         # Our own errors say what happened in words; anything else is named by its type too.
         why = str(err) if isinstance(err, I2VError) else f"{type(err).__name__}: {err}"

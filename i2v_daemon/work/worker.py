@@ -19,26 +19,18 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled
+from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled, LeaseLost, StopDaemon
 from i2v_daemon.faults import crashpoint, hangpoint
 from i2v_daemon.logs import JobLog, get_logger
 from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
-from i2v_daemon.queue.store import LeaseLost, Store
+from i2v_daemon.queue.store import Store
 from i2v_daemon.work import postprocess
 from i2v_daemon.work.finish import Finisher
 from i2v_daemon.work.policy import Verdict, decide
 from i2v_daemon.work.progress import JobProgress
 
 log = get_logger()
-
-
-class StopDaemon(Exception):
-    """The daemon cannot go on (its database vanished, its default model can never load); exit 78."""
-
-    def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(error.get("message", ""))
-        self.error = error
 
 
 def model_name(job: Job) -> str:

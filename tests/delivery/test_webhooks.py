@@ -15,10 +15,11 @@ import pytest
 
 from i2v_daemon.delivery.sender import Sender
 from i2v_daemon.delivery.webhook import job_payload, post, retry_after
+from i2v_daemon.errors import LeaseLost
 from i2v_daemon.params import Params
 from i2v_daemon.queue.jobs import Job, JobRequest, JobStatus
 from i2v_daemon.queue.outbox import CLAIM_SECONDS, OutboxEntry
-from i2v_daemon.queue.store import LeaseLost, Store
+from i2v_daemon.queue.store import Store
 from tests.conftest import write_config
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)

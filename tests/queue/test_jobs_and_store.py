@@ -17,9 +17,10 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
+from i2v_daemon.errors import LeaseLost
 from i2v_daemon.queue import store as store_module
 from i2v_daemon.queue.jobs import TERMINAL, TRANSITIONS, JobRequest, JobStatus, Params, can_transition
-from i2v_daemon.queue.store import LeaseLost, Store
+from i2v_daemon.queue.store import Store
 from i2v_daemon.views.jobs import job_summary
 
 Q, R, S, F, C = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED

@@ -13,12 +13,13 @@ from i2v_daemon.errors import (
     GenerationError,
     InputError,
     JobCanceled,
+    JobStalled,
+    LeaseLost,
     ModelUnavailable,
     OutOfMemory,
     TransientError,
 )
-from i2v_daemon.queue.store import LeaseLost
-from i2v_daemon.work.policy import JobStalled, decide
+from i2v_daemon.work.policy import decide
 
 
 def verdict(err: BaseException, *, attempts: int = 1, waits: int = 0, where: str = "generating", **kw):

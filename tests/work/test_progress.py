@@ -6,10 +6,11 @@ from datetime import timedelta
 
 import pytest
 
+from i2v_daemon.errors import LeaseLost
 from i2v_daemon.params import Params
 from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import JobRequest
-from i2v_daemon.queue.store import LeaseLost, Store
+from i2v_daemon.queue.store import Store
 from i2v_daemon.work.progress import JobProgress
 
 PARAMS = Params(preset="fast", resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8)
