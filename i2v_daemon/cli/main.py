@@ -260,7 +260,7 @@ def _status(store: Any, limit: int, as_json: bool, *, watch: bool = False, inter
             # Exactly INTERFACE.md's two keys; `doctor --json` and the metrics say whether it is paused.
             print(terminal_json(status_document(store, limit)))
         else:
-            print(render_status(store, limit))
+            print(render_status(store, limit, width=_columns()))
         return EX_OK
     tty = sys.stdout.isatty() and not as_json
     while True:  # until Ctrl-C (exit 0)
@@ -268,11 +268,23 @@ def _status(store: Any, limit: int, as_json: bool, *, watch: bool = False, inter
             print(terminal_json(status_document(store, limit)), flush=True)
         elif tty:
             getattr(sys.stdout, "control", sys.stdout.write)("\033[H\033[2J")  # home, clear: ours, not a user's
-            sys.stdout.write(render_status(store, limit) + "\n")
+            sys.stdout.write(render_status(store, limit, width=_columns()) + "\n")
             sys.stdout.flush()
         else:
-            print(render_status(store, limit) + "\n", flush=True)
+            print(render_status(store, limit, width=_columns()) + "\n", flush=True)
         time.sleep(interval)
+
+
+def _columns() -> int | None:
+    """How wide `status` may print on a terminal: $COLUMNS, else its width. None into a pipe or a file: every column."""
+    try:
+        if not sys.stdout.isatty():
+            return None
+        if (os.environ.get("COLUMNS") or "").isdigit():
+            return max(40, int(os.environ["COLUMNS"]))
+        return os.get_terminal_size(sys.stdout.fileno()).columns or None
+    except (OSError, ValueError):
+        return None
 
 
 def _show_text(d: dict[str, Any]) -> str:

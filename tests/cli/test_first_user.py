@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
+import struct
 import subprocess
 import sys
+import termios
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +27,35 @@ def cli(data: Path, *args: str, env: dict[str, str] | None = None) -> subprocess
     full = {k: v for k, v in os.environ.items() if not k.startswith("I2V_")} | SUBPROCESS_ENV | (env or {})
     return subprocess.run([sys.executable, "-m", "i2v_daemon.cli", args[0], "--data-dir", str(data), *args[1:]],
                           capture_output=True, text=True, timeout=120, env=full, cwd=ROOT)
+
+
+def on_terminal(data: Path, *args: str, columns: int, env: dict[str, str] | None = None) -> str:
+    """What the command shows on a terminal `columns` wide (a pseudo-terminal that size; no $COLUMNS unless in env)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("I2V_") and k not in ("COLUMNS", "LINES")}
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "i2v_daemon.cli", args[0], "--data-dir", str(data), *args[1:]],
+                            stdout=child, stderr=child, env=full | SUBPROCESS_ENV | (env or {}), cwd=ROOT)
+    os.close(child)
+    seen = b""
+    try:
+        while True:
+            if select.select([main], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the other end closed: it is done
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(120) == 0, seen
+    finally:
+        proc.kill()
+        proc.wait(60)
+        os.close(main)
+    return seen.decode().replace("\r\n", "\n")
 
 
 def new_store(data: Path) -> Store:
@@ -91,3 +125,27 @@ def test_the_key_folder_means_where_a_job_came_from_on_every_surface_and_job_dir
         assert entry.get("folder", "inbox/fast") == "inbox/fast", where  # never the output folder
         assert entry["job_dir"] == str(final), where
     assert f"job_dir: {final}" in cli(data, "show", str(job.id)).stdout
+
+
+def test_status_fits_an_80_column_terminal_one_line_a_job(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = new_store(data)
+    long_name = "a-rather-long-name-for-a-photo-of-the-beach-at-dawn"
+    job, _ = store.enqueue(JobRequest(name=long_name, inputs=("b.png",), intake_key="b", params=PARAMS))
+    store.claim_next("gpu-box-1/cuda:0/1234", lease_seconds=60, job_id=job.id, host="gpu-box-1", device="cuda:0")
+    store.update_running(job.id, "gpu-box-1/cuda:0/1234", effective={"width": 512, "height": 512, "num_frames": 8})
+    store.heartbeat(job.id, "gpu-box-1/cuda:0/1234", lease_seconds=60, phase="denoising", step=12, total_steps=40)
+    store.enqueue(JobRequest(name="dog", inputs=("d.png",), intake_key="d", params=PARAMS))
+    store.close()
+
+    narrow = on_terminal(data, "status", columns=80).splitlines()
+    table = narrow[narrow.index(next(line for line in narrow if line.lstrip().startswith("ID"))):]
+    assert len(table) == 3 and all(len(line) <= 80 for line in table), "\n".join(table)
+    for column in ("ID", "STATUS", "PHASE", "ETA", "NAME / RESULT"):
+        assert column in table[0]
+    assert "denoising 12/40" in table[2] and "a-rather-long-name" in table[2]
+    assert table[1].split()[:2] == ["2", "queued"]
+    # $COLUMNS says it too (as for `ls` and `ps`); into a pipe or a file every column is there, whole.
+    assert max(map(len, on_terminal(data, "status", columns=200, env={"COLUMNS": "80"}).splitlines())) <= 80
+    whole = cli(data, "status", env={"COLUMNS": "80"}).stdout.splitlines()
+    assert "HOST/DEVICE" in whole[1] and any(long_name in line and "gpu-box-1/cuda:0" in line for line in whole)

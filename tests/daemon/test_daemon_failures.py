@@ -377,8 +377,12 @@ def test_the_daemon_starts_without_a_model_it_cannot_fetch_takes_drops_and_says_
         wait_ready(daemon)
         assert '"model_unavailable"' in daemon_log(daemon) and '"model_loaded": false' in daemon_log(daemon)
         drop("cat", (".txt", "a cat"))
-        wait_for(lambda: (j := job_of(env, "cat")) and j["status"] == "queued", what="the drop to be queued")
-        assert "cannot load the model" in env.cli("status", check=True).stdout
+        cat = wait_for(lambda: (j := job_of(env, "cat")) and j["status"] == "queued" and j,
+                       what="the drop to be queued")
+        shown = env.cli("status", check=True).stdout
+        assert "cannot load the model" in shown
+        row = next(line for line in shown.splitlines() if line.split()[:1] == [str(cat["id"])])
+        assert "waiting: cannot load the model" in row, row  # on its own row too, as README promises
         assert daemon.poll() is None  # still serving: intake goes on, the load is tried again later
     finally:
         assert stop_daemon(daemon) == 0
