@@ -263,6 +263,11 @@ def _status(store: Any, limit: int, as_json: bool, *, watch: bool = False, inter
             print(render_status(store, limit, width=_columns()))
         return EX_OK
     tty = sys.stdout.isatty() and not as_json
+    import signal
+
+    # Ctrl-C ends a watch at once, wherever it is (even blocked writing to a terminal nobody reads):
+    # it only reads, so nothing is left to finish, and an orderly exit could wait on flushing its output.
+    signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(EX_OK))
     while True:  # until Ctrl-C (exit 0)
         if as_json:
             print(terminal_json(status_document(store, limit)), flush=True)

@@ -15,6 +15,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,31 +140,49 @@ def test_show_gives_a_running_jobs_phase_step_elapsed_time_and_eta_from_recorded
     assert re.search(r"queued\s+0%\s+-\s+-\s", next_line), next_line  # no ETA in its column
 
 
-def test_status_watch_redraws_in_place_on_a_terminal_and_prints_blocks_otherwise(data: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("I2V_")}
-    command = [sys.executable, "-m", "i2v_daemon.cli", "status", "--watch", "--interval", "0.3", "--limit", "2",
-               "--data-dir", str(data)]
-    piped = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    assert piped.stdout is not None
-    blocks = 0
-    while blocks < 2:  # one block per interval, for as long as it runs
-        line = piped.stdout.readline()
-        assert line, "status --watch stopped printing"
-        blocks += line.startswith("queued 300")
-        assert "\033[2J" not in line  # not a terminal: no screen clearing
-    piped.terminate()
-    piped.communicate(timeout=10)
-    main, child = pty.openpty()
-    tty = subprocess.Popen(command, stdout=child, stderr=child, env=env, cwd=ROOT)
-    os.close(child)
+def watch_command(data: Path, interval: str = "0.3", limit: str = "2") -> list[str]:
+    return [sys.executable, "-m", "i2v_daemon.cli", "status", "--watch", "--interval", interval, "--limit", limit,
+            "--data-dir", str(data)]
+
+
+def watch_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("I2V_") and k != "COLUMNS"}
+
+
+def read_until(fd: int, done: Any, seconds: float = 60) -> bytes:
+    """What the terminal's other end `fd` shows until `done(seen)` (or `seconds` pass)."""
     seen = b""
-    deadline = time.monotonic() + 10
-    while seen.count(b"\033[2J") < 2 and time.monotonic() < deadline:
-        if select.select([main], [], [], 0.5)[0]:
-            seen += os.read(main, 65536)
-    tty.send_signal(2)  # Ctrl-C
-    assert tty.wait(10) == 0
-    os.close(main)
+    deadline = time.monotonic() + seconds
+    while not done(seen) and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            seen += os.read(fd, 65536)
+    return seen
+
+
+def test_status_watch_redraws_in_place_on_a_terminal_and_prints_blocks_otherwise(data: Path) -> None:
+    piped = subprocess.Popen(watch_command(data), stdout=subprocess.PIPE, text=True, env=watch_env(), cwd=ROOT)
+    try:
+        assert piped.stdout is not None
+        blocks = 0
+        while blocks < 2:  # one block per interval, for as long as it runs
+            line = piped.stdout.readline()
+            assert line, "status --watch stopped printing"
+            blocks += line.startswith("queued 300")
+            assert "\033[2J" not in line  # not a terminal: no screen clearing
+    finally:
+        piped.kill()  # a test ends what it starts, whatever happened
+        piped.communicate(timeout=60)
+    main, child = pty.openpty()
+    tty = subprocess.Popen(watch_command(data), stdout=child, stderr=child, env=watch_env(), cwd=ROOT)
+    os.close(child)
+    try:
+        seen = read_until(main, lambda seen: seen.count(b"\033[2J") >= 2)
+        tty.send_signal(2)  # Ctrl-C
+        assert tty.wait(60) == 0
+    finally:
+        tty.kill()
+        tty.wait(60)
+        os.close(main)
     assert seen.count(b"\033[H\033[2J") >= 2 and b"queued 300" in seen
 
 
