@@ -45,8 +45,10 @@ def add_command(sub: Any) -> None:
     )
     demo.add_argument("--data-dir", metavar="DIR", help="the demo's data folder: new or empty, or an earlier "
                       "demo's (default: a new temporary folder)")
-    demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    demo.add_argument("--log-format", choices=["auto", "console", "json"], default="auto")
+    demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                      help="how much the job's run says (default info)")
+    demo.add_argument("--log-format", choices=["auto", "console", "json"], default="auto",
+                      help="log lines for a person or JSON lines (default: auto, console on a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--data-dir", metavar="DIR", help="data folder (inbox/, output/, failed/, jobs.db)")
     common.add_argument("--database-url", metavar="URL", help="SQLAlchemy URL of the job database")
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    common.add_argument("--log-format", choices=["auto", "console", "json"])
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="how much the daemon's own log says (default log_level, info)")
+    common.add_argument("--log-format", choices=["auto", "console", "json"],
+                        help="log lines for a person or JSON lines (default: auto, console on a terminal)")
 
     p = _Parser(prog="i2v-daemon", description="Turn images and prompts dropped in a folder into videos.")
     p.add_argument("--version", action="version", version=f"i2v-daemon {__version__}")
@@ -81,25 +83,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--model", help="Hugging Face repo id or local diffusers folder")
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"])
+    run.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
+                     help="the weights' precision (auto: the family's half precision on a GPU, float32 on the CPU)")
 
     st = sub.add_parser("status", parents=[common], help="counts by status and the newest jobs")
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--limit", type=_limit, default=20, metavar="N")
+    st.add_argument("--json", action="store_true", help="one JSON object: counts and jobs (INTERFACE.md §4)")
+    st.add_argument("--limit", type=_limit, default=20, metavar="N", help="show the newest N jobs (default 20)")
     st.add_argument("--watch", action="store_true", help="redraw every --interval seconds until interrupted")
-    st.add_argument("--interval", type=_seconds, default=2.0, metavar="S")
+    st.add_argument("--interval", type=_seconds, default=2.0, metavar="S",
+                    help="seconds between two redraws of --watch (default 2)")
 
     show = sub.add_parser("show", parents=[common], help="one job in full, with its attempts")
-    show.add_argument("job_id", type=_job_id, metavar="JOB_ID")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("job_id", type=_job_id, metavar="JOB_ID", help="the job's id, as status shows it")
+    show.add_argument("--json", action="store_true", help="one JSON object, everything status --json has and more")
 
     retry = sub.add_parser("retry", parents=[common], help="requeue a failed or canceled job")
-    retry.add_argument("job_id", type=_job_id, metavar="JOB_ID")
+    retry.add_argument("job_id", type=_job_id, metavar="JOB_ID", help="the failed or canceled job's id")
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
-    cancel.add_argument("job_id", type=_job_id, metavar="JOB_ID")
+    cancel.add_argument("job_id", type=_job_id, metavar="JOB_ID", help="the queued or running job's id")
 
     val = sub.add_parser("validate", parents=[common], help="check sidecars and images without queueing them")
-    val.add_argument("paths", nargs="+", metavar="PATH")
+    val.add_argument("paths", nargs="+", metavar="PATH",
+                     help="images, sidecars, batch manifests, or a folder (the files directly in it)")
 
     sub.add_parser(
         "migrate", parents=[common], help="create or upgrade the job database's schema (run also does it at start)"

@@ -17,7 +17,7 @@ COMMANDS = frozenset({"doctor", "retention"})  # pause and resume take cli.py's 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     doc = sub.add_parser("doctor", parents=[common], help="check the GPU, ffmpeg, folders, database and model")
-    doc.add_argument("--json", action="store_true")
+    doc.add_argument("--json", action="store_true", help="one JSON object: ok and every check")
     doc.add_argument("--min-free-gib", type=float, default=5.0, metavar="GIB",
                      help="warn when a folder's disk has less free space (default 5)")
     sub.add_parser("pause", parents=[common], help="stop taking new jobs (running ones finish); the service stays up")
@@ -27,7 +27,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ret.add_argument("--now", action="store_true", help="apply it now instead of showing it")
     ret.add_argument("--days", type=float, metavar="N", help="finished over N days ago (default: retention_days)")
     ret.add_argument("--action", choices=["forget", "archive"], help="default retention_action")
-    ret.add_argument("--json", action="store_true")
+    ret.add_argument("--json", action="store_true", help="one JSON object: what was (or would be) done")
 
 
 def dispatch(args: argparse.Namespace, settings: Any) -> int:

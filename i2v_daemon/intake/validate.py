@@ -71,14 +71,33 @@ def group_errors(paths: list[Path]) -> dict[Path, str]:
     return out
 
 
+def files_in(paths: list[str]) -> list[str]:
+    """The paths, a folder replaced by the files directly in it that intake would take (an empty one stays)."""
+    from i2v_daemon.intake.inbox import is_ignored_name
+
+    out: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir() and not path.is_symlink():
+            inside = sorted(str(p) for p in path.iterdir() if not is_ignored_name(p.name) and not p.is_dir())
+            out += inside or [raw]
+        else:
+            out.append(raw)
+    return out
+
+
 def validate(settings: Any, paths: list[str]) -> int:
     bad = 0
+    paths = files_in(paths)
     together = group_errors([Path(raw) for raw in paths])
     for raw in paths:
         path = Path(raw)
         try:
             if not path.exists() and not path.is_symlink():
                 raise InputError(f"{raw}: no such file")
+            if path.is_dir():
+                raise InputError(f"{raw}: a folder with no file in it to check (the files directly in a folder "
+                                 "are checked, as intake takes them; its subfolders are not)")
             if path in together:
                 raise InputError(together[path])
             notes = check_path(settings, path)

@@ -149,3 +149,19 @@ def test_status_fits_an_80_column_terminal_one_line_a_job(tmp_path: Path) -> Non
     assert max(map(len, on_terminal(data, "status", columns=200, env={"COLUMNS": "80"}).splitlines())) <= 80
     whole = cli(data, "status", env={"COLUMNS": "80"}).stdout.splitlines()
     assert "HOST/DEVICE" in whole[1] and any(long_name in line and "gpu-box-1/cuda:0" in line for line in whole)
+
+
+def test_every_option_and_argument_of_every_command_says_what_it_is_for() -> None:
+    import argparse
+
+    from i2v_daemon.cli.main import _parser
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [(name, action.option_strings or action.dest) for name, parser in commands.items()
+              for action in parser._actions if not action.help]
+    assert silent == []
+    text = subprocess.run([sys.executable, "-m", "i2v_daemon.cli", "status", "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "COLUMNS": "100"}).stdout
+    for flag in ("--json ", "--limit N ", "--interval S "):
+        line = next(line for line in text.splitlines() if line.strip().startswith(flag))
+        assert len(line.strip()) > len(flag) + 5, line  # the flag, then what it does

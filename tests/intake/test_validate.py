@@ -40,3 +40,24 @@ def test_a_path_that_is_not_there_and_a_misspelt_key_say_what_to_fix(env: Env, t
         f"invalid {side}: cat.json: unknown key 'step' — did you mean 'steps'?",
     ]
     assert not list(env.inbox.iterdir()) and not (env.data / "jobs.db").exists()  # nothing queued, nothing made
+
+
+def test_a_folder_is_checked_file_by_file_as_intake_would_take_them(env: Env, tmp_path: Path):
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    image = make_image(drops / "cat.png")
+    side = drops / "cat.json"
+    side.write_text('{"prompt": "a cat", "step": 2}')
+    (drops / ".cat.png.part").write_bytes(b"half a file")  # never taken, so never checked
+    (drops / "older").mkdir()  # subfolders are not looked into
+    proc = env.cli("validate", str(drops))
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [
+        f"invalid {side}: cat.json: unknown key 'step' — did you mean 'steps'?",
+        f"ok {image} (PNG 96x64)",
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    said = env.cli("validate", str(empty))
+    assert said.returncode == 1 and "not an image" not in said.stdout
+    assert said.stdout.startswith(f"invalid {empty}: {empty}: a folder with no file in it to check")
