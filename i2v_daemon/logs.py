@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
@@ -194,11 +195,34 @@ def _adopt_existing_loggers() -> None:
 # ---- records from the standard library (libraries, warnings) --------------------------------------
 
 
+#: Library warnings nobody running the daemon can act on, logged as the library's chatter (debug): a
+#: notice that a class we chose is deprecated upstream, or that a library uses the backend it has
+#: instead of one we do not need (torchvision).
+CHATTER = re.compile(
+    r"\bdeprecated\b|\bdeprecation\b|will be removed in|requires torchvision \(not installed\); falling back",
+    re.IGNORECASE,
+)
+#: Python warning categories that are the same kind of notice.
+CHATTER_CATEGORIES = frozenset({"DeprecationWarning", "PendingDeprecationWarning", "FutureWarning"})
+
+
+def _is_chatter(record: logging.LogRecord) -> bool:
+    """A library's warning that is only a notice for its own developers (deprecations, a fallback it is fine with)."""
+    if record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + "."):
+        return False
+    if getattr(record, "i2v_category", None) in CHATTER_CATEGORIES:
+        return True
+    try:
+        return bool(CHATTER.search(record.getMessage()))
+    except (TypeError, ValueError):  # a malformed %-format: not ours to judge
+        return False
+
+
 def _library_fields(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Processor for stdlib records: a library's warning is a warning, its info is debug noise; who logged it."""
+    """Processor for stdlib records: a library's warning is a warning, its info and its chatter are debug noise."""
     record: logging.LogRecord = event_dict["_record"]
     own = record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + ".")
-    if own or record.levelno >= logging.WARNING:
+    if own or (record.levelno >= logging.WARNING and not _is_chatter(record)):
         name = logging.getLevelName(record.levelno).lower()
         event_dict["level"] = {"warn": "warning", "fatal": "critical"}.get(name, name)
     else:
@@ -221,6 +245,8 @@ class _Threshold(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if hasattr(record, "_logger") or record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + "."):
             return True
+        if record.levelno < logging.ERROR and _is_chatter(record):
+            return self.threshold <= logging.INFO  # as a library's info: shown only at log_level = "debug"
         return record.levelno >= self.threshold
 
 

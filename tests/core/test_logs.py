@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from i2v_daemon.logs import SYSLOG_PRIORITY
 from tests.conftest import SUBPROCESS_ENV, Env
 from tests.service.test_doctor import HUB_MODEL, hub_env, refused_endpoint
 
@@ -210,7 +211,8 @@ def test_run_once_under_the_journal_gives_every_line_its_priority_library_warnin
         full_env = {**os.environ, **SUBPROCESS_ENV, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         full_env.pop("I2V_CONFIG", None)
         proc = subprocess.run(
-            [sys.executable, "-m", "i2v_daemon.cli", "run", "--once", "--config", str(env.config)],
+            [sys.executable, "-m", "i2v_daemon.cli", "run", "--once", "--config", str(env.config),
+             "--log-level", "debug"],
             stdout=subprocess.DEVNULL, stderr=fh, env=full_env, timeout=300,
         )
     assert proc.returncode == 0, err.read_text()[-3000:]
@@ -218,9 +220,10 @@ def test_run_once_under_the_journal_gives_every_line_its_priority_library_warnin
     assert_nothing_twice(events)
     by_event = {e["event"]: e for e in events}
     assert by_event["succeeded"]["_prio"] == 6 and by_event["received"]["_prio"] == 6
-    # Loading the pipeline makes diffusers warn (I2VGen-XL is deprecated): a library warning, priority 4.
+    # Loading the pipeline makes diffusers say I2VGen-XL is deprecated: the library's chatter, priority 7.
     library = [e for e in events if str(e.get("logger", "")).startswith(("diffusers", "transformers"))]
-    assert library and all(e["_prio"] == 4 and e["level"] == "warning" for e in library), library
+    assert library and all(e["_prio"] == SYSLOG_PRIORITY[e["level"]] for e in library), library
+    assert any("has been deprecated" in e["event"] and e["_prio"] == 7 for e in library), library
 
 
 @pytest.mark.slow
@@ -267,3 +270,32 @@ def test_the_log_pipeline_under_the_command_lines_writer_writes_its_own_lines_to
     )
     line = json.loads(run_python(code, tmp_path).strip().splitlines()[-1])
     assert line["event"] == "hello" and line["name"] == "x\x1b[2J"
+
+
+CHATTER = """
+import sys, logging, warnings
+from i2v_daemon import logs
+logs.configure(sys.argv[1], "json")
+logging.getLogger("diffusers.pipelines.pipeline_utils").warning(
+    "The I2VGenXLPipeline has been deprecated and will not receive bug fixes or feature updates after Diffusers "
+    "version 0.33.1. ")
+logging.getLogger("transformers.utils.import_utils").warning(
+    "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for backward "
+    "compatibility. Install torchvision to use the default backend, or import `CLIPImageProcessorPil` directly to "
+    "silence this warning.")
+warnings.warn("`resume_download` is deprecated", FutureWarning)
+logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+"""
+
+
+@pytest.mark.parametrize(("level", "expected"), [
+    ("info", [("Retrying in 1s [Retry 1/5].", "warning")]),
+    ("debug", [("The I2VGenXLPipeline", "debug"), ("`CLIPImageProcessor` requires", "debug"),
+               ("`resume_download` is", "debug"), ("Retrying in 1s [Retry 1/5].", "warning")]),
+])
+def test_a_librarys_deprecation_notices_and_fallbacks_it_is_fine_with_are_its_chatter_not_warnings(
+    tmp_path: Path, level: str, expected: list[tuple[str, str]],
+) -> None:
+    events = parse(run_python(CHATTER, tmp_path, level))
+    assert [(e["event"][: len(start)], e["level"]) for e, (start, _) in zip(events, expected, strict=False)] == expected
+    assert len(events) == len(expected)
