@@ -385,7 +385,7 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as err:
         where = f" (in {path})" if path else ""
-        raise ConfigError(f"config: {_first_error(err)}{where}") from None
+        raise ConfigError(f"config: {_all_errors(err)}{where}") from None
     except SettingsError as err:  # an I2V_* value that should be JSON (a list or a table) is not
         match = re.search(r'field "(\w+)"', str(err))
         key = match.group(1) if match else "settings"
@@ -397,12 +397,47 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
         _toml_data.reset(token)
 
 
+def _all_errors(err: ValidationError) -> str:
+    """Every mistake in the settings, on one line (a file with two typos says both, not one per try)."""
+    said = list(dict.fromkeys(_one_error(e) for e in err.errors()))
+    return said[0] if len(said) == 1 else f"{len(said)} mistakes: " + "; ".join(said)
+
+
 def _first_error(err: ValidationError, prefix: str = "") -> str:
-    e = err.errors()[0]
+    return _one_error(err.errors()[0], prefix)
+
+
+def _close_key(loc: tuple[Any, ...]) -> str | None:
+    """The known key nearest an unknown one at `loc` (top level, or in a table such as presets.NAME)."""
+    import difflib
+    import typing
+
+    from pydantic import BaseModel
+
+    model: Any = Settings
+    parts = [str(p) for p in loc[:-1]]
+    while parts:
+        field = model.model_fields.get(parts.pop(0))
+        if field is None:
+            return None
+        kind = field.annotation
+        if typing.get_origin(kind) is dict:  # presets.NAME: the NAME is the table's own
+            kind = typing.get_args(kind)[1]
+            parts = parts[1:]
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            return None
+        model = kind
+    return next(iter(difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)), None)
+
+
+def _one_error(e: Any, prefix: str = "") -> str:
     key = ".".join(str(p) for p in e["loc"]) or prefix
     if prefix and not key.startswith(prefix):
         key = f"{prefix}.{key}" if key else prefix
     if e["type"] == "extra_forbidden":
+        guess = _close_key(tuple(key.split(".")))
+        if guess:
+            return f"{key}: unknown setting — did you mean '{guess}'?"
         return f"{key}: unknown setting (check the spelling; config/config.toml lists every key)"
     msg = e["msg"].removeprefix("Value error, ")
     if not e["loc"] and not prefix:

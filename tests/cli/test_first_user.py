@@ -165,3 +165,18 @@ def test_every_option_and_argument_of_every_command_says_what_it_is_for() -> Non
     for flag in ("--json ", "--limit N ", "--interval S "):
         line = next(line for line in text.splitlines() if line.strip().startswith(flag))
         assert len(line.strip()) > len(flag) + 5, line  # the flag, then what it does
+
+
+def test_a_config_with_a_typo_and_a_bad_value_says_both_in_one_line_with_a_did_you_mean(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\nstable_second = 2\nmax_attempts = "three"\n'
+                      "[presets.fast]\nstepz = 3\n")
+    for command in (["status"], ["run", "--once"], ["doctor"]):
+        proc = subprocess.run([sys.executable, "-m", "i2v_daemon.cli", *command, "--config", str(config)],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("I2V_")})
+        assert proc.returncode == 78, proc.stderr
+        [line] = proc.stderr.splitlines()
+        assert "stable_second: unknown setting — did you mean 'stable_seconds'?" in line, line
+        assert "presets.fast.stepz: unknown setting — did you mean 'steps'?" in line, line
+        assert "max_attempts / I2V_MAX_ATTEMPTS:" in line and "'three'" in line, line
