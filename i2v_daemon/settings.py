@@ -439,7 +439,7 @@ def _one_error(e: Any, prefix: str = "") -> str:
         if guess:
             return f"{key}: unknown setting — did you mean '{guess}'?"
         return f"{key}: unknown setting (check the spelling; config/config.toml lists every key)"
-    msg = e["msg"].removeprefix("Value error, ")
+    msg = str(e["msg"]).removeprefix("Value error, ")
     if not e["loc"] and not prefix:
         return msg  # a model-level check already names its key
     env = f" / I2V_{key.upper()}" if key and "." not in key else ""
