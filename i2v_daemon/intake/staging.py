@@ -25,7 +25,7 @@ from i2v_daemon.faults import crashpoint
 from i2v_daemon.intake.choices import check_choices
 from i2v_daemon.intake.images import IMAGE_SUFFIXES, inspect_image
 from i2v_daemon.intake.inbox import Group, InboxScanner, ScanResult
-from i2v_daemon.intake.sidecar import parse_sidecar, parse_sidecar_bytes, parse_values
+from i2v_daemon.intake.sidecar import SIDECAR_SUFFIXES, parse_sidecar, parse_sidecar_bytes, parse_values
 from i2v_daemon.logs import JobLog, get_logger
 from i2v_daemon.params import merge
 from i2v_daemon.queue.jobs import Job, JobRequest
@@ -313,12 +313,38 @@ class Intake:
             self.store.update_running(job.id, self.owner, error=err.as_dict())
             self.finish_rejected(job, self.owner)
             return
+        if job.rejection and previous is not None and job.inputs:
+            job = self._read_again(job, jdir, jlog)
         if job.rejection:
             self.finish_rejected(job, self.owner)
             return
         if self.store.mark_staged([job.id], self.owner):
             jlog.info("queued", retried=previous is not None)
             self.on_queued()
+
+    def _read_again(self, job: Job, jdir: Path, jlog: JobLog) -> Job:
+        """A rejected job retried: its inputs (perhaps fixed in place in failed/) checked again as a drop's are."""
+        files = [jdir / "input" / name for name in job.inputs]
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        sidecars = [p for p in files if p.suffix.lower() in SIDECAR_SUFFIXES]
+        if not images:
+            return job
+        source = job.source or "inbox"
+        folder = source.removeprefix("inbox/") if source.startswith("inbox/") else ""
+        request = build_request(job.name, images, sidecars, self.s, "", folder=folder, source=source)
+        if request.rejection:
+            jlog.warning("invalid_input", error=request.rejection["message"], read="again, after a retry")
+            self.store.update_running(job.id, self.owner, rejection=request.rejection)
+        else:
+            jlog.info("inputs_valid_now", read="again, after a retry")
+            for note in request.notes:
+                jlog.info("note", message=note)
+            self.store.update_running(
+                job.id, self.owner, rejection=None, params=request.params.as_dict() if request.params else None,
+                prompt=request.prompt, negative_prompt=request.negative_prompt, priority=request.priority,
+                notes=list(request.notes),
+            )
+        return self.store.get(job.id) or job
 
     # ---- files that cannot be taken: said once ---------------------------------------------------------
 

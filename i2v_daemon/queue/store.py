@@ -439,7 +439,8 @@ class Store:
 
     def update_running(self, job_id: int, worker_id: str, **fields: Any) -> None:
         """Record facts about a job this worker holds (effective params, tries, chosen folder); fenced."""
-        allowed = {"effective", "tries", "final_dir", "output", "model", "previous_dir", "prompt", "error", "notes"}
+        allowed = {"effective", "tries", "final_dir", "output", "model", "previous_dir", "prompt", "error", "notes",
+                   "params", "rejection", "negative_prompt", "priority"}  # the last four: inputs read again
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"update_running cannot set {sorted(bad)}")

@@ -51,11 +51,11 @@ def retry(store: Any, job_id: int) -> Outcome:
     job = store.get(job_id)
     if job is None:
         return _no(None, 404, "not_found", f"there is no job {job_id}")
-    if job.rejection:
+    if job.rejection and not job.inputs:  # a bad row of a batch manifest: its values live in the manifest
         return _no(
             job, 409, "conflict",
-            f"job {job_id} was rejected for its input ({job.rejection['message']}); fix the files and drop "
-            "them in the inbox (or send them) again",
+            f"job {job_id} is a row of a batch manifest rejected for its values ({job.rejection['message']}); "
+            "fix the row and drop the manifest again (rows already made are not made twice)",
         )
     if job.status not in (JobStatus.FAILED, JobStatus.CANCELED) or not store.retry(job_id):
         return _no(
@@ -64,4 +64,8 @@ def retry(store: Any, job_id: int) -> Outcome:
         )
     job = store.get(job_id) or job
     where = job.extra.get("previous_dir")
+    if job.rejection:
+        return Outcome(True, job, 200, f"job {job_id} queued again; its files come back from {where} and are read "
+                                       "again, as a new drop's are (fixed in place, it runs; still wrong, it fails "
+                                       "again saying why)")
     return Outcome(True, job, 200, f"job {job_id} queued again; its files come back from {where}")

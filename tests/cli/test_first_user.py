@@ -15,10 +15,12 @@ import termios
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from i2v_daemon.params import Params
 from i2v_daemon.queue.jobs import JobRequest
 from i2v_daemon.queue.store import Store
-from tests.conftest import ROOT, SUBPROCESS_ENV
+from tests.conftest import ROOT, SUBPROCESS_ENV, Env
 
 PARAMS = Params(preset="fast", resolution=512, num_frames=8, steps=40, guidance_scale=9.0, fps=8)
 
@@ -180,3 +182,42 @@ def test_a_config_with_a_typo_and_a_bad_value_says_both_in_one_line_with_a_did_y
         assert "stable_second: unknown setting — did you mean 'stable_seconds'?" in line, line
         assert "presets.fast.stepz: unknown setting — did you mean 'steps'?" in line, line
         assert "max_attempts / I2V_MAX_ATTEMPTS:" in line and "'three'" in line, line
+
+
+@pytest.mark.slow
+def test_a_job_rejected_for_its_input_runs_when_retried_after_the_input_is_fixed_in_place(env: Env, drop) -> None:
+    drop("cat", (".json", '{"prompt": "a cat", "stepz": 2}'))
+    env.cli("run", "--once", check=True)
+    [job] = env.status()["jobs"]
+    assert job["status"] == "failed" and "did you mean 'steps'" in job["error"]
+    sidecar = env.failed / "cat" / "input" / "cat.json"
+    sidecar.write_text('{"prompt": "a cat", "steps": "two"}')  # fixed one mistake, made another
+    said = env.cli("retry", str(job["id"]))
+    assert said.returncode == 0, said.stderr
+    assert "read again" in said.stdout, said.stdout
+    env.cli("run", "--once", check=True)
+    [again] = env.status()["jobs"]
+    assert again["status"] == "failed" and "'steps' must be a whole number" in again["error"], again["error"]
+    sidecar = env.failed / "cat" / "input" / "cat.json"
+    sidecar.write_text('{"prompt": "a cat", "steps": 2}')  # right this time
+    assert env.cli("retry", str(job["id"])).returncode == 0
+    env.cli("run", "--once", check=True)
+    [done] = env.status()["jobs"]
+    assert done["status"] == "succeeded", done
+    assert done["output"] == str(env.output / "cat" / "cat.mp4") and not (env.failed / "cat").exists()
+    manifest = json.loads((env.output / "cat" / "job.json").read_text())
+    assert manifest["requested"]["steps"] == 2 and manifest["prompt"] == "a cat"
+
+
+def test_a_rejected_row_of_a_batch_manifest_is_not_retried_and_says_what_to_do_instead(tmp_path: Path) -> None:
+    from i2v_daemon.queue.jobs import JobStatus
+
+    data = tmp_path / "data"
+    store = new_store(data)
+    row, _ = store.enqueue(JobRequest(name="owl", inputs=(), intake_key="batch:abc:3", rejection={
+        "type": "invalid_input", "message": "shots.csv line 3: unknown key 'stepz'"}))
+    store.claim_next("w", lease_seconds=60, job_id=row.id)
+    store.finish(row.id, "w", JobStatus.FAILED, error={"type": "invalid_input", "message": "x"})
+    store.close()
+    said = cli(data, "retry", str(row.id))
+    assert said.returncode == 1 and "a row of a batch manifest" in said.stderr, said.stderr
