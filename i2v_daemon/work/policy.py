@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from i2v_daemon.errors import (
@@ -42,9 +43,21 @@ ENVIRONMENT_ERRNOS = frozenset({
 MAX_WAIT_SECONDS = 600.0
 
 
+class Action(Enum):
+    """What is done with the job; the module's docstring says when each applies."""
+
+    FAIL = "fail"  #: end it as failed now, saying what to change
+    RETRY = "retry"  #: back to the queue after a backoff; the attempt counts
+    WAIT = "wait"  #: back to the queue, the problem shown on it; the attempt is given back
+    CANCEL = "cancel"  #: end it as canceled
+    REQUEUE = "requeue"  #: back to the queue at once, the attempt given back (a shutdown)
+    DROP = "drop"  #: touch nothing: another worker owns it now
+    STOP = "stop"  #: put it back and stop the daemon
+
+
 @dataclass(frozen=True)
 class Verdict:
-    action: str  # fail | retry | wait | cancel | requeue | drop | stop
+    action: Action
     error: dict[str, Any] | None = None
     delay: float = 0.0  # seconds before the job may run again (retry, wait)
     refund: bool = False  # the attempt is given back (wait, requeue)
@@ -56,30 +69,30 @@ def decide(
 ) -> Verdict:
     """The verdict for `err`, raised while the job (on its `attempts`-th try) was `where`."""
     if isinstance(err, LeaseLost):
-        return Verdict("drop")
+        return Verdict(Action.DROP)
     if isinstance(err, JobCanceled):
         if cancel_requested or not stopping:
-            return Verdict("cancel")
-        return Verdict("requeue", refund=True)
+            return Verdict(Action.CANCEL)
+        return Verdict(Action.REQUEUE, refund=True)
     if isinstance(err, DatabaseGone | ConfigError):
-        return Verdict("stop", error={"type": getattr(err, "kind", "config"), "message": str(err)}, refund=True)
+        return Verdict(Action.STOP, error={"type": getattr(err, "kind", "config"), "message": str(err)}, refund=True)
     environment = _environment(err)
     if environment is not None:
         # retry_backoff_seconds (30 s by default) doubling; at least a second, at most ten minutes
         delay = min(MAX_WAIT_SECONDS, max(1.0, backoff_seconds) * 2**waits)
         message = f"{environment}; the job waits and runs again in {delay:.0f} s without using an attempt"
         kind = err.kind if isinstance(err, EnvironmentProblem) else "environment"  # e.g. model_unavailable
-        return Verdict("wait", {"type": kind, "message": message, "waits": waits + 1}, delay, True)
+        return Verdict(Action.WAIT, {"type": kind, "message": message, "waits": waits + 1}, delay, True)
     permanent = _permanent(err, where)
     if permanent is not None:
-        return Verdict("fail", permanent)
+        return Verdict(Action.FAIL, permanent)
     message = f"{type(err).__name__}: {err}"[:1000] if not isinstance(err, I2VError) else str(err)
     if attempts >= max_attempts:
         msg = f"gave up after {attempts} attempts (max_attempts); the last one: {message}"
-        return Verdict("fail", {"type": "gave_up", "message": msg})
+        return Verdict(Action.FAIL, {"type": "gave_up", "message": msg})
     delay = backoff_seconds * 2 ** max(0, attempts - 1)
     kind = err.kind if isinstance(err, I2VError) else "transient"
-    return Verdict("retry", {"type": kind, "message": message}, delay)
+    return Verdict(Action.RETRY, {"type": kind, "message": message}, delay)
 
 
 def _environment(err: BaseException) -> str | None:
@@ -138,4 +151,4 @@ def _os_error(err: BaseException) -> OSError | None:
     return None
 
 
-__all__ = ["TransientError", "Verdict", "decide"]
+__all__ = ["Action", "TransientError", "Verdict", "decide"]

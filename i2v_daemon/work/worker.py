@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled, LeaseLost, StopDaemon
 from i2v_daemon.faults import crashpoint, hangpoint
@@ -27,7 +27,7 @@ from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.store import Store
 from i2v_daemon.work import postprocess
 from i2v_daemon.work.finish import Finisher
-from i2v_daemon.work.policy import Verdict, decide
+from i2v_daemon.work.policy import Action, Verdict, decide
 from i2v_daemon.work.progress import JobProgress
 
 log = get_logger()
@@ -276,8 +276,8 @@ class Worker:
         except Exception as again:  # finishing the job failed too (a full disk while writing failed/)
             fallback = decide(again, attempts=job.attempts, max_attempts=job.max_attempts,
                               backoff_seconds=self.s.retry_backoff_seconds, where="publishing")
-            if fallback.action not in ("wait", "retry"):
-                fallback = Verdict("wait", {"type": "environment", "message": f"{type(again).__name__}: {again}"},
+            if fallback.action not in (Action.WAIT, Action.RETRY):
+                fallback = Verdict(Action.WAIT, {"type": "environment", "message": f"{type(again).__name__}: {again}"},
                                    60.0, True)
             log.error("finishing_failed", job_id=job.id, error=f"{type(again).__name__}: {again}",
                       action="the job stays queued and is finished later")
@@ -285,30 +285,36 @@ class Worker:
                 self._requeue(job, fallback)
 
     def _apply(self, job: Job, verdict: Verdict, jlog: JobLog, where: str, err: Exception) -> None:
-        action = verdict.action
-        if action == "drop":
-            log.warning("lease_lost", job_id=job.id, error=str(err), note="another worker owns it now")
-        elif action == "cancel":
-            latest = self._latest(job) or job
-            msg = _canceled_while(latest, where) if latest.tries or where != "starting" else _canceled_before(latest)
-            self._end(job, JobStatus.CANCELED, {"type": "canceled", "message": msg})
-        elif action == "requeue":
-            jlog.info("requeued", reason=f"stopped by a shutdown while {where}; back in the queue")
-            self.store.requeue(job.id, self.worker_id, refund_attempt=True)
-        elif action == "fail":
-            self._end(job, JobStatus.FAILED, verdict.error)
-        elif action in ("retry", "wait"):
-            level = jlog.warning if action == "retry" else jlog.error
-            level("will_retry" if action == "retry" else "waiting", error=(verdict.error or {}).get("message"),
-                  attempt=job.attempts, of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
-            if action == "retry" and not isinstance(err, GenerationError):
-                log.debug("retry_cause", job_id=job.id, error=repr(err))
-            self._requeue(job, verdict)
-        elif action == "stop":
-            jlog.error("daemon_stopping", error=(verdict.error or {}).get("message"))
-            with contextlib.suppress(LeaseLost):
-                self.store.requeue(job.id, self.worker_id, error=verdict.error, refund_attempt=True)
-            raise StopDaemon(verdict.error or {"message": str(err)})
+        match verdict.action:
+            case Action.DROP:
+                log.warning("lease_lost", job_id=job.id, error=str(err), note="another worker owns it now")
+            case Action.CANCEL:
+                latest = self._latest(job) or job
+                msg = (_canceled_while(latest, where) if latest.tries or where != "starting"
+                       else _canceled_before(latest))
+                self._end(job, JobStatus.CANCELED, {"type": "canceled", "message": msg})
+            case Action.REQUEUE:
+                jlog.info("requeued", reason=f"stopped by a shutdown while {where}; back in the queue")
+                self.store.requeue(job.id, self.worker_id, refund_attempt=True)
+            case Action.FAIL:
+                self._end(job, JobStatus.FAILED, verdict.error)
+            case Action.RETRY:
+                jlog.warning("will_retry", error=(verdict.error or {}).get("message"), attempt=job.attempts,
+                             of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
+                if not isinstance(err, GenerationError):
+                    log.debug("retry_cause", job_id=job.id, error=repr(err))
+                self._requeue(job, verdict)
+            case Action.WAIT:
+                jlog.error("waiting", error=(verdict.error or {}).get("message"), attempt=job.attempts,
+                           of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
+                self._requeue(job, verdict)
+            case Action.STOP:
+                jlog.error("daemon_stopping", error=(verdict.error or {}).get("message"))
+                with contextlib.suppress(LeaseLost):
+                    self.store.requeue(job.id, self.worker_id, error=verdict.error, refund_attempt=True)
+                raise StopDaemon(verdict.error or {"message": str(err)})
+            case unknown:
+                assert_never(unknown)
 
     def _requeue(self, job: Job, verdict: Verdict) -> None:
         self.store.requeue(

@@ -19,7 +19,7 @@ from i2v_daemon.errors import (
     OutOfMemory,
     TransientError,
 )
-from i2v_daemon.work.policy import decide
+from i2v_daemon.work.policy import Action, decide
 
 
 def verdict(err: BaseException, *, attempts: int = 1, waits: int = 0, where: str = "generating", **kw):
@@ -33,30 +33,30 @@ def verdict(err: BaseException, *, attempts: int = 1, waits: int = 0, where: str
 ])
 def test_what_can_never_succeed_as_asked_fails_at_once_with_its_own_message(err: Exception) -> None:
     v = verdict(err)
-    assert v.action == "fail" and v.error == err.as_dict()  # type: ignore[attr-defined]
+    assert v.action is Action.FAIL and v.error == err.as_dict()  # type: ignore[attr-defined]
 
 
 def test_a_pipelines_value_error_while_generating_is_not_retried_and_says_what_to_ask_for() -> None:
     v = verdict(ValueError("`height` and `width` have to be divisible by 32 but are 360 and 640."))
-    assert v.action == "fail" and v.error["type"] == "generation"  # type: ignore[index]
+    assert v.action is Action.FAIL and v.error["type"] == "generation"  # type: ignore[index]
     assert "divisible by 32" in v.error["message"] and "Ask for another size" in v.error["message"]  # type: ignore[index]
 
 
 def test_a_value_error_outside_the_pipeline_is_an_unknown_error_and_retried() -> None:
-    assert verdict(ValueError("odd"), where="encoding").action == "retry"
+    assert verdict(ValueError("odd"), where="encoding").action is Action.RETRY
 
 
 def test_a_file_name_too_long_for_the_filesystem_is_the_users_to_fix() -> None:
     err = OSError(errno.ENAMETOOLONG, "File name too long", "/data/work/1/" + "x" * 260)
     v = verdict(err, where="encoding")
-    assert v.action == "fail" and v.error["type"] == "invalid_input" and "shorter name" in v.error["message"]  # type: ignore[index]
+    assert v.action is Action.FAIL and v.error["type"] == "invalid_input" and "shorter name" in v.error["message"]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT])
 def test_the_machine_in_the_way_waits_without_using_an_attempt(code: int) -> None:
     err = OSError(code, "nope", "/data/output")
     v = verdict(err, attempts=3, where="publishing")  # even on the last attempt: it is not the job's fault
-    assert v.action == "wait" and v.refund is True
+    assert v.action is Action.WAIT and v.refund is True
     assert v.error["type"] == "environment" and "/data/output" in v.error["message"]  # type: ignore[index]
     assert "without using an attempt" in v.error["message"]  # type: ignore[index]
 
@@ -74,7 +74,7 @@ def test_an_environment_problem_wrapped_by_the_encoder_is_still_one() -> None:
         except OSError as inner:
             raise TransientError("could not finish writing cat.mp4") from inner
     except TransientError as err:
-        assert verdict(err, where="encoding").action == "wait"
+        assert verdict(err, where="encoding").action is Action.WAIT
 
 
 def test_waits_back_off_doubling_up_to_ten_minutes() -> None:
@@ -85,33 +85,33 @@ def test_waits_back_off_doubling_up_to_ten_minutes() -> None:
 
 def test_a_database_that_does_not_answer_is_waited_out() -> None:
     err = OperationalError("UPDATE jobs …", {}, Exception("database is locked"))
-    assert verdict(err).action == "wait"
+    assert verdict(err).action is Action.WAIT
 
 
 def test_a_model_that_cannot_be_fetched_now_waits() -> None:
     v = verdict(ModelUnavailable("model 'org/m' is not cached and the Hub cannot be reached"), where="loading")
-    assert v.action == "wait" and "Hub" in v.error["message"]  # type: ignore[index]
+    assert v.action is Action.WAIT and "Hub" in v.error["message"]  # type: ignore[index]
 
 
 def test_unknown_and_transient_errors_are_retried_with_backoff_until_max_attempts() -> None:
     first = verdict(RuntimeError("CUDA error: an illegal memory access"), attempts=1)
     second = verdict(TransientError("ffmpeg was killed by signal 9"), attempts=2)
     last = verdict(RuntimeError("CUDA error again"), attempts=3)
-    assert (first.action, first.delay, first.refund) == ("retry", 30, False)
-    assert (second.action, second.delay) == ("retry", 60)
-    assert last.action == "fail" and last.error["type"] == "gave_up"  # type: ignore[index]
+    assert (first.action, first.delay, first.refund) == (Action.RETRY, 30, False)
+    assert (second.action, second.delay) == (Action.RETRY, 60)
+    assert last.action is Action.FAIL and last.error["type"] == "gave_up"  # type: ignore[index]
     assert "gave up after 3 attempts" in last.error["message"] and "CUDA error again" in last.error["message"]  # type: ignore[index]
 
 
 def test_a_stalled_job_is_retried_and_counted() -> None:
-    assert verdict(JobStalled("no progress for 900 s while loading")).action == "retry"
+    assert verdict(JobStalled("no progress for 900 s while loading")).action is Action.RETRY
 
 
 def test_a_cancel_a_shutdown_a_lost_lease_and_a_daemon_that_cannot_go_on() -> None:
-    assert verdict(JobCanceled("stopped"), cancel_requested=True).action == "cancel"
-    assert verdict(JobCanceled("stopped"), stopping=True).action == "requeue"
+    assert verdict(JobCanceled("stopped"), cancel_requested=True).action is Action.CANCEL
+    assert verdict(JobCanceled("stopped"), stopping=True).action is Action.REQUEUE
     assert verdict(JobCanceled("stopped"), stopping=True).refund is True
-    assert verdict(JobCanceled("stopped"), stopping=True, cancel_requested=True).action == "cancel"
-    assert verdict(LeaseLost("job 1")).action == "drop"
-    assert verdict(DatabaseGone("jobs.db was deleted")).action == "stop"
-    assert verdict(ConfigError("model: folder does not exist")).action == "stop"
+    assert verdict(JobCanceled("stopped"), stopping=True, cancel_requested=True).action is Action.CANCEL
+    assert verdict(LeaseLost("job 1")).action is Action.DROP
+    assert verdict(DatabaseGone("jobs.db was deleted")).action is Action.STOP
+    assert verdict(ConfigError("model: folder does not exist")).action is Action.STOP
