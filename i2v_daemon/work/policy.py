@@ -30,6 +30,7 @@ from i2v_daemon.errors import (
     I2VError,
     InputError,
     JobCanceled,
+    JobStalled,
     LeaseLost,
     TransientError,
 )
@@ -76,6 +77,11 @@ def decide(
         return Verdict(Action.REQUEUE, refund=True)
     if isinstance(err, DatabaseGone | ConfigError):
         return Verdict(Action.STOP, error={"type": getattr(err, "kind", "config"), "message": str(err)}, refund=True)
+    if isinstance(err, JobStalled):
+        # The call the job is stuck in still holds its folder: only the queue may take the job back (a
+        # finish would move the folder from under it), even on its last attempt; the attempt counts, and
+        # the next claim past max_attempts ends it. One backoff, not doubled: it was the machine that hung.
+        return Verdict(Action.RETRY, err.as_dict(), backoff_seconds)
     environment = _environment(err)
     if environment is not None:
         # retry_backoff_seconds (30 s by default) doubling; at least a second, at most ten minutes

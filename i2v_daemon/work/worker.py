@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, assert_never
 
-from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled, LeaseLost, StopDaemon
+from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled, JobStalled, LeaseLost, StopDaemon
 from i2v_daemon.faults import crashpoint, hangpoint
 from i2v_daemon.logs import JobLog, get_logger
 from i2v_daemon.queue.clock import utcnow
@@ -376,12 +376,15 @@ class Worker:
         except (LeaseLost, DatabaseGone):  # the job's own next write meets it too, and stops the daemon
             return
         attempt.stalled_at = time.monotonic()
-        msg = (f"no progress for {progress.stalled_for():.0f} s while {progress.phase} (stall_seconds = "
-               f"{self.s.stall_seconds:g}); stopped and put back in the queue")
-        log.error("job_stalled", job_id=job_id, phase=progress.phase, worker=self.worker_id, error=msg)
+        stalled = JobStalled(f"no progress for {progress.stalled_for():.0f} s while {progress.phase} (stall_seconds = "
+                             f"{self.s.stall_seconds:g}); stopped and put back in the queue")
+        # The stuck call never returns to be judged in process(): the stall is judged here, by the same policy,
+        # whose verdict for it is always a retry (nothing but the queue may take the job from that call).
+        verdict = decide(stalled, attempts=attempt.job.attempts, max_attempts=attempt.job.max_attempts,
+                         backoff_seconds=self.s.retry_backoff_seconds, where=progress.phase)
+        log.error("job_stalled", job_id=job_id, phase=progress.phase, worker=self.worker_id, error=str(stalled))
         with contextlib.suppress(LeaseLost):
-            self.store.requeue(job_id, self.worker_id, error={"type": "stalled", "message": msg},
-                               not_before=utcnow() + timedelta(seconds=self.s.retry_backoff_seconds))
+            self._requeue(attempt.job, verdict)
 
 
 #: A cancel is asked for by `i2v-daemon cancel` or `POST /api/v1/jobs/{id}/cancel`; both only set the flag.

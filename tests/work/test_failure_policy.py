@@ -103,8 +103,11 @@ def test_unknown_and_transient_errors_are_retried_with_backoff_until_max_attempt
     assert "gave up after 3 attempts" in last.error["message"] and "CUDA error again" in last.error["message"]  # type: ignore[index]
 
 
-def test_a_stalled_job_is_retried_and_counted() -> None:
-    assert verdict(JobStalled("no progress for 900 s while loading")).action is Action.RETRY
+def test_a_stalled_job_goes_back_to_the_queue_counted_after_one_backoff_even_on_its_last_attempt() -> None:
+    for attempts in (1, 2, 3):  # never failed at once: the call it is stuck in still holds its folder
+        v = verdict(JobStalled("no progress for 900 s while loading"), attempts=attempts)
+        assert (v.action, v.delay, v.refund) == (Action.RETRY, 30, False)
+        assert v.error == {"type": "stalled", "message": "no progress for 900 s while loading"}
 
 
 def test_a_cancel_a_shutdown_a_lost_lease_and_a_daemon_that_cannot_go_on() -> None:
