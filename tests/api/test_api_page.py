@@ -9,13 +9,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from i2v_daemon.api.events import OVERLAP_US
+from i2v_daemon.queue.clock import utcnow
+from i2v_daemon.queue.jobs import JobStatus
+from i2v_daemon.queue.store import Store
+from i2v_daemon.views.jobs import job_summary
 from tests.api.test_api import finished, png, submit
-from tests.api.test_api_server import Api, api_fixture  # noqa: F401
+from tests.api.test_api_events import request as job_request
+from tests.api.test_api_server import Api, api_fixture, close_api, open_api  # noqa: F401
 from tests.browser import chromium, require_chromium
 from tests.browser import wait_for as wait_in_page
 from tests.conftest import age, make_image, wait_for
@@ -138,3 +147,121 @@ def screenshot(api: Api, driver: Any, tmp_path: Path) -> None:
             client.post(f"/api/v1/jobs/{job_id}/cancel")
         for job_id in (*queued, long):
             finished(api, job_id)
+
+
+# ---- a page opened on a database that already holds jobs in every state ------------------------------------
+
+BIDI = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: "cat<RLO>gnp.exe" would show as "catexe.png"
+
+
+@pytest.fixture(scope="module", name="quiet")
+def serve_without_a_daemon(
+    tmp_path_factory: pytest.TempPathFactory, tiny_i2vgen_dir: Path,
+) -> Iterator[tuple[Api, Store]]:
+    """`serve` with no daemon beside it: the jobs a test writes into the database stay in the states it wrote."""
+    a = open_api(tmp_path_factory.mktemp("page-states"), tiny_i2vgen_dir, daemon=False)
+    store = Store(a.env.db_url, create=False, describe=job_summary)
+    yield a, store
+    store.close()
+    close_api(a)
+
+
+def every_state(store: Store) -> dict[str, int]:
+    """Jobs in every state a person can meet, as intake, workers and a killed worker leave them; name -> id."""
+    ids: dict[str, int] = {}
+    staged = store.stage([job_request("arriving")], owner="intake/1", lease_seconds=3600)  # files on their way
+    ids["arriving"] = staged[0][0].id
+    for name in ("waiting", f"cat{BIDI}gnp.exe"):
+        ids[name] = store.enqueue(job_request(name))[0].id
+    for name, status in (("fine", JobStatus.SUCCEEDED), ("broken", JobStatus.FAILED), ("stopped", JobStatus.CANCELED)):
+        job = store.enqueue(job_request(name))[0]
+        assert store.claim_next("w-done", lease_seconds=600, job_id=job.id) is not None
+        error = None if status is JobStatus.SUCCEEDED else {"type": "generation", "message": f"{name} on purpose"}
+        store.finish(job.id, "w-done", status, error=error)
+        ids[name] = job.id
+    working = store.enqueue(job_request("working"))[0]
+    assert store.claim_next("w-alive", lease_seconds=3600, job_id=working.id) is not None
+    ids["working"] = working.id
+    # A worker killed with kill -9 a minute ago: its lease ran out 40 s ago and nobody has taken the job yet.
+    orphan = store.enqueue(job_request("orphan"))[0]
+    claimed = store.claim_next("w-gone", lease_seconds=20, job_id=orphan.id, now=utcnow() - timedelta(seconds=60))
+    assert claimed is not None
+    ids["orphan"] = orphan.id
+    return ids
+
+
+def signed_in(driver: Any, api: Api) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(api.url + "/?token=" + api.token)
+    wait_in_page(driver, lambda d: d.find_elements(By.ID, "results"), what="the page after signing in")
+
+
+def test_a_page_opened_on_a_busy_database_shows_every_job_in_every_state(quiet: tuple[Api, Store], tmp_path: Path):
+    from selenium.webdriver.common.by import By
+
+    api, store = quiet
+    ids = every_state(store)
+    # Older than what the event stream replays to a new client: only the page's own snapshot can show them.
+    time.sleep(OVERLAP_US / 1e6 + 1)
+    listed = api.client().get("/api/v1/jobs", params={"limit": 1000}).json()
+    queued = [j["id"] for j in listed["jobs"] if j["status"] == "queued"]
+    assert {ids["arriving"], ids["waiting"], ids[f"cat{BIDI}gnp.exe"]} <= set(queued)
+    with chromium(tmp_path / "profile") as driver:
+        signed_in(driver, api)
+
+        def queue_ids(d: Any) -> list[int]:
+            return [int(li.get_attribute("data-job")) for li in d.find_elements(By.CSS_SELECTOR, "#queue li")]
+
+        wait_in_page(driver, lambda d: sorted(queue_ids(d)) == sorted(queued), what="every queued job in the queue")
+        assert not driver.find_element(By.ID, "queue-empty").is_displayed()
+        counts = driver.find_element(By.ID, "counts").text
+        assert f"{listed['counts']['queued']} queued" in counts and len(queued) == listed["counts"]["queued"]
+        running = {j["id"] for j in listed["jobs"] if j["status"] == "running"}
+        assert {ids["working"], ids["orphan"]} <= running
+        wait_in_page(driver, lambda d: {int(r.get_attribute("data-job"))
+                                        for r in d.find_elements(By.CSS_SELECTOR, "#running .running")} == running,
+                     what="every running job")
+        for name in ("fine", "broken", "stopped"):
+            wait_in_page(driver, lambda d, n=name: card(d, ids[n]), what=f"the {name} job's result card")
+        assert not driver.find_element(By.ID, "results-empty").is_displayed()
+        assert "broken on purpose" in card(driver, ids["broken"]).text
+
+
+def test_a_running_job_whose_worker_is_gone_says_so_instead_of_an_eta(quiet: tuple[Api, Store], tmp_path: Path):
+    from selenium.webdriver.common.by import By
+
+    api, store = quiet
+    orphan = store.enqueue(job_request("forsaken"))[0]
+    assert store.claim_next("w-killed", lease_seconds=20, job_id=orphan.id, now=utcnow() - timedelta(seconds=50))
+    late = api.client().get(f"/api/v1/jobs/{orphan.id}").json()["lease_expired_seconds"]
+    assert late is not None and late >= 25
+    with chromium(tmp_path / "profile") as driver:
+        signed_in(driver, api)
+        selector = f'#running .running[data-job="{orphan.id}"]'
+
+        def shown(d: Any) -> str:
+            return " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, selector))
+
+        text = wait_in_page(driver, lambda d: "worker gone" in shown(d) and shown(d), what="the orphaned job's note")
+        seconds = int(re.search(r"lease expired (\d+) s ago", text).group(1))
+        assert seconds >= late - 1 and "it will be taken again" in text and "left" not in text
+
+
+def test_a_name_with_a_bidi_override_is_shown_with_the_override_visible(quiet: tuple[Api, Store], tmp_path: Path):
+    from selenium.webdriver.common.by import By
+
+    api, store = quiet
+    tricky = job_request(f"invoice{BIDI}fdp.exe")
+    job = store.enqueue(tricky)[0]
+    assert api.client().get(f"/api/v1/jobs/{job.id}").json()["name"] == f"invoice{BIDI}fdp.exe"  # kept as dropped
+    with chromium(tmp_path / "profile") as driver:
+        signed_in(driver, api)
+
+        def row(d: Any) -> str:  # found again each time: the queue is rebuilt as details arrive
+            return " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, f'#queue li[data-job="{job.id}"]'))
+
+        text = wait_in_page(driver, lambda d: "moves" in row(d) and row(d), what="the job with its prompt")
+        assert "invoice\\u202efdp.exe" in text  # escaped as `status` and `show` escape it
+        body = driver.execute_script("return document.body.innerText")
+        assert BIDI not in body

@@ -4,15 +4,37 @@
 
 const API = "api/v1/";
 const RESULTS = 24;
-const ACTIVE = new Set(["staging", "queued", "running"]);
+// The API's own words: the five statuses of GET /api/v1/jobs?status= (a job whose files are still
+// arriving is "queued" there too). The page asks with these and nothing else.
+const STATUS = { queued: "queued", running: "running", succeeded: "succeeded", failed: "failed", canceled: "canceled" };
+const ACTIVE = [STATUS.queued, STATUS.running];
+const FINISHED = [STATUS.succeeded, STATUS.failed, STATUS.canceled];
+const STALE_MS = 10000; // a running job silent this long is asked about again (its worker may be gone)
 const jobs = new Map(); // id -> the job's `status --json` entry
+const seenAt = new Map(); // id -> when its entry arrived
 const details = new Map(); // id -> GET /jobs/{id} (prompt, phase, step, eta), with the time it arrived
 const cards = new Map(); // id -> its result card, kept so a playing <video> is never rebuilt
 let touched = null; // ids changed by events while a snapshot is on its way
+let snapshotError = null; // why the first look at the queue failed, shown instead of "empty"
 let source = null;
 window.__i2vLoadedAt = Date.now(); // tests check it: the page updates itself without a reload
 
 const $ = (id) => document.getElementById(id);
+
+// Text from file names, prompts and errors, with what would act on the text around it made visible:
+// controls, and the bidi overrides and isolates that can make "cat\u202egnp.exe" read "catexe.png".
+// Written as `status` and `show` write it (\u202e). Joiners stay: emoji and some scripts need them.
+const INVISIBLE = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu;
+const KEPT = new Set(["\t", "\n", "\r", "\u200c", "\u200d"]); // white space in HTML; the joiners
+function visible(text) {
+  if (text === null || text === undefined) return text;
+  return String(text).replace(INVISIBLE, (c) => {
+    if (KEPT.has(c)) return c;
+    const n = c.codePointAt(0);
+    return n < 0x100 ? `\\x${hex(n, 2)}` : n < 0x10000 ? `\\u${hex(n, 4)}` : `\\U${hex(n, 8)}`;
+  });
+}
+const hex = (n, width) => n.toString(16).padStart(width, "0");
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -55,21 +77,26 @@ async function snapshot() {
   touched = new Set();
   try {
     const [recent, active] = await Promise.all([
-      api(`jobs?limit=${RESULTS}&status=succeeded,failed,canceled`),
-      api("jobs?limit=200&status=staging,queued,running"),
+      api(`jobs?limit=${RESULTS}&status=${FINISHED.join(",")}`),
+      api(`jobs?limit=200&status=${ACTIVE.join(",")}`),
     ]);
     for (const job of [...recent.jobs, ...active.jobs]) if (!touched.has(job.id)) remember(job);
     renderCounts(recent.counts);
+    snapshotError = null;
+  } catch (err) {
+    snapshotError = err.message; // never "the queue is empty" when it could not be read
+    throw err;
   } finally {
     touched = null;
+    render();
   }
-  render();
 }
 
 function remember(job) {
   const before = jobs.get(job.id);
   jobs.set(job.id, job);
-  if (!before || before.status !== job.status || job.status === "running") refreshDetail(job.id);
+  seenAt.set(job.id, Date.now());
+  if (!before || before.status !== job.status || job.status === STATUS.running) refreshDetail(job.id);
 }
 
 const inFlight = new Set();
@@ -139,27 +166,50 @@ function duration(seconds) {
     : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
 }
 
+// Seconds since a running job's lease ran out (its worker was killed or hangs), from whichever of its
+// entry and its detail arrived last, counted on from then; null while its worker is heard from.
+function leaseExpired(job, d) {
+  const fromEntry = [job.lease_expired_seconds, seenAt.get(job.id) || 0];
+  const fromDetail = [d.lease_expired_seconds, d.receivedAt || 0];
+  const [late, at] = fromDetail[1] > fromEntry[1] ? fromDetail : fromEntry;
+  return late === null || late === undefined ? null : late + (Date.now() - at) / 1000;
+}
+
 function renderRunning() {
-  const running = sorted((j) => j.status === "running", (a, b) => a.id - b.id);
+  const running = sorted((j) => j.status === STATUS.running, (a, b) => a.id - b.id);
   const box = $("running");
   if (!running.length) return box.replaceChildren(el("p", { class: "empty", text: "Nothing is running." }));
   box.replaceChildren(...running.map((job) => {
     const d = details.get(job.id) || {};
     const pct = Math.round((job.progress || 0) * 100);
-    const eta = d.eta_seconds !== null && d.eta_seconds !== undefined
+    const gone = leaseExpired(job, d);
+    const eta = gone === null && d.eta_seconds !== null && d.eta_seconds !== undefined
       ? d.eta_seconds - (Date.now() - d.receivedAt) / 1000 : null;
     const step = d.total_steps ? `step ${d.step}/${d.total_steps}` : "";
-    return el("article", { class: "running", "data-job": job.id },
-      el("div", { class: "row" }, el("strong", { text: `#${job.id} ${job.name}` }),
+    const note = gone !== null
+      ? el("span", { class: "eta orphaned", text: `worker gone, lease expired ${duration(gone)} ago; it will be taken again` })
+      : el("span", { class: "eta", text: eta !== null ? `about ${duration(eta)} left` : "" });
+    return el("article", { class: gone !== null ? "running orphaned" : "running", "data-job": job.id },
+      el("div", { class: "row" }, el("strong", { class: "name", text: `#${job.id} ${visible(job.name)}` }),
         el("button", { class: "link", type: "button", text: "cancel", onclick: () => act(job.id, "cancel") })),
       el("div", { class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": pct },
         fill(pct)),
       el("div", { class: "meta" },
         el("span", { class: "phase", text: d.phase || "starting" }), el("span", { class: "step", text: step }),
-        el("span", { text: `${pct}%` }), el("span", { text: size(job) }),
-        el("span", { class: "eta", text: eta !== null ? `about ${duration(eta)} left` : "" })),
-      d.prompt ? el("p", { class: "prompt", text: d.prompt }) : null);
+        el("span", { text: `${pct}%` }), el("span", { text: size(job) }), note),
+      d.prompt ? el("p", { class: "prompt", dir: "auto", text: visible(d.prompt) }) : null);
   }));
+}
+
+function askAboutSilentJobs() {
+  // No event for a while from a running job: its worker may be gone (a lease runs out without an
+  // event), so ask the API, which says so (lease_expired_seconds).
+  const now = Date.now();
+  for (const job of jobs.values()) {
+    if (job.status !== STATUS.running) continue;
+    const heard = Math.max(seenAt.get(job.id) || 0, details.get(job.id)?.receivedAt || 0);
+    if (now - heard > STALE_MS) refreshDetail(job.id);
+  }
 }
 
 function fill(pct) {
@@ -168,25 +218,32 @@ function fill(pct) {
   return span;
 }
 
+function showEmpty(id, empty, text) {
+  const note = $(id);
+  note.hidden = !empty && !snapshotError;
+  note.classList.toggle("error", !!snapshotError);
+  note.textContent = snapshotError ? `Could not load the jobs: ${snapshotError}` : text;
+}
+
 function renderQueue() {
-  const queued = sorted((j) => j.status === "queued" || j.status === "staging",
+  const queued = sorted((j) => j.status === STATUS.queued,
     (a, b) => (b.priority || 0) - (a.priority || 0) || a.id - b.id);
-  $("queue-empty").hidden = queued.length > 0;
+  showEmpty("queue-empty", queued.length === 0, "The queue is empty.");
   $("queue-count").textContent = queued.length ? `(${queued.length})` : "";
   $("queue").replaceChildren(...queued.map((job) => {
     const d = details.get(job.id) || {};
     return el("li", { "data-job": job.id },
-      el("div", { class: "row" }, el("strong", { text: `#${job.id} ${job.name}` }),
-        el("span", { class: "muted", text: [d.requested?.preset, job.priority ? `priority ${job.priority}` : ""].filter(Boolean).join(" · ") }),
+      el("div", { class: "row" }, el("strong", { class: "name", text: `#${job.id} ${visible(job.name)}` }),
+        el("span", { class: "muted", text: [visible(d.requested?.preset), job.priority ? `priority ${job.priority}` : ""].filter(Boolean).join(" · ") }),
         el("button", { class: "link", type: "button", text: "cancel", onclick: () => act(job.id, "cancel") })),
-      d.prompt ? el("p", { class: "prompt", text: d.prompt }) : null);
+      d.prompt ? el("p", { class: "prompt", dir: "auto", text: visible(d.prompt) }) : null);
   }));
 }
 
 function renderResults() {
-  const done = sorted((j) => !ACTIVE.has(j.status),
+  const done = sorted((j) => FINISHED.includes(j.status),
     (a, b) => (b.finished_at || "").localeCompare(a.finished_at || "") || b.id - a.id).slice(0, RESULTS);
-  $("results-empty").hidden = done.length > 0;
+  showEmpty("results-empty", done.length === 0, "No finished job yet.");
   const wanted = new Set(done.map((j) => j.id));
   for (const [id, card] of cards) if (!wanted.has(id)) { card.remove(); cards.delete(id); }
   done.forEach((job, i) => {
@@ -221,10 +278,10 @@ function fillCaption(card, job) {
     links.push(el("button", { class: "link", type: "button", text: "retry", onclick: () => act(job.id, "retry") }));
   }
   card.querySelector(".caption").replaceChildren(...present(
-    el("div", { class: "row" }, el("strong", { text: `#${job.id} ${job.name}` }),
+    el("div", { class: "row" }, el("strong", { class: "name", text: `#${job.id} ${visible(job.name)}` }),
       el("span", { class: `badge ${job.status}`, text: job.status })),
-    d.prompt ? el("p", { class: "prompt", title: d.prompt, text: d.prompt }) : null,
-    job.error ? el("p", { class: "error", text: job.error }) : null,
+    d.prompt ? el("p", { class: "prompt", dir: "auto", title: visible(d.prompt), text: visible(d.prompt) }) : null,
+    job.error ? el("p", { class: "error", dir: "auto", text: visible(job.error) }) : null,
     el("div", { class: "meta" }, el("span", { text: size(job) }), el("span", { text: when })),
     el("div", { class: "links" }, ...links)));
 }
@@ -244,7 +301,7 @@ async function act(id, what) {
 
 function flash(text, bad) {
   const msg = $("form-msg");
-  msg.textContent = text;
+  msg.textContent = visible(text);
   msg.classList.toggle("bad", !!bad);
 }
 
@@ -317,5 +374,9 @@ document.addEventListener("DOMContentLoaded", () => {
   connect();
   loadPresets().catch((err) => flash(err.message, true));
   snapshot().catch((err) => flash(err.message, true));
-  setInterval(() => { if ([...jobs.values()].some((j) => j.status === "running")) renderRunning(); }, 1000);
+  setInterval(() => {
+    if (![...jobs.values()].some((j) => j.status === STATUS.running)) return;
+    askAboutSilentJobs();
+    renderRunning();
+  }, 1000);
 });
