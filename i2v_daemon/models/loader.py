@@ -59,6 +59,16 @@ def detect_family(model: str) -> str:
     return family
 
 
+def check_never_loads(model: str) -> None:
+    """ConfigError when `model` can never load, as far as is known without the network or a load.
+
+    A folder that does not exist (or a file), or a pipeline i2v-daemon does not support; a Hub id
+    is left to the load, which may have to fetch it.
+    """
+    if local_folder(model) is not None:
+        detect_family(model)
+
+
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> VideoModel:
     """Detect the family of `model` and load it once, ready to generate on `device` in `dtype`."""
     family = detect_family(model)

@@ -394,6 +394,14 @@ def test_a_model_folder_that_does_not_exist_can_never_load_and_stops_run_with_78
     assert proc.returncode == 78 and "does not exist" in proc.stderr
 
 
+def test_run_once_with_a_model_that_can_never_load_exits_78_even_with_nothing_queued(env: Env, tmp_path: Path):
+    write_config(env.config, env.data, tmp_path / "no-such-folder")
+    proc = env.cli("run", "--once")
+    assert proc.returncode == 78 and "does not exist" in proc.stderr, proc.stderr[-2000:]
+    write_config(env.config, env.data, env.model_dir)
+    assert env.cli("run", "--once").returncode == 0  # a model that loads, nothing to do: done
+
+
 def test_a_job_put_back_by_a_shutdown_and_then_canceled_says_it_had_run_and_used_no_attempt(env: Env, drop):
     write_config(env.config, env.data, env.model_dir, shutdown_grace_seconds=0, device="auto")
     drop("slow", (".json", json.dumps({"prompt": "p", "steps": 1000})))
