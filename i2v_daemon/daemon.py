@@ -25,14 +25,15 @@ from i2v_daemon.intake.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_
 from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
 from i2v_daemon.models.holder import ModelHolder
-from i2v_daemon.models.loader import check_never_loads
 from i2v_daemon.params import BUILTIN_PRESETS
 from i2v_daemon.queue.clock import now_us, utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.migrate import Upgrade
 from i2v_daemon.queue.store import Store
+from i2v_daemon.service import readiness
 from i2v_daemon.service.duties import Service
 from i2v_daemon.service.signals import Stopper
+from i2v_daemon.service.systemd import Notifier
 from i2v_daemon.settings import Settings
 from i2v_daemon.views.jobs import job_summary
 from i2v_daemon.work import provenance
@@ -57,13 +58,18 @@ def open_store(settings: Settings) -> Store:
 
 def open_and_upgrade(settings: Settings) -> tuple[Store, Upgrade]:
     url: str = settings.database_url  # type: ignore[assignment]
+    store: Store | None = None
     try:
         store = Store(url, max_attempts=settings.max_attempts, describe=job_summary)
         upgrade = store.create_schema()
-    except ConfigError:
-        raise
     except Exception as err:
-        raise ConfigError(f"database_url / I2V_DATABASE_URL: cannot open {safe_url(url)}: {one_line(err)}") from err
+        if store is not None:
+            store.close()
+        if isinstance(err, ConfigError):
+            raise
+        # A server that is not accepting connections yet is NotReady (`run` waits for it); refused
+        # credentials or a URL no driver handles are a ConfigError (exit 78).
+        raise readiness.database_problem(err, url) from err
     if upgrade.changed:
         log.info("database_schema_upgraded", before=upgrade.before, after=upgrade.after, stamped=upgrade.stamped)
     return store, upgrade
@@ -101,13 +107,47 @@ def ensure_folders(settings: Settings) -> None:
     for name in BUILTIN_PRESETS:
         wanted[f"inbox_dir/{name}"] = Path(settings.inbox_dir) / name  # type: ignore[arg-type]
     for key, path in wanted.items():
-        env = key.split("/")[0]
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"{env} / I2V_{env.upper()}: cannot create {path}: {err.strerror}") from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{env} / I2V_{env.upper()}: {path} is not writable by this user")
+        readiness.folder_problem(key.split("/")[0], path)  # NotReady: a read-only or failing share, for now
+
+
+def start(settings: Settings, *, once: bool = False) -> int:
+    """`i2v-daemon run [--once]`: wait for what the start needs (never for what can never work), then run.
+
+    `run` waits for a database, folder, model cache or GPU that is not there yet (NotReady), and
+    says so to the log and systemd; a ConfigError is exit 78 at once. `run --once` does not wait: a
+    NotReady goes up to the command line (exit 75, "try again later").
+    """
+    built: list[Daemon] = []
+
+    def build() -> None:
+        if not built:
+            built.append(Daemon(settings))
+
+    probes = [*readiness.run_probes(settings), readiness.Probe("c2pa_cert", lambda: _certificate(settings))]
+    if once:
+        pending = readiness.Waiter.look(probes)
+        if pending:
+            raise pending[0][1]
+        build()
+    else:
+        with readiness.stop_signals() as stopping:
+            waiter = readiness.Waiter(Notifier.from_env(), stopping=stopping)
+            if not waiter.wait(probes, then=readiness.Probe("start", build)) or stopping():
+                log.info("stopped", reason="a signal while waiting", exit_status=0)
+                if built:
+                    built[0].store.close()
+                return 0
+    daemon = built[0]
+    daemon.install_signal_handlers()
+    return daemon.run_once() if once else daemon.run_forever()
+
+
+def _certificate(settings: Settings) -> None:
+    """A configured C2PA certificate that can never sign is exit 78 before any wait (a self-made one is made later)."""
+    if str(getattr(settings, "provenance", "c2pa")) == "c2pa":
+        files = provenance.signer_files(settings, create=False)
+        if not files.self_signed:
+            provenance.check_certificate(files)
 
 
 class Daemon:
@@ -308,8 +348,6 @@ class Daemon:
 
     def _drain(self) -> int:
         self._drain_started_us = now_us()
-        # A model that can never load is exit 78 even with no job to run now: the next run would fail the same.
-        check_never_loads(self.s.model)
         self.recover()
         while self.stop_requested is None:
             result = self.intake_pass(once=True)

@@ -69,6 +69,20 @@ class ModelUnavailable(EnvironmentProblem):
     kind = "model_unavailable"
 
 
+class NotReady(EnvironmentProblem):
+    """A start-up dependency is not there yet (a database that refuses connections, a read-only share,
+    a GPU the driver does not show yet): the daemon waits for it instead of exiting; `what` names it
+    ("the database at db:5432", "output_dir /srv/out"), `cause` says why in one line."""
+
+    kind = "not_ready"
+
+    def __init__(self, what: str, cause: str, fix: str = "") -> None:
+        super().__init__(f"waiting for {what}: {cause}")
+        self.what = what
+        self.cause = cause
+        self.fix = fix
+
+
 class JobStalled(I2VError):
     """The running job showed no progress for `stall_seconds`."""
 

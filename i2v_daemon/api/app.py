@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,8 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from i2v_daemon.api import auth, page, routes
 from i2v_daemon.api.context import ApiError, Context, authenticated
 from i2v_daemon.api.events import EventHub
+from i2v_daemon.errors import NotReady
 from i2v_daemon.logs import get_logger
 from i2v_daemon.queue.store import Store
+from i2v_daemon.service.readiness import database_problem
 from i2v_daemon.settings import Settings
 
 #: The page loads nothing from anywhere but here, and no other site may frame it.
@@ -33,6 +36,8 @@ HEADERS = [
     (b"referrer-policy", b"no-referrer"),  # the sign-in URL carries the token; never pass it on
     (b"x-frame-options", b"DENY"),
 ]
+#: What a client is told to wait before asking again while the database is away (503).
+RETRY_AFTER_SECONDS = 5
 _STATUS_KIND = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 401: "unauthorized"}
 
 
@@ -99,6 +104,18 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def gone(_request: Request, _err: ClientDisconnect) -> Response:
         return Response(status_code=400)  # nobody is listening; the upload was discarded
+
+    @app.exception_handler(DBAPIError)
+    async def database_away(request: Request, err: DBAPIError) -> JSONResponse:
+        """The database went away under a request (restarting, unreachable): 503 and when to ask again, not a 500."""
+        judged = database_problem(err, str(request.app.state.ctx.settings.database_url))
+        if not isinstance(judged, NotReady):
+            return await crashed(request, err)
+        get_logger().warning("api_database_unavailable", method=request.method, path=request.url.path,
+                             waiting_for=judged.what, cause=judged.cause)
+        message = f"{judged}; try again in a few seconds"
+        return JSONResponse({"error": {"type": judged.kind, "message": message}}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, err: Exception) -> JSONResponse:

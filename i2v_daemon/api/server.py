@@ -11,19 +11,23 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
 from i2v_daemon.api import auth
-from i2v_daemon.errors import ConfigError, DatabaseGone
+from i2v_daemon.errors import ConfigError, DatabaseGone, NotReady
 from i2v_daemon.logs import get_logger
 from i2v_daemon.queue.schema import HEAD
 from i2v_daemon.queue.store import Store
+from i2v_daemon.service.readiness import Probe, Waiter, database_problem, database_what, os_problem
 from i2v_daemon.settings import Settings
 from i2v_daemon.views.jobs import job_summary
 
-EX_OK, EX_FAILED, EX_CONFIG = 0, 1, 78
+EX_OK, EX_CONFIG = 0, 78
 # Loggers in this package are fetched when used: one bound at import would keep structlog's default
 # output (stdout) if the package was imported before `logs.configure`.
 
@@ -82,7 +86,13 @@ def bind(listen: Listen) -> socket.socket:
 
 
 def serve(settings: Settings, listen: str | None = None) -> int:
-    """Run the API until SIGTERM/SIGINT on `listen or settings.api_listen`; returns the exit status."""
+    """Run the API until SIGTERM/SIGINT on `listen or settings.api_listen`; returns the exit status.
+
+    What can never work (a bad address, a port in use, a bad token file, refused credentials, a
+    newer schema) is exit 78 at once. What is not there yet (the database not accepting connections,
+    or not made or upgraded by `run` yet; a read-only share) is waited for while the socket already
+    answers: 503 naming it, then the API, without a restart. `run` judges the same causes the same way.
+    """
     try:
         where = parse_listen(listen or settings.api_listen)
         if not where.loopback:
@@ -91,52 +101,81 @@ def serve(settings: Settings, listen: str | None = None) -> int:
                 risk="anyone who can reach this address may try the token; TLS is not served here",
                 fix="keep 127.0.0.1 and put a TLS reverse proxy in front, or restrict it with a firewall",
             )
-        token, created = auth.load_or_create_token(settings.api_token_file)  # type: ignore[arg-type]
         sock = bind(where)
         where = Listen(where.host, sock.getsockname()[1])  # the port the kernel chose for :0
     except ConfigError as err:
         print(f"i2v-daemon: {err}", file=sys.stderr)
         return EX_CONFIG
-    if created:
-        get_logger().info("api_token_created", file=str(settings.api_token_file), mode="0600")
-    elif auth.readable_by_others(settings.api_token_file):  # type: ignore[arg-type]
-        get_logger().warning("api_token_readable_by_others", file=str(settings.api_token_file), fix="chmod 600 it")
+    needs = _Needs(settings)
     try:
-        store = _open_store(settings)
-    except (NotYet, ConfigError) as err:
+        pending = Waiter.look(needs.probes())
+    except ConfigError as err:
         sock.close()
         print(f"i2v-daemon: {err}", file=sys.stderr)
-        return EX_FAILED if isinstance(err, NotYet) else EX_CONFIG  # not yet: systemd tries again shortly
+        return EX_CONFIG
     try:
-        return _run(settings, store, token, sock, where)
+        return _run(settings, needs, sock, where, pending)
     finally:
-        store.close()
+        needs.close()
 
 
-class NotYet(Exception):
-    """The database is not ready for this release yet (none, or an older schema): `run` will make it so."""
+class _Needs:
+    """What `serve` needs before it answers for real: its token and the job database, each looked for until there."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.token: auth.Token | None = None
+        self.store: Store | None = None
+
+    def probes(self) -> list[Probe]:
+        return [Probe("api_token_file", self._token), Probe("database", self._database)]
+
+    def _token(self) -> None:
+        if self.token is not None:
+            return
+        path = Path(str(self.s.api_token_file))
+        try:
+            self.token, created = auth.load_or_create_token(path)
+        except OSError as err:  # its folder cannot be written: a read-only share waits, a permission is 78
+            raise os_problem(err, "api_token_file", path.parent, "cannot make the token file in") from None
+        if created:
+            get_logger().info("api_token_created", file=str(path), mode="0600")
+        elif auth.readable_by_others(path):
+            get_logger().warning("api_token_readable_by_others", file=str(path), fix="chmod 600 it")
+
+    def _database(self) -> None:
+        if self.store is None:
+            self.store = _open_store(self.s)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
 
 def _open_store(settings: Settings) -> Store:
-    """The store as `run` made it: never created, never migrated here (the daemon owns the schema)."""
+    """The store as `run` made it: never created, never migrated here (the daemon owns the schema).
+
+    NotReady while there is none yet, or an older schema (`run` makes and upgrades it), or the server
+    does not accept connections; ConfigError for what `run` cannot fix either.
+    """
     url: str = settings.database_url  # type: ignore[assignment]
+    store: Store | None = None
     try:
         store = Store(url, max_attempts=settings.max_attempts, create=False, describe=job_summary)
         revision = store.revision()
-    except DatabaseGone as err:
-        raise NotYet(f"database_url / I2V_DATABASE_URL: {err}") from None
-    except Exception as err:  # the server is down, the file unreadable: one line, and systemd tries again
-        detail = str(getattr(err, "orig", None) or err).strip().splitlines()
-        raise NotYet(
-            f"database_url / I2V_DATABASE_URL: cannot open {safe_url(url)}: {detail[0] if detail else err!r}"
-        ) from None
+    except DatabaseGone:
+        raise NotReady(database_what(url), "there is none yet: `i2v-daemon run` makes it at its start") from None
+    except Exception as err:
+        if store is not None:
+            store.close()
+        raise database_problem(err, url) from None
     if revision == HEAD:
         return store
     store.close()
     if revision is None or revision < HEAD:
-        raise NotYet(
-            f"database_url / I2V_DATABASE_URL: {safe_url(url)} is at schema revision {revision or 'none'}, this "
-            f"release needs {HEAD}: start `i2v-daemon run` (or run `i2v-daemon migrate`) first"
+        raise NotReady(
+            database_what(url), f"its schema is at revision {revision or 'none'}, this release needs {HEAD}: "
+            "`i2v-daemon run` (or `i2v-daemon migrate`) upgrades it",
         )
     raise ConfigError(
         f"database_url / I2V_DATABASE_URL: {safe_url(url)} is at schema revision {revision}, newer than this "
@@ -144,35 +183,67 @@ def _open_store(settings: Settings) -> Store:
     )
 
 
-def _run(settings: Settings, store: Store, token: auth.Token, sock: socket.socket, where: Listen) -> int:
+def _run(
+    settings: Settings, needs: _Needs, sock: socket.socket, where: Listen, pending: list[tuple[Probe, NotReady]],
+) -> int:
     import uvicorn
 
     from i2v_daemon.api.app import create_app
+    from i2v_daemon.api.gate import Gate
     from i2v_daemon.service.systemd import Notifier
 
     notifier = Notifier.from_env()
+    failed: list[ConfigError] = []
 
     def ready() -> None:
         get_logger().info("api_ready", url=where.url(), database=safe_url(settings.database_url or ""),
                  token_file=str(settings.api_token_file))
         notifier.ready()  # Type=notify: `systemctl start` returns once the socket is served
 
-    app = create_app(settings, store, token=token, on_ready=ready)
+    def real_app() -> Any:
+        assert needs.store is not None and needs.token is not None
+        app = create_app(settings, needs.store, token=needs.token, on_ready=None if pending else ready)
+        app.state.ctx.hub.stopping = lambda: server.should_exit  # event streams end so shutdown need not wait
+        return app
+
+    waiter = Waiter(notifier, stopping=lambda: server.should_exit)
+    gate = Gate(lambda: waiter.current or pending[0][1]) if pending else None
     # access_log off: its lines carry the query string, and `/?token=` must never reach a log (ours
     # logs the path only). Proxy headers are believed from 127.0.0.1 alone: a TLS proxy on this host.
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, server_header=False, proxy_headers=True,
-        forwarded_allow_ips="127.0.0.1", timeout_graceful_shutdown=3, lifespan="on",
+        gate if gate is not None else real_app(), log_config=None, access_log=False, server_header=False,
+        proxy_headers=True, forwarded_allow_ips="127.0.0.1", timeout_graceful_shutdown=3, lifespan="on",
     )
     server = uvicorn.Server(config)
     logging.getLogger("uvicorn.error").addFilter(_logged_by_us)
-    app.state.ctx.hub.stopping = lambda: server.should_exit  # event streams end so shutdown need not wait
+
+    def wait() -> None:
+        """The waiting thread: until the token and the database are there, then the real app behind the gate."""
+        assert gate is not None
+        try:
+            if not waiter.wait([probe for probe, _ in pending]):
+                return  # a stop came first
+            app = real_app()
+        except ConfigError as err:  # it answered at last, and what it said can never work (refused credentials)
+            failed.append(err)
+            server.should_exit = True
+            return
+        gate.open(app, on_shutdown=app.state.ctx.hub.close)
+        ready()
+
+    if gate is not None:
+        first = pending[0][1]
+        get_logger().info("api_waiting", url=where.url(), waiting_for=first.what, cause=first.cause)
+        threading.Thread(target=wait, name="waiting", daemon=True).start()
     # uvicorn handles SIGTERM/SIGINT while it runs, then restores the handlers it found and raises the
     # signal again. These are what it finds: the signal has been answered by a clean stop, exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     notifier.stopping()
+    if failed:
+        print(f"i2v-daemon: {failed[0]}", file=sys.stderr)
+        return EX_CONFIG
     get_logger().info("api_stopped")
     return EX_OK
 

@@ -1,4 +1,4 @@
-"""`i2v-daemon`: argument parsing and printing. Exit 0 done, 1 failed/not found, 2 usage, 78 config.
+"""`i2v-daemon`: argument parsing and printing. Exit 0 done, 1 failed/not found, 2 usage, 75 not yet, 78 config.
 
 The commands that only read or ask (`status`, `show`, `cancel`, `retry`, `pause`, `resume`) find
 the database with `locate` and import nothing else of weight (no pydantic, no logging stack, no
@@ -15,11 +15,11 @@ from typing import Any
 
 from i2v_daemon import __version__
 from i2v_daemon.cli import operator as cli_ops
-from i2v_daemon.errors import ConfigError, DatabaseGone
+from i2v_daemon.errors import ConfigError, DatabaseGone, NotReady
 from i2v_daemon.logs import terminal_json, terminal_safe, terminal_writers
 from i2v_daemon.queue.jobs import MAX_JOB_ID
 
-EX_OK, EX_FAILED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+EX_OK, EX_FAILED, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
 #: Commands that need only the job database (the fast path).
 LIGHT = frozenset({"status", "show", "cancel", "retry", "pause", "resume"})
 
@@ -134,6 +134,10 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as err:
         print(f"i2v-daemon: {err}", file=sys.stderr)
         return EX_CONFIG
+    except NotReady as err:  # a command that does not wait (`run --once`, `migrate`) met a dependency not there yet
+        print(f"i2v-daemon: {err.what} is not there yet ({err.cause}); try again later (`run` and `serve` "
+              "wait for it)", file=sys.stderr)
+        return EX_TEMPFAIL
     except DatabaseGone as err:
         print(f"i2v-daemon: {err}", file=sys.stderr)
         return EX_FAILED
@@ -176,11 +180,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "run":
-        from i2v_daemon.daemon import Daemon
+        from i2v_daemon.daemon import start
 
-        daemon = Daemon(settings)
-        daemon.install_signal_handlers()
-        return daemon.run_once() if args.once else daemon.run_forever()
+        return start(settings, once=args.once)
     if args.command == "serve":
         from i2v_daemon.api import serve
 

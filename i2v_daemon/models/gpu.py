@@ -9,6 +9,11 @@ the functions: importing this module stays cheap.
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.models.memory import ANCHOR_SLOPE, GIB, MemoryModel
@@ -17,8 +22,8 @@ if TYPE_CHECKING:
     from i2v_daemon.models.base import VideoModel
 
 __all__ = [
-    "allocated_bytes", "card", "describe", "free_memory", "gpu_budget_bytes", "gpu_name", "is_cuda", "is_oom",
-    "memory_model_for", "peak_bytes", "reset_peak",
+    "GpuState", "allocated_bytes", "card", "describe", "free_memory", "gpu_budget_bytes", "gpu_name", "gpu_state",
+    "is_cuda", "is_oom", "memory_model_for", "peak_bytes", "reset_peak",
 ]
 
 
@@ -154,3 +159,71 @@ def describe() -> dict[str, Any]:
     except Exception as err:  # a driver/library mismatch surfaces here; doctor reports it
         out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return out
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """What this machine's torch and NVIDIA driver offer now, asked without touching CUDA in this process."""
+
+    torch: str  #: torch's version
+    cuda_build: str | None  #: the CUDA version torch was built for; None: a CPU-only (or ROCm) build
+    count: int | None  #: GPUs the driver shows now; None: not asked (a ROCm build)
+    error: str | None = None  #: why the driver shows none, in one line
+
+
+#: Asks the driver (libcuda, no torch) how many GPUs it shows, in a process of its own: prints one JSON object.
+_DRIVER_PROBE = r"""
+import ctypes, json
+out = {"count": 0, "error": None}
+def name(cuda, rc):
+    text = ctypes.c_char_p()
+    cuda.cuGetErrorName(rc, ctypes.byref(text))
+    return (text.value or b"error %d" % rc).decode()
+try:
+    cuda = ctypes.CDLL("libcuda.so.1")
+except OSError as err:
+    out["error"] = "the NVIDIA driver's library libcuda.so.1 cannot be loaded (%s)" % err
+else:
+    rc = cuda.cuInit(0)
+    count = ctypes.c_int(0)
+    if rc != 0:
+        out["error"] = "the NVIDIA driver cannot be initialised (cuInit: %s)" % name(cuda, rc)
+    elif cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        out["error"] = "the NVIDIA driver shows no GPU"
+    out["count"] = count.value
+print(json.dumps(out))
+"""
+
+
+def gpu_state(timeout: float = 30.0) -> GpuState:
+    """torch's build, and how many GPUs the driver shows now (asked in a fresh process, see below).
+
+    CUDA's answer is fixed for the life of a process once asked: torch caches the device count and
+    a failed cuInit stays failed. So a daemon that asked in its own process while the driver was
+    being reloaded would stay blind to the GPU; asking a short-lived child leaves this process free
+    to ask for real once the child sees one. `I2V_TEST_GPU_STATE=FILE` (tests: the device seam)
+    answers with FILE's JSON object (`cuda_build`, `count`, `error`) instead, read at each call.
+    """
+    import torch
+
+    seam = os.environ.get("I2V_TEST_GPU_STATE")
+    if seam:
+        with open(seam, encoding="utf-8") as fh:
+            told = json.load(fh)
+        return GpuState(torch.__version__, told.get("cuda_build"), told.get("count"), told.get("error"))
+    build = torch.version.cuda
+    if build is None:
+        return GpuState(torch.__version__, None, None if torch.version.hip else 0, None)
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-c", _DRIVER_PROBE], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return GpuState(torch.__version__, build, 0, f"the NVIDIA driver did not answer within {timeout:.0f} s")
+    except OSError as err:
+        return GpuState(torch.__version__, build, 0, f"the driver probe could not run: {err}")
+    try:
+        answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):  # the child died inside the driver (a crash while it reloads)
+        tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return GpuState(torch.__version__, build, 0, f"asking the NVIDIA driver failed: {tail}")
+    return GpuState(torch.__version__, build, int(answer.get("count") or 0), answer.get("error"))

@@ -1,10 +1,12 @@
 """`i2v-daemon doctor`: is this machine ready to run the daemon, and if not, what to fix.
 
-Each check returns `Check` values: ok, warn (works, but you may not like it) or fail (the daemon
-will not work: `run` would exit 78, or every job, or every job of one model, would fail). Nothing
-here changes anything: no folder is created, no schema upgraded, nothing downloaded; a network
-probe is one request bounded to a few seconds, and none at all with HF_HUB_OFFLINE set. Exit
-status 0 when nothing failed, 1 otherwise.
+Each check returns `Check` values: ok, warn (works, but you may not like it), wait (not there now:
+a database that does not accept connections, a read-only share, a GPU the driver does not show;
+`run` and `serve` wait for it and go on by themselves, judged as `service/readiness.py` judges them)
+or fail (the daemon will not work: `run` would exit 78, or every job, or every job of one model,
+would fail). Nothing here changes anything: no folder is created, no schema upgraded, nothing
+downloaded; a network probe is one request bounded to a few seconds, and none at all with
+HF_HUB_OFFLINE set. Exit status 0 when nothing failed or waits, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from i2v_daemon.errors import NotReady
 from i2v_daemon.models.hub import HubProbe, hub_cli
+from i2v_daemon.service.readiness import database_problem, model_cache_problem, os_problem
 
 GIB = 2**30
 #: below this much free GPU memory the model (about 5 GiB in fp16) and a job will not fit
@@ -39,7 +43,7 @@ INTERPOLATION_FILTERS = {"minterpolate": "motion", "framerate": "blend"}
 
 @dataclass(frozen=True)
 class Check:
-    level: str  # "ok" | "warn" | "fail"
+    level: str  # "ok" | "warn" | "wait" | "fail"
     name: str  # what was checked: gpu, ffmpeg, inbox_dir, database, model, …
     message: str
     fix: str = ""
@@ -57,6 +61,7 @@ def run_checks(settings: Any, *, min_free_gib: float = 5.0) -> list[Check]:
         ("folders", lambda: check_folders(settings, min_free_gib)),
         ("database", lambda: check_database(settings)),
         ("model", lambda: check_models(settings)),
+        ("model_cache", lambda: check_model_cache(settings)),
         ("rife_model", lambda: check_rife_model(settings)),
         ("on_finish", lambda: check_on_finish(settings)),
         ("api_token_file", lambda: check_api_token_file(settings)),
@@ -74,8 +79,8 @@ def run_checks(settings: Any, *, min_free_gib: float = 5.0) -> list[Check]:
 
 
 def exit_code(checks: list[Check]) -> int:
-    """1 when anything failed, else 0 (warnings do not fail)."""
-    return 1 if any(c.level == "fail" for c in checks) else 0
+    """1 when anything failed or is not there now (waits), else 0 (warnings do not fail)."""
+    return 1 if any(c.level in ("fail", "wait") for c in checks) else 0
 
 
 def render(checks: list[Check]) -> str:
@@ -87,8 +92,11 @@ def render(checks: list[Check]) -> str:
             lines.append(f"      fix: {c.fix}")
     fails = sum(c.level == "fail" for c in checks)
     warns = sum(c.level == "warn" for c in checks)
+    waits = sum(c.level == "wait" for c in checks)
+    waiting = f", {waits} not there now (the daemon waits for it)" if waits else ""
     lines.append(
-        f"{fails} problem(s) to fix, {warns} warning(s)" if fails or warns else "everything looks ready"
+        f"{fails} problem(s) to fix, {warns} warning(s){waiting}" if fails or warns or waits
+        else "everything looks ready"
     )
     return "\n".join(lines)
 
@@ -115,6 +123,9 @@ def check_gpu(settings: Any) -> list[Check]:
         if device == "auto":
             out.append(Check("warn", "gpu", f"{why} ({build}); jobs run on the CPU, very slowly",
                              f'{fix}, or set device = "cpu"'))
+        elif info["cuda_build"]:  # a driver being reloaded, MIG being reconfigured: `run` waits for the GPU
+            out.append(Check("wait", "gpu", f"{why} ({build}); device = {device}: `run` waits until the driver "
+                             "shows the GPU", fix))
         else:
             out.append(Check("fail", "gpu", f"{why} ({build}); device = {device} cannot work", fix))
     else:
@@ -225,7 +236,17 @@ def _folder(key: str, path: Path, min_free_gib: float) -> tuple[Check, int | Non
             return Check("fail", key, f"{path} does not exist and {ancestor} is not writable by {_me()}",
                          f"create it: sudo install -d -o {_me()} {path}"), None
         return Check("ok", key, f"{path} does not exist yet; the daemon creates it at start"), None
-    st = path.stat()
+    try:
+        st = path.stat()
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError as err:  # a stale or unreachable share
+        judged = os_problem(err, key, path)
+        level = "wait" if isinstance(judged, NotReady) else "fail"
+        return Check(level, key, f"{path} cannot be read now: {err.strerror}" + _WAITS * (level == "wait"),
+                     "check the share's server and mount (mount, dmesg)"), None
+    if read_only:
+        return Check("wait", key, f"{path} is on a read-only filesystem{_WAITS}",
+                     "remount it read-write (mount -o remount,rw), or check the share's server"), st.st_dev
     if not os.access(path, os.W_OK | os.X_OK):
         return Check("fail", key, f"{path} is not writable by {_me()} ({_describe(st)})",
                      f"sudo chown {_me()} {path}, or add {_me()} to its group and chmod g+rwx {path}"), st.st_dev
@@ -235,6 +256,10 @@ def _folder(key: str, path: Path, min_free_gib: float) -> tuple[Check, int | Non
         return Check("warn", key, f"{msg}: under {min_free_gib:g} GiB free",
                      "free disk space: videos and job folders need room"), st.st_dev
     return Check("ok", key, msg), st.st_dev
+
+
+#: said of what `run` and `serve` wait for rather than exit
+_WAITS = ": `run` and `serve` wait for it and go on by themselves"
 
 
 def _describe(st: os.stat_result) -> str:
@@ -278,6 +303,10 @@ def check_database(settings: Any) -> list[Check]:
     try:
         return _open_database(url, shown, postgres=parsed.get_backend_name() == "postgresql")
     except Exception as err:
+        judged = database_problem(err, url)
+        if isinstance(judged, NotReady):
+            return [Check("wait", "database", f"cannot open {shown} now: {judged.cause}{_WAITS}",
+                          "start the database server, or check the network to it")]
         detail = str(getattr(err, "orig", None) or err).strip().splitlines()
         return [Check("fail", "database", f"cannot open {shown}: {detail[0] if detail else type(err).__name__}", fix)]
 
@@ -320,6 +349,16 @@ def _open_database(url: str, shown: str, *, postgres: bool) -> list[Check]:
 
 
 # ---- the models ---------------------------------------------------------------------------------
+
+
+def check_model_cache(settings: Any) -> list[Check]:
+    """The default model's folder, or the Hugging Face cache, on a share that fails now: `run` waits for it."""
+    try:
+        model_cache_problem(settings)
+    except NotReady as err:
+        return [Check("wait", "model_cache", f"{err.what} cannot be read now: {err.cause}{_WAITS}",
+                      "check the share's server and mount (mount, dmesg)")]
+    return []
 
 
 def check_models(settings: Any) -> list[Check]:

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from i2v_daemon.queue.schema import HEAD
 from tests.conftest import SUBPROCESS_ENV, Env, write_config
 
 pytestmark = pytest.mark.slow
@@ -269,31 +270,60 @@ def test_ipv6_loopback_in_brackets_is_served(api: Api):
         assert proc.stop() == 0
 
 
+def waiting_health(proc: Proc) -> tuple[str, dict[str, Any]]:
+    """The URL of a `serve` that waits, and what its /healthz says (503) while it does."""
+    url = proc.wait_for_event("api_waiting")["url"]
+    health = httpx.get(url + "healthz", timeout=30)
+    assert health.status_code == 503 and health.headers["retry-after"], health.text
+    return url, health.json()
+
+
 def test_serve_waits_for_the_daemon_to_make_the_database_and_says_so(tmp_path: Path, tiny_i2vgen_dir: Path):
     data = tmp_path / "data"
     config = write_config(tmp_path / "config.toml", data, tiny_i2vgen_dir)
     proc = start_serve(config)
-    assert proc.wait() == 1  # not 78: under systemd it is started again, and works once `run` made the schema
-    assert "`i2v-daemon run`" in proc.text
-    assert not (data / "jobs.db").exists()  # serve never makes the database
+    try:
+        url, health = waiting_health(proc)  # not an exit: under systemd it would stay down otherwise
+        assert health["ok"] is False and health["waiting_for"] == f"the database {data / 'jobs.db'}"
+        assert "`i2v-daemon run`" in health["cause"]
+        assert not (data / "jobs.db").exists()  # serve never makes the database
+        migrate(config)  # what `run` does at its start
+        wait_for_200(url + "healthz")
+        assert httpx.get(url + "healthz", timeout=30).json() == {"ok": True}
+    finally:
+        assert proc.stop() == 0
 
 
-@pytest.mark.parametrize(("revision", "code", "words"), [
-    ("0003", 1, "start `i2v-daemon run`"),  # older: the daemon upgrades it, then serve starts
-    ("9999", 78, "upgrade i2v-daemon on this host"),  # newer: restarting cannot help
-])
-def test_serve_refuses_a_database_of_another_schema_revision(
-    tmp_path: Path, tiny_i2vgen_dir: Path, revision: str, code: int, words: str,
+def wait_for_200(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(url, timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, f"{url} did not answer 200"
+        time.sleep(0.2)
+
+
+def test_serve_waits_for_an_older_schema_to_be_upgraded_and_refuses_a_newer_one_with_78(
+    tmp_path: Path, tiny_i2vgen_dir: Path,
 ):
     data = tmp_path / "data"
     config = write_config(tmp_path / "config.toml", data, tiny_i2vgen_dir)
     migrate(config)
     with sqlite3.connect(data / "jobs.db") as db:
-        db.execute("UPDATE alembic_version SET version_num = ?", (revision,))
-    proc = start_serve(config)
-    assert proc.wait() == code
-    problem = [line for line in proc.lines if line.startswith("i2v-daemon:")]
-    assert len(problem) == 1 and words in problem[0] and revision in problem[0]
+        db.execute("UPDATE alembic_version SET version_num = '0003'")
+    older = start_serve(config)
+    try:
+        url, health = waiting_health(older)  # the daemon upgrades it, then serve answers by itself
+        assert "revision 0003" in health["cause"] and "`i2v-daemon run`" in health["cause"]
+        with sqlite3.connect(data / "jobs.db") as db:  # as the daemon's upgrade leaves it
+            db.execute("UPDATE alembic_version SET version_num = ?", (HEAD,))
+        wait_for_200(url + "healthz")
+    finally:
+        assert older.stop() == 0
+    with sqlite3.connect(data / "jobs.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999'")
+    newer = start_serve(config)
+    assert newer.wait() == 78  # newer: restarting cannot help
+    problem = [line for line in newer.lines if line.startswith("i2v-daemon:")]
+    assert len(problem) == 1 and "upgrade i2v-daemon on this host" in problem[0] and "9999" in problem[0]
 
 
 def test_sigterm_ends_open_event_streams_and_serve_exits_0(tmp_path: Path, tiny_i2vgen_dir: Path):

@@ -140,11 +140,44 @@ def test_doctor_names_each_broken_part_with_a_fix_and_exits_1(env: Env, tmp_path
     out = proc.stdout
     assert "FAIL  inbox_dir:" in out and "is a file, not a folder" in out
     assert "FAIL  model:" in out and "no-such-model" in out and "does not exist" in out
-    assert "FAIL  database: cannot open postgresql+psycopg://i2v@127.0.0.1:9/nothing" in out
-    fails = [i for i, line in enumerate(out.splitlines()) if line.startswith("FAIL")]
+    # Refused connections are not a mistake in the config: `run` waits for the server (and doctor says so).
+    assert "WAIT  database: cannot open postgresql+psycopg://i2v@127.0.0.1:9/nothing now: connection refused" in out
+    fails = [i for i, line in enumerate(out.splitlines()) if line.startswith(("FAIL", "WAIT"))]
     assert len(fails) >= 3 and all(out.splitlines()[i + 1].strip().startswith("fix:") for i in fails)
     assert "OK    ffmpeg" in out  # the rest is still checked
-    assert out.strip().splitlines()[-1].startswith(f"{len(fails)} problem(s) to fix")
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith(f"{len(fails) - 1} problem(s) to fix") and summary.endswith(
+        ", 1 not there now (the daemon waits for it)")
+
+
+def test_a_folder_on_a_read_only_mount_is_reported_as_waited_for_and_doctor_exits_1(env: Env):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only filesystem needs root")
+    env.output.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "i2v-test", str(env.output)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(env.output)], check=True)
+        proc = env.cli("doctor", "--min-free-gib", "0.001")
+    finally:
+        subprocess.run(["umount", "-l", str(env.output)], check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert f"WAIT  output_dir: {env.output} is on a read-only filesystem: `run` and `serve` wait for it" in proc.stdout
+    assert "remount it read-write" in proc.stdout
+
+
+def test_a_cuda_torch_that_sees_no_gpu_is_waited_for_and_a_cpu_only_one_is_a_fail(
+    env: Env, monkeypatch: pytest.MonkeyPatch,
+):
+    from i2v_daemon.models import gpu
+    from i2v_daemon.service.doctor import check_gpu
+
+    seen = {"torch": "2.13.0", "cuda_build": "12.8", "cuda_available": False, "devices": [], "error": None}
+    monkeypatch.setattr(gpu, "describe", lambda: seen)
+    [waiting] = [c for c in check_gpu(settings(env, device="cuda")) if c.name == "gpu"]
+    assert waiting.level == "wait" and "`run` waits until the driver shows the GPU" in waiting.message
+    seen["cuda_build"] = None
+    [wrong] = [c for c in check_gpu(settings(env, device="cuda")) if c.name == "gpu"]
+    assert wrong.level == "fail" and "cannot work" in wrong.message
 
 
 def test_doctor_warns_about_a_paused_queue_but_still_exits_0(env: Env):
