@@ -25,6 +25,7 @@ from i2v_daemon.intake.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_
 from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
 from i2v_daemon.models.holder import ModelHolder
+from i2v_daemon.models.loader import check_never_loads
 from i2v_daemon.params import BUILTIN_PRESETS
 from i2v_daemon.queue.clock import now_us, utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
@@ -348,6 +349,8 @@ class Daemon:
 
     def _drain(self) -> int:
         self._drain_started_us = now_us()
+        # A model that can never load is exit 78 even with no job to run now: the next run would fail the same.
+        check_never_loads(self.s.model)
         self.recover()
         while self.stop_requested is None:
             result = self.intake_pass(once=True)
