@@ -61,6 +61,8 @@ def data(tmp_path: Path) -> Path:
                      output=str(final / f"{HOSTILE}.mp4") if status is JobStatus.SUCCEEDED else None)
     rejected = job("rejected", rejection={"type": "invalid_input", "message": f"{HOSTILE}.json: unknown key"})
     store.claim_next("w", lease_seconds=60, job_id=rejected)
+    (folder / "failed" / f"{HOSTILE}-rejected").mkdir(parents=True)
+    store.update_running(rejected, "w", final_dir=str(folder / "failed" / f"{HOSTILE}-rejected"))
     store.finish(rejected, "w", JobStatus.FAILED, error={"type": "invalid_input", "message": f"{HOSTILE}: bad"})
     store.close()
     return folder
