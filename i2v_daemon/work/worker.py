@@ -342,7 +342,7 @@ class Worker:
         try:
             final = self.store.get(job.id)
         except Exception:  # the job is finished and safe; only its metrics are lost, and said so
-            log.exception("hook_failed", hook="on_finish", job_id=job.id)
+            log.exception("metrics_hook_failed", hook="on_finish", job_id=job.id)
             return
         if final is not None:
             self._hook(self.on_finish, final)
@@ -359,8 +359,8 @@ class Worker:
         if hook is not None:
             try:
                 hook(*args)
-            except Exception:
-                log.exception("hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
+            except Exception:  # not `hook_failed`: that is the user's on_finish command (delivery/hook.py)
+                log.exception("metrics_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
     # ---- liveness, from the daemon's timer --------------------------------------------------------
 
