@@ -27,6 +27,7 @@ _JSON_EXAMPLES = {
     "models": '{"svd": "stabilityai/stable-video-diffusion-img2vid-xt"}',
     "presets": '{"social": {"output_fps": 24}}',
     "batch_roots": '["/srv/photos"]',
+    "api_trusted_proxies": '["127.0.0.1"]',
 }
 
 #: The keys every preset has; a new one (not a built-in's name) must give them all.
@@ -125,6 +126,11 @@ class Settings(BaseSettings):
     api_listen: str = "127.0.0.1:8765"
     api_token_file: Path | None = None  # default <data_dir>/api-token
     api_max_upload_bytes: int = Field(default=64 * 2**20, ge=1024, le=2**34)
+    api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)  # a request's line and headers, at most
+    api_read_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)  # longest pause in a body
+    api_max_connections: int = Field(default=1000, ge=16, le=1_000_000)  # lowered to fit the open-file limit
+    api_trusted_proxies: list[str] = Field(default_factory=list)  # IPs/networks whose X-Forwarded-* are believed
+    api_session_seconds: float = Field(default=7 * 86400, ge=60, le=366 * 86400)  # the page's sign-in lasts this
 
     # speed (INTERFACE.md §8)
     accelerate: Literal["auto", "on", "off"] = "auto"
@@ -194,6 +200,18 @@ class Settings(BaseSettings):
     def _metrics_textfile(cls, v: Path | None) -> Path | None:
         if v is not None and v.suffix != ".prom":
             raise ValueError("must end in .prom (node_exporter's textfile collector reads only those)")
+        return v
+
+    @field_validator("api_trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network such as 127.0.0.1 or 10.0.0.0/8") from None
         return v
 
     @field_validator("webhooks")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -35,6 +36,8 @@ HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),  # the sign-in URL carries the token; never pass it on
     (b"x-frame-options", b"DENY"),
+    # No other origin may embed an answer (a poster in an <img>, a video) with a visitor's cookie.
+    (b"cross-origin-resource-policy", b"same-origin"),
 ]
 #: What a client is told to wait before asking again while the database is away (503).
 RETRY_AFTER_SECONDS = 5
@@ -61,7 +64,8 @@ def create_app(
     app = FastAPI(
         title="i2v-daemon", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
     )
-    app.state.ctx = Context(settings=settings, store=store, token=token, hub=hub)
+    sessions = auth.Sessions(token, Path(str(settings.data_dir)) / auth.SESSIONS_FILE, settings.api_session_seconds)
+    app.state.ctx = Context(settings=settings, store=store, token=token, hub=hub, sessions=sessions)
     app.include_router(routes.router)
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
@@ -79,18 +83,31 @@ def create_app(
     return app
 
 
+def refuse(request: Request, status: int, kind: str, message: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one way a request is refused: the JSON error, and its type and message on the request's log line."""
+    request.state.refused = (kind, message)
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers or None)
+
+
 def _errors(app: FastAPI) -> None:
+    """The API's error boundary: every refusal is JSON with a 4xx and one log line (`http_request`), never a traceback.
+
+    A route raises ApiError (the upload's errors are ApiErrors too); FastAPI's own validation and
+    Starlette's HTTP errors are answered alike. Only what nobody foresaw is a 500 with its traceback.
+    """
+
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, err: ApiError) -> JSONResponse:
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
         headers = {**err.headers, **({"WWW-Authenticate": 'Bearer realm="i2v-daemon"'} if err.status == 401 else {})}
-        return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
+        return refuse(request, err.status, err.kind, err.message, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "header", "body"))
         message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid request"))
-        return JSONResponse({"error": {"type": "invalid_input", "message": message}}, status_code=422)
+        return refuse(request, 422, "invalid_input", message)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -98,11 +115,11 @@ def _errors(app: FastAPI) -> None:
         message = str(err.detail)
         if err.status_code == 404:
             message = f"no such path {request.url.path}; the API is under /api/v1/ (README: HTTP API)"
-        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
+        return refuse(request, err.status_code, kind, message, getattr(err, "headers", None))
 
     @app.exception_handler(ClientDisconnect)
-    async def gone(_request: Request, _err: ClientDisconnect) -> Response:
+    async def gone(request: Request, _err: ClientDisconnect) -> Response:
+        request.state.refused = ("client_gone", "the client left before its request was read; nothing was kept")
         return Response(status_code=400)  # nobody is listening; the upload was discarded
 
     @app.exception_handler(DBAPIError)
@@ -147,7 +164,9 @@ class _Edge:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
+            refused = (scope.get("state") or {}).get("refused")
+            why = {"error": refused[0], "reason": refused[1][:300]} if refused else {}
             get_logger().info(
                 "http_request", method=scope["method"], path=scope["path"], status=status,
-                ms=round((time.monotonic() - started) * 1000, 1), client=(scope.get("client") or ("", 0))[0],
+                ms=round((time.monotonic() - started) * 1000, 1), client=(scope.get("client") or ("", 0))[0], **why,
             )

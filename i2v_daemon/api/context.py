@@ -35,6 +35,7 @@ class Context:
     store: Store
     token: auth.Token
     hub: EventHub
+    sessions: auth.Sessions
 
     def job_folders(self, job: Job) -> list[Path]:
         """Where a job's files are: its folder in output/ or failed/ once chosen, and work/<id>/ while it runs."""
@@ -67,6 +68,7 @@ def context(request: Request) -> Context:
 def authenticated(request: Request) -> str:
     """The dependency every `/api/` route has: "bearer" or "cookie", or a 401/403 answer."""
     try:
-        return auth.check(request, context(request).token)
+        ctx = context(request)
+        return auth.check(request, ctx.token, ctx.sessions)
     except auth.AuthError as err:
         raise ApiError(err.status, err.kind, str(err)) from None

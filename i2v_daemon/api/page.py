@@ -1,7 +1,8 @@
 """The page at `/`: the token handshake (the Jupyter pattern), the app shell, and its static assets.
 
-`/?token=<token>` sets an HttpOnly, SameSite=Strict cookie and redirects to `/`; without a valid
-cookie `/` is only a sign-in form. The assets (HTML, CSS, one script) are files served by
+`/?token=<token>` sets an HttpOnly, SameSite=Strict cookie of its own (expiring after
+`api_session_seconds`; see `auth.Sessions`) and redirects to `/`; without a valid cookie `/` is
+only a sign-in form. The assets (HTML, CSS, one script) are files served by
 `serve` itself and carry no data: everything the page shows comes from `/api/v1/`.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
-from i2v_daemon.api.auth import COOKIE, COOKIE_MAX_AGE
+from i2v_daemon.api.auth import COOKIE
 from i2v_daemon.api.context import context
 
 STATIC = Path(__file__).parent / "static"
@@ -41,11 +42,11 @@ def index(request: Request, token: str | None = None) -> Response:
             return _signin("That token is not the one in api_token_file; copy it again.", status=401)
         response = RedirectResponse("./", status_code=303)  # relative: works behind a proxy's path prefix too
         response.set_cookie(
-            COOKIE, ctx.token.cookie_value, max_age=COOKIE_MAX_AGE, path="/", httponly=True, samesite="strict",
+            COOKIE, ctx.sessions.issue(), max_age=ctx.sessions.max_age, path="/", httponly=True, samesite="strict",
             secure=request.url.scheme == "https",
         )
         return response
-    if ctx.token.matches_cookie(request.cookies.get(COOKIE)):
+    if ctx.sessions.valid(request.cookies.get(COOKIE)):
         return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"})
     return _signin(None, status=200)
 

@@ -21,8 +21,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from i2v_daemon.api import uploads
+from i2v_daemon.api.auth import COOKIE
 from i2v_daemon.api.context import ApiError, Context, authenticated, context
 from i2v_daemon.errors import InputError
+from i2v_daemon.logs import get_logger
 from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.views import asks as ops
 from i2v_daemon.views import jobs as views
@@ -38,12 +40,7 @@ async def submit_job(
 ) -> JSONResponse:
     """Queue a job from a multipart form: `image`, and a `sidecar` file or a `params` JSON object."""
     key = _idempotency_key(idempotency_key)
-    try:
-        upload = await uploads.receive(request, Path(str(ctx.settings.work_dir)), ctx.settings.api_max_upload_bytes)
-    except uploads.TooLarge as err:
-        raise ApiError(413, "too_large", str(err)) from None
-    except uploads.BadForm as err:
-        raise ApiError(422, "invalid_input", str(err)) from None
+    upload = await uploads.receive(request, Path(str(ctx.settings.work_dir)), ctx.settings.api_max_upload_bytes)
     try:
         if "image" not in upload.files:
             raise ApiError(422, "invalid_input", "the form has no 'image' file; send one, e.g. curl -F image=@cat.png")
@@ -71,15 +68,10 @@ async def submit_job(
 @router.post("/batches", status_code=202)
 async def submit_batch(request: Request, ctx: Ctx) -> dict[str, Any]:
     """A batch: a `manifest` file (.csv or .jsonl, one job per row) and the `image` files it names; its report."""
-    try:
-        upload = await uploads.receive(
-            request, Path(str(ctx.settings.work_dir)), ctx.settings.api_max_upload_bytes,
-            files=uploads.BATCH_FILE_FIELDS, texts=(), repeated=uploads.BATCH_REPEATED,
-        )
-    except uploads.TooLarge as err:
-        raise ApiError(413, "too_large", str(err)) from None
-    except uploads.BadForm as err:
-        raise ApiError(422, "invalid_input", str(err)) from None
+    upload = await uploads.receive(
+        request, Path(str(ctx.settings.work_dir)), ctx.settings.api_max_upload_bytes,
+        files=uploads.BATCH_FILE_FIELDS, texts=(), repeated=uploads.BATCH_REPEATED,
+    )
     try:
         if "manifest" not in upload.files:
             raise ApiError(422, "invalid_input", "the form has no 'manifest' file; send one, e.g. "
@@ -113,7 +105,11 @@ def _idempotency_key(raw: str | None) -> str | None:
 
 
 def _params(raw: str) -> dict[str, Any]:
-    """The `params` field as a JSON object, read as strictly as a `.json` sidecar (no NaN, no repeated keys)."""
+    """The `params` field as a JSON object, read as strictly as a `.json` sidecar (no NaN, no repeated keys).
+
+    Whatever Python's parser refuses is a 422 in the sidecar's words: nesting past the recursion limit
+    (RecursionError) and integers past 4,300 digits (ValueError) as much as a syntax error.
+    """
 
     def no_constant(token: str) -> Any:
         raise ApiError(422, "invalid_input", f"params: {token} is not a number JSON allows; write a finite number")
@@ -132,6 +128,10 @@ def _params(raw: str) -> dict[str, Any]:
         raise ApiError(
             422, "invalid_input", f"params: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
+    except RecursionError:
+        raise ApiError(422, "invalid_input", "params: values are nested too deeply; use one flat object") from None
+    except ValueError:  # int_max_str_digits
+        raise ApiError(422, "invalid_input", "params: a number in it has far too many digits; fix it") from None
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_input", 'params must be a JSON object, e.g. {"prompt": "a cat turns its head"}')
     return value
@@ -293,6 +293,16 @@ def presets(ctx: Ctx) -> dict[str, Any]:
         "default": ctx.settings.default_preset,
         "presets": {name: p.model_dump(exclude_none=True) for name, p in sorted(ctx.settings.all_presets().items())},
     }
+
+
+@router.delete("/sessions")
+def end_sessions(ctx: Ctx) -> JSONResponse:
+    """End every page session (each browser signs in again with the token); the token itself is unchanged."""
+    ctx.sessions.revoke_all()
+    get_logger().info("api_sessions_revoked")
+    response = JSONResponse({"message": "every page session has ended; open /?token=<token> to sign in again"})
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    return response
 
 
 @router.get("/events", response_class=EventSourceResponse)

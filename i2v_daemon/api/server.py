@@ -188,6 +188,7 @@ def _run(
 ) -> int:
     import uvicorn
 
+    from i2v_daemon.api import connections
     from i2v_daemon.api.app import create_app
     from i2v_daemon.api.gate import Gate
     from i2v_daemon.service.systemd import Notifier
@@ -209,10 +210,10 @@ def _run(
     waiter = Waiter(notifier, stopping=lambda: server.should_exit)
     gate = Gate(lambda: waiter.current or pending[0][1]) if pending else None
     # access_log off: its lines carry the query string, and `/?token=` must never reach a log (ours
-    # logs the path only). Proxy headers are believed from 127.0.0.1 alone: a TLS proxy on this host.
+    # logs the path only). Deadlines, the connection cap and proxy headers: api/connections.py.
     config = uvicorn.Config(
         gate if gate is not None else real_app(), log_config=None, access_log=False, server_header=False,
-        proxy_headers=True, forwarded_allow_ips="127.0.0.1", timeout_graceful_shutdown=3, lifespan="on",
+        timeout_graceful_shutdown=3, lifespan="on", **connections.uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     logging.getLogger("uvicorn.error").addFilter(_logged_by_us)
@@ -248,9 +249,14 @@ def _run(
     return EX_OK
 
 
+#: uvicorn's lines for what is logged once already: a request's traceback (`api_request_failed`) and a
+#: request that is not HTTP (`http_request` with its 400, from api/connections.py).
+_OURS = frozenset({"Exception in ASGI application", "Invalid HTTP request received."})
+
+
 def _logged_by_us(record: logging.LogRecord) -> bool:
-    """Drop uvicorn's copy of a request's traceback: `api_request_failed` logged it once, with the request."""
-    return record.getMessage() != "Exception in ASGI application"
+    """Drop uvicorn's copies of what we log ourselves, with the request."""
+    return record.getMessage().strip() not in _OURS
 
 
 def safe_url(url: str) -> str:

@@ -3,6 +3,11 @@
 The body is never held in memory nor spooled to /tmp (which may be another filesystem, or too
 small): each file part goes straight to disk beside the jobs it will join, so intake can move
 it into `work/<id>/input/` by rename. Whatever goes wrong, `Upload.discard()` leaves nothing.
+
+Every way a body can be wrong is one of the API's errors, answered as JSON by the app's one handler:
+400 `malformed` (not a multipart body python-multipart can read), 413 `too_large`, 415
+`unsupported_media_type` (not multipart/form-data at all), 422 `invalid_input` (a form, but not the
+one the API takes).
 """
 
 from __future__ import annotations
@@ -16,22 +21,47 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
+
+from i2v_daemon.api.context import ApiError
 
 #: Parts the API takes: files, and small text fields (a JSON object of sidecar keys).
 FILE_FIELDS = ("image", "sidecar")
 TEXT_FIELDS = ("params",)
 MAX_TEXT_BYTES = 64 * 1024
+MAX_PART_HEADER_BYTES = 8192  # one header line of a part (its name and value)
+MAX_BOUNDARY_CHARS = 70  # RFC 2046 §5.1.1
 UPLOAD_PREFIX = ".upload-"
 
 
-class TooLarge(Exception):
+class TooLarge(ApiError):
     """The request body is over `api_max_upload_bytes`."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(413, "too_large", message)
 
-class BadForm(Exception):
+
+class BadForm(ApiError):
     """The form is not what the API takes; the message says what to send instead."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, "invalid_input", message)
+
+
+class Malformed(ApiError):
+    """The body is not a multipart body that can be read at all."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, "malformed", message)
+
+
+class WrongType(ApiError):
+    """The body is not multipart/form-data."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(415, "unsupported_media_type", message)
 
 
 @dataclass
@@ -69,13 +99,17 @@ async def receive(
     request: Request, work_dir: Path, max_bytes: int, *, files: tuple[str, ...] = FILE_FIELDS,
     texts: tuple[str, ...] = TEXT_FIELDS, repeated: tuple[str, ...] = (),
 ) -> Upload:
-    """Parse a multipart/form-data body into an `Upload`; raises TooLarge or BadForm, leaving nothing behind.
+    """Parse a multipart/form-data body into an `Upload`; raises one of the errors above, leaving nothing behind.
 
     `repeated` fields may come many times: each one lands as `files["NAME/CLIENT NAME"]`.
     """
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
-        raise BadForm("send multipart/form-data: an 'image' file, and a 'sidecar' file or a 'params' JSON field")
+        raise WrongType("send multipart/form-data (with its boundary): an 'image' file, and a 'sidecar' file or "
+                        "a 'params' JSON field, e.g. curl -F image=@cat.png -F 'params={\"prompt\": \"...\"}'")
+    if len(options[b"boundary"]) > MAX_BOUNDARY_CHARS:
+        raise Malformed(f"the multipart boundary is {len(options[b'boundary'])} characters; RFC 2046 allows at most "
+                        f"{MAX_BOUNDARY_CHARS} (curl and browsers choose a short one themselves)")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:  # refused before a byte is read
         raise TooLarge(_too_large(max_bytes))
@@ -99,7 +133,7 @@ def _too_large(max_bytes: int) -> str:
 async def _parse(request: Request, boundary: bytes, upload: Upload, max_bytes: int,
                  allowed: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]) -> None:
     state = _PartState(upload, *allowed)
-    parser = MultipartParser(boundary, state.callbacks())
+    parser = MultipartParser(boundary, state.callbacks(), max_header_size=MAX_PART_HEADER_BYTES)
     received = 0
     try:
         async for chunk in request.stream():
@@ -110,10 +144,22 @@ async def _parse(request: Request, boundary: bytes, upload: Upload, max_bytes: i
             await state.flush()
         parser.finalize()
         await state.flush()
+    except FormParserError as err:  # python-multipart could not read it: the body is not what it says
+        raise Malformed(_unreadable(err, received)) from None
     finally:
         state.close()
     if not state.ended:
-        raise BadForm("the multipart body ended before its closing boundary; send the whole form")
+        raise Malformed("the multipart body ended before its closing boundary; send the whole form")
+
+
+def _unreadable(err: FormParserError, received: int) -> str:
+    what = str(err).split(" at ")[0] if str(err) else type(err).__name__
+    if "header size" in what:
+        what = f"a part's header line is over {MAX_PART_HEADER_BYTES // 1024} KiB"
+    elif "header count" in what:
+        what = "a part has too many header lines"
+    return (f"the multipart body cannot be read ({what}, within its first {received:,} bytes); send a "
+            "well-formed multipart/form-data body, as curl -F or a browser's FormData does")
 
 
 def _write_all(writes: list[tuple[IO[bytes], bytes]]) -> None:
@@ -152,9 +198,7 @@ class _PartState:
         return cbs
 
     def _add(self, attr: str, data: bytes) -> None:
-        setattr(self, attr, getattr(self, attr) + data)
-        if len(self._header_name) + len(self._header_value) > 8192:
-            raise BadForm("a part's header is over 8 KiB; send plain form parts")
+        setattr(self, attr, getattr(self, attr) + data)  # a line is at most MAX_PART_HEADER_BYTES: the parser's check
 
     def _begin(self) -> None:
         self._disposition, self._file, self._text = b"", None, None
