@@ -99,3 +99,21 @@ class StopDaemon(Exception):
     def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(error.get("message", ""))
         self.error = error
+
+
+def first_line(
+    err: BaseException, *, limit: int | None = None, with_type: bool = False, default: str | None = None,
+) -> str:
+    """The first line of an error's message, for a one-line report of a driver's or a library's error.
+
+    A database error gives its driver's own message (SQLAlchemy's adds the statement and a link).
+    `limit` cuts the line; `with_type` puts the error's type first ("OSError: …"); an error with no
+    message gives `default`, or else its type's name.
+    """
+    text = str(getattr(err, "orig", None) or err).strip()
+    if not text:
+        return default if default is not None else type(err).__name__
+    line = text.splitlines()[0]
+    if limit is not None:
+        line = line[:limit]
+    return f"{type(err).__name__}: {line}" if with_type else line

@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 from PIL import Image, ImageFile
 
-from i2v_daemon.errors import InputError
+from i2v_daemon.errors import InputError, first_line
 from i2v_daemon.fsutil import open_regular
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -298,7 +298,7 @@ def _foreign_message(name: str, head: bytes) -> str:
 
 
 def _damaged(name: str, fmt: str, err: Exception) -> str:
-    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    detail = first_line(err)
     if len(detail) > 120:
         detail = detail[:117] + "…"
     return (

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from i2v_daemon.errors import first_line
 from i2v_daemon.models.gpu import is_oom
 
 __all__ = [
@@ -207,7 +208,7 @@ class CompiledDenoiser:
         except Exception as err:
             if is_oom(err):
                 raise
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            first = first_line(err, limit=300)
             self.broken[key] = f"compiling {type(self.module).__name__} for {label} failed ({first}); it runs eagerly"
             report.fall_back(self.broken[key])
             return self.eager(*args, **kwargs)

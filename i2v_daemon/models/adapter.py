@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from i2v_daemon.errors import GenerationError, InputError
+from i2v_daemon.errors import GenerationError, InputError, first_line
 from i2v_daemon.models import planning, schedulers
 from i2v_daemon.models.base import (
     ConditioningPlan,
@@ -405,7 +405,7 @@ class DiffusersVideoModel:
                 raise
             except Exception as err:  # wrong family, wrong rank, not a safetensors file: the user's to fix
                 self._unload_lora()
-                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                first = first_line(err, limit=200)
                 raise InputError(f"lora {lora.name!r} does not fit this {self.family} model ({first})") from err
             self._lora_loaded = key
         pipe.enable_lora()

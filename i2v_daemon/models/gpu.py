@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from i2v_daemon.errors import first_line
 from i2v_daemon.models.memory import ANCHOR_SLOPE, GIB, MemoryModel
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def describe() -> dict[str, Any]:
                 "free_bytes": int(free), "total_bytes": int(total),
             })
     except Exception as err:  # a driver/library mismatch surfaces here; doctor reports it
-        out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        out["error"] = first_line(err, with_type=True)
     return out
 
 

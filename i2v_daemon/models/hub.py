@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from i2v_daemon.errors import first_line
+
 #: How long one question to the Hub may take.
 HUB_PROBE_SECONDS = 5.0
 
@@ -73,18 +75,18 @@ def head_model_index(model: str, seconds: float) -> tuple[str, str]:
         # One HEAD: get_hf_file_metadata does not retry, where hf_hub_download backs off for ~25 s.
         get_hf_file_metadata(hf_hub_url(model, "model_index.json"), timeout=seconds)
     except GatedRepoError as err:
-        return "gated", first_line(err)
+        return "gated", first_line(err, with_type=True)
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        return "missing", first_line(err)
+        return "missing", first_line(err, with_type=True)
     except EntryNotFoundError as err:
-        return "not_pipeline", first_line(err)
+        return "not_pipeline", first_line(err, with_type=True)
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
         if status is not None and 400 <= status < 500 and status not in (408, 429):
-            return "refused", f"HTTP {status}: {first_line(err)}"
-        return "down", first_line(err)
+            return "refused", f"HTTP {status}: {first_line(err, with_type=True)}"
+        return "down", first_line(err, with_type=True)
     except Exception as err:  # connection refused, DNS, timeouts, TLS: the network, not the repo
-        return "down", first_line(err)
+        return "down", first_line(err, with_type=True)
     return "ok", ""
 
 
@@ -95,8 +97,3 @@ def bounded(fn: Callable[[], tuple[str, str]], seconds: float) -> tuple[str, str
     thread.start()
     thread.join(seconds)
     return box[0] if box else None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from i2v_daemon.errors import ConfigError, I2VError, ModelUnavailable
+from i2v_daemon.errors import ConfigError, I2VError, ModelUnavailable, first_line
 
 if TYPE_CHECKING:
     from i2v_daemon.models.base import VideoModel
@@ -125,9 +125,9 @@ def model_unavailable(model: str, why: BaseException | str) -> ModelUnavailable:
     """A Hub model that cannot be fetched right now (not cached, and offline or the Hub unreachable)."""
     from huggingface_hub import constants
 
-    from i2v_daemon.models.hub import first_line, hub_cli
+    from i2v_daemon.models.hub import hub_cli
 
-    detail = why if isinstance(why, str) else first_line(why)
+    detail = why if isinstance(why, str) else first_line(why, with_type=True)
     return ModelUnavailable(
         f"model {model!r} is not (completely) in the Hugging Face cache and cannot be downloaded now ({detail}). "
         f"Download it once where the Hub can be reached (`HF_HOME={constants.HF_HOME} {hub_cli()} download "

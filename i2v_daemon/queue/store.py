@@ -22,7 +22,7 @@ from sqlalchemy import ColumnElement, Engine, case, create_engine, event, func, 
 from sqlalchemy.engine import Connection, RowMapping, make_url
 from sqlalchemy.exc import IntegrityError
 
-from i2v_daemon.errors import DatabaseGone, LeaseLost
+from i2v_daemon.errors import DatabaseGone, LeaseLost, first_line
 from i2v_daemon.queue.clock import db_time, now_us, utcnow
 from i2v_daemon.queue.control import Control
 from i2v_daemon.queue.jobs import MAX_JOB_ID, TRANSITIONS, Job, JobRequest, JobStatus
@@ -145,8 +145,7 @@ def open_existing(url: str) -> Store:
         revision = store.revision()
     except Exception as err:
         store.close()
-        detail = str(getattr(err, "orig", None) or err).strip().splitlines()
-        raise DatabaseGone(f"cannot open the job database: {detail[0] if detail else type(err).__name__}") from err
+        raise DatabaseGone(f"cannot open the job database: {first_line(err)}") from err
     if revision != HEAD:
         store.close()
         from i2v_daemon.errors import ConfigError

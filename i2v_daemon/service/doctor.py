@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from i2v_daemon.errors import NotReady
+from i2v_daemon.errors import NotReady, first_line
 from i2v_daemon.models.hub import HubProbe, hub_cli
 from i2v_daemon.service.readiness import database_problem, model_cache_problem, os_problem
 
@@ -307,8 +307,7 @@ def check_database(settings: Any) -> list[Check]:
         if isinstance(judged, NotReady):
             return [Check("wait", "database", f"cannot open {shown} now: {judged.cause}{_WAITS}",
                           "start the database server, or check the network to it")]
-        detail = str(getattr(err, "orig", None) or err).strip().splitlines()
-        return [Check("fail", "database", f"cannot open {shown}: {detail[0] if detail else type(err).__name__}", fix)]
+        return [Check("fail", "database", f"cannot open {shown}: {first_line(err)}", fix)]
 
 
 def _open_database(url: str, shown: str, *, postgres: bool) -> list[Check]:

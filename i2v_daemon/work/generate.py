@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from i2v_daemon.errors import OutOfMemory
+from i2v_daemon.errors import OutOfMemory, first_line
 from i2v_daemon.intake.choices import resolve_lora
 from i2v_daemon.models.base import (
     SAVERS,
@@ -190,7 +190,7 @@ def generate(
                 raise
             # Keep the message only: the error's traceback holds the failed try's frames, and with
             # them every tensor it allocated.
-            oom = (str(err).splitlines() or ["out of memory"])[0][:300]
+            oom = first_line(err, limit=300, default="out of memory")
         if oom is not None:
             # Out of the except block, so nothing of the failed try is referenced while memory is freed.
             free_memory(model.device)

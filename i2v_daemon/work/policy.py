@@ -33,6 +33,7 @@ from i2v_daemon.errors import (
     JobStalled,
     LeaseLost,
     TransientError,
+    first_line,
 )
 
 #: errno values that mean "the machine, not the job": kept and waited out without using attempts.
@@ -121,8 +122,7 @@ def _environment(err: BaseException) -> str | None:
     except ImportError:  # pragma: no cover - SQLAlchemy is a dependency
         return None
     if isinstance(err, OperationalError | DBAPIError):
-        detail = str(getattr(err, "orig", None) or err).strip().splitlines()
-        return f"the job database is not answering ({detail[0] if detail else type(err).__name__})"
+        return f"the job database is not answering ({first_line(err)})"
     return None
 
 
@@ -138,7 +138,7 @@ def _permanent(err: BaseException, where: str) -> dict[str, Any] | None:
         )}
     if isinstance(err, ValueError | TypeError) and where == "generating":
         # The pipeline checked the request and refused it: the same request fails the same way again.
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:500]
+        first = first_line(err, limit=500)
         return {"type": "generation", "message": (
             f"the model's pipeline refused this request: {first}. Ask for another size or frame count "
             "(see README, Model families), or report it if the request was ordinary"
