@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 
+def job_dir(work_dir: str | os.PathLike[str], job_id: int) -> Path:
+    """A job's folder while it is in flight: `<work_dir>/<job id>/` (inputs, job.log, the video)."""
+    return Path(work_dir) / str(job_id)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or create inside `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

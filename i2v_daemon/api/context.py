@@ -10,6 +10,7 @@ from starlette.requests import Request
 
 from i2v_daemon.api import auth
 from i2v_daemon.api.events import EventHub
+from i2v_daemon.files import job_dir
 from i2v_daemon.queue.jobs import Job
 from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import Settings
@@ -40,7 +41,7 @@ class Context:
     def job_folders(self, job: Job) -> list[Path]:
         """Where a job's files are: its folder in output/ or failed/ once chosen, and work/<id>/ while it runs."""
         folders = [Path(job.final_dir)] if job.final_dir else []
-        return [*folders, Path(str(self.settings.work_dir)) / str(job.id)]
+        return [*folders, job_dir(str(self.settings.work_dir), job.id)]
 
     def inside_job(self, job: Job, path: Path) -> Path | None:
         """`path` resolved, if it is a regular file inside one of the job's folders (and those inside ours)."""

@@ -263,7 +263,7 @@ def take_batch(intake: Any, folder: str, path: Path, *, inbox: Path | None = Non
                 continue
             try:
                 if row.image is not None:
-                    bring_in(row, intake.job_dir(job.id) / "input")
+                    bring_in(row, folders.job_dir(s.work_dir, job.id) / "input")
             except OSError as err:
                 intake.store.unstage(job.id, intake.owner)
                 outcome[row.line] = {"job_id": None, "status": "not taken",
@@ -274,11 +274,11 @@ def take_batch(intake: Any, folder: str, path: Path, *, inbox: Path | None = Non
             error = row.request.rejection
             outcome[row.line] = {"job_id": job.id, "name": job.name, "status": "rejected" if error else "queued",
                                  "error": error["message"] if error else None}
-        folders.sync_all([intake.job_dir(job.id) / "input" for _, job in moved] + [path.parent])
+        folders.sync_all([folders.job_dir(s.work_dir, job.id) / "input" for _, job in moved] + [path.parent])
         queued = set(intake.store.mark_staged([job.id for row, job in moved if not row.request.rejection],
                                               intake.owner))
         for row, job in moved:
-            jlog = JobLog(intake.job_dir(job.id) / "job.log", job.id, job.name)
+            jlog = JobLog(folders.job_dir(s.work_dir, job.id) / "job.log", job.id, job.name)
             jlog.info("received", inputs=list(job.inputs), batch=path.name, line=row.line, folder=job.source)
             for note in row.request.notes:
                 jlog.info("note", message=note)

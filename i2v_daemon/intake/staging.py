@@ -169,9 +169,6 @@ class Intake:
         )
         self._problems: dict[str, str] = {}  # file key → the problem reported for it (once)
 
-    def job_dir(self, job_id: int) -> Path:
-        return Path(self.s.work_dir) / str(job_id)
-
     def source_folder(self, source: str | None) -> Path:
         """Where a job's files were dropped: the inbox or a preset's subfolder."""
         inbox = Path(self.s.inbox_dir)
@@ -225,13 +222,13 @@ class Intake:
             if created and self._move_in(item, job):
                 moved.append((item, job))
         crashpoint("files_moved")
-        touched = [self.job_dir(job.id) / "input" for _, job in moved]
+        touched = [folders.job_dir(self.s.work_dir, job.id) / "input" for _, job in moved]
         folders.sync_all(touched + [self.source_folder(job.source) for _, job in moved])
         queued = set(self.store.mark_staged([job.id for item, job in moved if not item.request.rejection], self.owner))
         crashpoint("jobs_queued")
         out: list[Job] = []
         for item, job in moved:
-            jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+            jlog = JobLog(folders.job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
             jlog.info("received", inputs=list(job.inputs), priority=job.priority, folder=job.source)
             for note in item.request.notes:
                 jlog.info("note", message=note)
@@ -265,7 +262,7 @@ class Intake:
 
     def _move_in(self, item: _Taken, job: Job) -> bool:
         """Move the group's files into work/<id>/input/; on failure put back what moved and forget the row."""
-        dest = self.job_dir(job.id) / "input"
+        dest = folders.job_dir(self.s.work_dir, job.id) / "input"
         done: list[tuple[Path, Path]] = []
         try:
             for src in item.files:
@@ -297,7 +294,7 @@ class Intake:
 
     def _restage(self, job: Job) -> None:
         previous = Path(job.extra["previous_dir"]) if job.extra.get("previous_dir") else None
-        jdir = self.job_dir(job.id)
+        jdir = folders.job_dir(self.s.work_dir, job.id)
         missing = folders.stage_inputs(
             [_actual(self.source_folder(job.source), n) for n in job.inputs], self.source_folder(job.source), jdir,
             previous,
@@ -414,11 +411,11 @@ class Intake:
                                         host=self.host)[0]
         if not created:  # the same idempotency key raced in from another request
             return job, False
-        dest = self.job_dir(job.id) / "input"
+        dest = folders.job_dir(self.s.work_dir, job.id) / "input"
         folders.move_file(image, dest / name)
         if sidecar is not None:
             folders.move_file(sidecar, dest / inputs[1])
-        jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+        jlog = JobLog(folders.job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
         jlog.info("received", inputs=inputs, priority=job.priority, folder="api")
         for note in request.notes:
             jlog.info("note", message=note)

@@ -49,11 +49,8 @@ class Finisher:
                                                       "revision": None})
         self.provenance = Provenance(settings)
 
-    def job_dir(self, job_id: int) -> Path:
-        return Path(self.s.work_dir) / str(job_id)
-
     def log(self, job: Job) -> JobLog:
-        return JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+        return JobLog(folders.job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
 
     def finish(
         self, job: Job, status: JobStatus, error: dict[str, Any] | None, *, worker_id: str,
@@ -62,7 +59,7 @@ class Finisher:
     ) -> Path:
         """Write the manifest, publish work/<id>/ into output/ or failed/, then record the status."""
         job = self.store.get(job.id) or job  # the latest tries, effective values and notes
-        jdir = self.job_dir(job.id)
+        jdir = folders.job_dir(self.s.work_dir, job.id)
         jdir.mkdir(parents=True, exist_ok=True)
         # Signed before the scratch goes: a signing failure keeps the frames, so the retry only encodes again.
         signed = self._sign(job, jdir) if status is JobStatus.SUCCEEDED and output else None
@@ -97,7 +94,7 @@ class Finisher:
     def complete_interrupted(self, job: Job, *, worker_id: str) -> Path:
         """A job claimed with its destination already recorded: publish (if need be) and record its status."""
         dest = Path(job.final_dir)  # type: ignore[arg-type]
-        jdir = self.job_dir(job.id)
+        jdir = folders.job_dir(self.s.work_dir, job.id)
         doc_path = jdir / "job.json" if (jdir / "job.json").exists() else dest / "job.json"
         doc = json.loads(doc_path.read_text())
         root = dest.parent

@@ -21,6 +21,7 @@ from typing import Any, assert_never
 
 from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled, JobStalled, LeaseLost, StopDaemon
 from i2v_daemon.faults import crashpoint, hangpoint
+from i2v_daemon.files import job_dir
 from i2v_daemon.logs import JobLog, get_logger
 from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
@@ -97,9 +98,6 @@ class Worker:
         self.on_finish: Callable[[Job], None] | None = None  # the job's final row, after its folder moved
         self.paused = False  # `i2v-daemon pause` is in force: run_once claims nothing
 
-    def job_dir(self, job_id: int) -> Path:
-        return Path(self.s.work_dir) / str(job_id)
-
     @property
     def current(self) -> int | None:
         """The id of the job in hand, None when idle."""
@@ -151,7 +149,7 @@ class Worker:
 
     def _process(self, attempt: Attempt) -> None:
         job = attempt.job
-        jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+        jlog = JobLog(job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
         if job.final_dir:
             attempt.phase = "publishing"
             self._finished(self.finisher.complete_interrupted(job, worker_id=self.worker_id), job)
@@ -193,7 +191,7 @@ class Worker:
         if self.models is not None:
             self.models.touch()
         output, effective, post = postprocess.deliver(
-            frames, job, effective, self.job_dir(job.id), enter=enter, settings=self.s, device=self.device,
+            frames, job, effective, job_dir(self.s.work_dir, job.id), enter=enter, settings=self.s, device=self.device,
             jlog=jlog, notes=notes, on_alive=progress.enter,
         )
         del frames
@@ -210,7 +208,7 @@ class Worker:
         self, job: Job, model: Any, progress: JobProgress, jlog: JobLog,
     ) -> tuple[Any, dict[str, Any], list[str]]:
         """The frames of this job: from an earlier attempt that got as far as generating them, or generated now."""
-        saved = postprocess.saved_frames(self.job_dir(job.id), job)
+        saved = postprocess.saved_frames(job_dir(self.s.work_dir, job.id), job)
         if saved is not None:
             jlog.info("frames_reused", reason="an earlier attempt generated them; only the encoding is done again")
             return saved, dict(job.effective or {}), list(job.notes)
@@ -218,7 +216,7 @@ class Worker:
         from i2v_daemon.work.generate import generate  # torch lives behind this import
 
         assert job.params is not None
-        jdir = self.job_dir(job.id)
+        jdir = job_dir(self.s.work_dir, job.id)
         image, image_notes = load_rgb(jdir / "input" / job.inputs[0], max_pixels=self.s.max_image_pixels)
         self.store.update_running(job.id, self.worker_id, model=model.info.model_id)
         tries = list(job.tries)
@@ -266,7 +264,7 @@ class Worker:
             waits=int((latest.error or {}).get("waits", 0)) if latest else 0, stopping=self.stopping,
             cancel_requested=bool(latest and latest.cancel_requested), where=where,
         )
-        jlog = JobLog(self.job_dir(job.id) / "job.log", job.id, job.name)
+        jlog = JobLog(job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
         try:
             self._apply(job, verdict, jlog, where, err)
         except StopDaemon:
