@@ -38,7 +38,9 @@ def main() -> int:
     from i2v_daemon.queue.store import Store
     from i2v_daemon.settings import load_settings
     from i2v_daemon.views.jobs import job_summary
-    from i2v_daemon.work.worker import Worker
+    from i2v_daemon.work.closer import Closer
+    from i2v_daemon.work.finish import Finisher
+    from i2v_daemon.work.worker import Worker, model_name
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +62,8 @@ def main() -> int:
         store.create_schema()
         holder = ModelHolder.from_settings(settings)
         model = holder.get()
-        worker = Worker(settings, store, worker_id="bench/1/cpu", models=holder)
+        finisher = Finisher(settings, store, model_info=lambda job: holder.info(model_name(job)))
+        worker = Worker(settings, store, Closer(settings, store, finisher), worker_id="bench/1/cpu", models=holder)
         intake = Intake(settings, store, owner="bench/1/intake", host="bench", finish_rejected=lambda j, o: None)
         image = Image.new("RGB", (96, 64), (200, 80, 40))
         daemon_s, plain_s = [], []

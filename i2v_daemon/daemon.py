@@ -38,8 +38,10 @@ from i2v_daemon.service.systemd import Notifier
 from i2v_daemon.settings import Settings
 from i2v_daemon.views.jobs import job_summary
 from i2v_daemon.work import provenance
+from i2v_daemon.work.closer import Closer
 from i2v_daemon.work.finish import Finisher
-from i2v_daemon.work.worker import Worker, dead_local_workers, make_worker_id
+from i2v_daemon.work.housekeeper import Housekeeper
+from i2v_daemon.work.worker import Worker, dead_local_workers, make_worker_id, model_name
 
 log = get_logger()
 
@@ -159,15 +161,19 @@ class Daemon:
         self.store = open_store(settings)
         _warn_if_sqlite_on_a_network_share(self.store)
         self.models = models or ModelHolder.from_settings(settings, history=self.store.recent_tries)
-        self.service = Service(settings, self.store)
+        self.stopper = Stopper(self.s.shutdown_grace_seconds, on_stop=self._on_stop, on_grace_over=self._grace_over)
+        self.service = Service(settings, self.store, stop_requested=lambda: self.stopper.since is not None)
+        # One finisher for every end of a job: the worker's, the housekeeper's and intake's rejections.
+        self.finisher = Finisher(settings, self.store, model_info=lambda job: self.models.info(model_name(job)))
+        self.closer = Closer(settings, self.store, self.finisher, on_finish=self.service.on_finish)
         # host/pid/device: one daemon per GPU, so `status` and the logs say which GPU holds a job.
-        self.worker = Worker(settings, self.store, worker_id=make_worker_id(settings.device), models=self.models,
-                             on_alive=self.service.alive)
+        self.worker = Worker(
+            settings, self.store, self.closer, worker_id=make_worker_id(settings.device), models=self.models,
+            on_alive=self.service.alive, on_progress=self.service.on_progress, on_phase=self.service.on_phase,
+            on_try=self.service.on_try,
+        )
         # Jobs that need no GPU (rejections, cancels, interrupted finishes) end at once, even mid-job.
-        self.housekeeper = Worker(settings, self.store, worker_id=make_worker_id("housekeeping"), housekeeping=True)
-        self.service.attach(self.worker)
-        self.housekeeper.on_finish = self.service.on_finish
-        self.finisher = Finisher(settings, self.store, model_info=self.worker._model_info)
+        self.housekeeper = Housekeeper(settings, self.store, self.closer, worker_id=make_worker_id("housekeeping"))
         self.intake = Intake(
             settings, self.store, owner=make_worker_id("intake"), host=self.worker.host,
             finish_rejected=self._finish_rejected, on_queued=self._wake_worker,
@@ -175,7 +181,6 @@ class Daemon:
         self.sender = self._sender()
         self.intake_wake = threading.Event()
         self.worker_wake = threading.Event()
-        self.stopper = Stopper(self.s.shutdown_grace_seconds, on_stop=self._on_stop, on_grace_over=self._grace_over)
         self.model_ready = False
         self._model_retry_at = 0.0
         self._model_wait = MODEL_RETRY_SECONDS

@@ -1,7 +1,8 @@
 """What the daemon owes systemd and its operators besides videos: sd_notify, metrics, retention.
 
-`daemon.py` builds one `Service`, lets it hook into the workers (`attach`), and calls it at the
-few moments that matter: started, ready, each main-loop turn, each scheduler tick, stopping.
+`daemon.py` builds one `Service`, hands its `on_*` methods to the worker and the closer when it
+builds them, and calls it at the few moments that matter: started, ready, each main-loop turn, each
+scheduler tick, stopping.
 Every hook is cheap and never raises into the worker: a metrics file must not fail a job.
 Webhooks and the on_finish hook are owed in the database's outbox (see notifications.py).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,9 +30,13 @@ STOP_PROGRESS_WINDOW = 60.0
 
 
 class Service:
-    def __init__(self, settings: Any, store: Any, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, settings: Any, store: Any, *, notifier: Notifier | None = None,
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.s = settings
         self.store = store
+        self.stop_requested = stop_requested  # a shutdown is under way (the daemon's Stopper says)
         self.notifier = notifier or Notifier.from_env()
         self.metrics = None
         if settings.metrics != "off":
@@ -44,16 +50,7 @@ class Service:
         self._step_clock: dict[int, tuple[float, int]] = {}
         self._started = False
         self._paused = False
-        self._worker: Any = None
         self._stop_since: float | None = None  # monotonic time the stop was first seen
-
-    def attach(self, worker: Any) -> None:
-        """Hook into a worker's progress, phases, tries and finished jobs."""
-        self._worker = worker
-        worker.on_progress = self.on_progress
-        worker.on_phase = self.on_phase
-        worker.on_try = self.on_try
-        worker.on_finish = self.on_finish
 
     # ---- life cycle -------------------------------------------------------------------------------
 
@@ -133,7 +130,7 @@ class Service:
         self._show_progress(job, step, total)
         if self.metrics is not None:
             self.metrics.step(job, step, total)
-        if self._worker is not None and self._worker.stopping:  # a stop came: tell systemd now, not at the tick
+        if self.stop_requested():  # a stop came: tell systemd now, not at the tick
             self._during_stop(job.id, time.monotonic())
 
     def on_phase(self, job: Job, phase: str) -> None:

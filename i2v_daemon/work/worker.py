@@ -3,8 +3,8 @@
 `run_once()` is one unit of work. Every exception in a job's life goes to the one failure policy
 (`policy.decide`) and becomes a state change of that job; none escapes as a loop failure except
 "stop" (the daemon itself cannot go on). The job's phases and steps are its liveness (`progress.py`).
-A `housekeeping` worker takes only jobs that need no GPU (a rejection, a cancel, a job out of
-attempts, a finish that was interrupted), so those end at once even while the GPU is busy.
+A job that needs no GPU (a rejection, a cancel, one out of attempts, an interrupted publish) is ended by
+the `Closer`, as the `Housekeeper` ends it while the GPU is busy.
 """
 
 from __future__ import annotations
@@ -14,21 +14,18 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, assert_never
+from datetime import datetime
+from typing import Any
 
-from i2v_daemon.errors import ConfigError, DatabaseGone, GenerationError, JobCanceled, JobStalled, LeaseLost, StopDaemon
+from i2v_daemon.errors import ConfigError, DatabaseGone, JobCanceled, JobStalled, LeaseLost, StopDaemon
 from i2v_daemon.faults import crashpoint, hangpoint
 from i2v_daemon.files import job_dir
 from i2v_daemon.logs import JobLog, get_logger
-from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.store import Store
 from i2v_daemon.work import postprocess
-from i2v_daemon.work.finish import Finisher
-from i2v_daemon.work.policy import Action, Verdict, decide
+from i2v_daemon.work.closer import Attempt, Closer, call_hook
+from i2v_daemon.work.policy import decide
 from i2v_daemon.work.progress import JobProgress
 
 log = get_logger()
@@ -65,37 +62,27 @@ def dead_local_workers(worker_ids: list[str], host: str | None = None) -> list[s
     return dead
 
 
-@dataclass
-class Attempt:
-    """The claimed job in a worker's hands and how far it got: the failure policy judges a failure by its phase."""
-
-    job: Job
-    phase: str = "starting"  # then loading, generating, …, publishing: where a failure would have happened
-    progress: JobProgress | None = None  # its liveness, once it generates
-    stalled_at: float | None = None  # monotonic time it was declared stalled
-
-
 class Worker:
     def __init__(
-        self, settings: Any, store: Store, *, worker_id: str | None = None, models: Any = None,
-        device: str | None = None, housekeeping: bool = False, on_alive: Callable[[], None] = lambda: None,
+        self, settings: Any, store: Store, closer: Closer, *, worker_id: str | None = None, models: Any = None,
+        device: str | None = None, on_alive: Callable[[], None] = lambda: None,
+        on_progress: Callable[[Job, int, int], None] | None = None, on_phase: Callable[[Job, str], None] | None = None,
+        on_try: Callable[[Job, dict[str, Any]], None] | None = None,
     ) -> None:
         self.s = settings
         self.store = store
+        self.closer = closer  # ends jobs (the Finisher, then on_finish) and applies the failure policy
         self.worker_id = worker_id or make_worker_id()
         self.host = socket.gethostname()
         self.device = device or settings.device
         self.models = models
-        self.housekeeping = housekeeping
-        self.on_alive = on_alive
-        self.finisher = Finisher(settings, store, model_info=self._model_info)
+        self.on_alive = on_alive  # the systemd watchdog: fed by progress only
+        self.on_progress = on_progress  # metrics and sd_notify: a step of denoising
+        self.on_phase = on_phase
+        self.on_try = on_try  # one try of the OOM ladder ended
         self.stopping = False  # set by a shutdown: a canceled step means "requeue", not "canceled"
         self.stop_now = False  # set when the grace period is over: stop at the next step
         self.attempt: Attempt | None = None  # the job in hand (read by the daemon's timer threads too)
-        self.on_progress: Callable[[Job, int, int], None] | None = None
-        self.on_phase: Callable[[Job, str], None] | None = None
-        self.on_try: Callable[[Job, dict[str, Any]], None] | None = None  # one try of the OOM ladder ended
-        self.on_finish: Callable[[Job], None] | None = None  # the job's final row, after its folder moved
         self.paused = False  # `i2v-daemon pause` is in force: run_once claims nothing
 
     @property
@@ -114,11 +101,10 @@ class Worker:
 
     def run_once(self, now: datetime | None = None) -> bool:
         """Claim and process one job; True if one was processed (more may be waiting)."""
-        if not self.housekeeping and self._check_paused():
+        if self._check_paused():
             return False
         job = self.store.claim_next(
             self.worker_id, lease_seconds=self.s.lease_seconds, now=now, host=self.host, device=self.device,
-            housekeeping=self.housekeeping,
         )
         if job is None:
             return False
@@ -145,25 +131,15 @@ class Worker:
         except BaseException as err:
             if not isinstance(err, Exception):  # KeyboardInterrupt and the like: not the job's
                 raise
-            self._judge(attempt.job, err, attempt.phase)
+            self.closer.judge(attempt, err, worker_id=self.worker_id, stopping=self.stopping)
 
     def _process(self, attempt: Attempt) -> None:
+        if self.closer.end_without_gpu(attempt, worker_id=self.worker_id):
+            return
         job = attempt.job
         jlog = JobLog(job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
-        if job.final_dir:
-            attempt.phase = "publishing"
-            self._finished(self.finisher.complete_interrupted(job, worker_id=self.worker_id), job)
-        elif job.rejection:
-            self._end(job, JobStatus.FAILED, job.rejection)
-        elif job.cancel_requested:
-            self._end(job, JobStatus.CANCELED, {"type": "canceled", "message": _canceled_before(job)})
-        elif job.attempts > job.max_attempts:
-            last = (job.error or {}).get("message", "the worker stopped without a word (crash or kill)")
-            msg = f"gave up after {job.max_attempts} attempts (max_attempts); the last one: {last}"
-            self._end(job, JobStatus.FAILED, {"type": "gave_up", "message": msg})
-        else:
-            jlog.info("started", attempt=job.attempts, of=job.max_attempts, worker=self.worker_id, device=self.device)
-            self._run(attempt, jlog)
+        jlog.info("started", attempt=job.attempts, of=job.max_attempts, worker=self.worker_id, device=self.device)
+        self._run(attempt, jlog)
 
     # ---- generating ---------------------------------------------------------------------------
 
@@ -182,7 +158,7 @@ class Worker:
             hangpoint(phase)
             if cancel or self.stop_now:
                 raise JobCanceled(f"stopped while {phase}")
-            self._hook(self.on_phase, job, phase)
+            call_hook(self.on_phase, job, phase)
 
         enter("loading")
         model = self.models.get(model_name(job))
@@ -198,11 +174,10 @@ class Worker:
         self.store.update_running(job.id, self.worker_id, effective=effective, notes=notes)
         crashpoint("video_written")
         enter("publishing")
-        dest = self.finisher.finish(
+        self.closer.end(
             job, JobStatus.SUCCEEDED, None, worker_id=self.worker_id, output=output, notes=notes,
             extra={"postprocess": post},
         )
-        self._finished(dest, job)
 
     def _generate(
         self, job: Job, model: Any, progress: JobProgress, jlog: JobLog,
@@ -229,18 +204,18 @@ class Worker:
             tries.append(entry)
             self.store.update_running(job.id, self.worker_id, tries=tries)
             jlog.info("try_finished", **{k: v for k, v in entry.items() if v is not None})
-            self._hook(self.on_try, job, entry)
+            call_hook(self.on_try, job, entry)
 
         def on_step(step: int, total: int) -> None:
             cancel = progress.advance(step, total)
-            self._hook(self.on_progress, job, step, total)
+            call_hook(self.on_progress, job, step, total)
             if cancel or self.stop_now:
                 raise JobCanceled(f"stopped at step {step} of {total}")
 
         def on_phase(phase: str) -> None:  # compiling, denoising, decoding: from inside generate()
             if progress.enter(phase) or self.stop_now:
                 raise JobCanceled(f"stopped while {phase}")
-            self._hook(self.on_phase, job, phase)
+            call_hook(self.on_phase, job, phase)
 
         outcome = generate(
             model, image, job.prompt, job.negative_prompt, job.params,
@@ -254,111 +229,6 @@ class Worker:
         self.store.update_running(job.id, self.worker_id, effective=outcome.effective, notes=notes)
         postprocess.save_frames(outcome.frames, jdir, outcome.effective)
         return outcome.frames, outcome.effective, notes
-
-    # ---- the one failure policy, applied ------------------------------------------------------------
-
-    def _judge(self, job: Job, err: Exception, where: str) -> None:
-        latest = self._latest(job)
-        verdict = decide(
-            err, attempts=job.attempts, max_attempts=job.max_attempts, backoff_seconds=self.s.retry_backoff_seconds,
-            waits=int((latest.error or {}).get("waits", 0)) if latest else 0, stopping=self.stopping,
-            cancel_requested=bool(latest and latest.cancel_requested), where=where,
-        )
-        jlog = JobLog(job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
-        try:
-            self._apply(job, verdict, jlog, where, err)
-        except StopDaemon:
-            raise
-        except LeaseLost as lost:
-            log.warning("lease_lost", job_id=job.id, error=str(lost))
-        except Exception as again:  # finishing the job failed too (a full disk while writing failed/)
-            fallback = decide(again, attempts=job.attempts, max_attempts=job.max_attempts,
-                              backoff_seconds=self.s.retry_backoff_seconds, where="publishing")
-            if fallback.action not in (Action.WAIT, Action.RETRY):
-                fallback = Verdict(Action.WAIT, {"type": "environment", "message": f"{type(again).__name__}: {again}"},
-                                   60.0, True)
-            log.error("finishing_failed", job_id=job.id, error=f"{type(again).__name__}: {again}",
-                      action="the job stays queued and is finished later")
-            with contextlib.suppress(LeaseLost):
-                self._requeue(job, fallback)
-
-    def _apply(self, job: Job, verdict: Verdict, jlog: JobLog, where: str, err: Exception) -> None:
-        match verdict.action:
-            case Action.DROP:
-                log.warning("lease_lost", job_id=job.id, error=str(err), note="another worker owns it now")
-            case Action.CANCEL:
-                latest = self._latest(job) or job
-                msg = (_canceled_while(latest, where) if latest.tries or where != "starting"
-                       else _canceled_before(latest))
-                self._end(job, JobStatus.CANCELED, {"type": "canceled", "message": msg})
-            case Action.REQUEUE:
-                jlog.info("requeued", reason=f"stopped by a shutdown while {where}; back in the queue")
-                self.store.requeue(job.id, self.worker_id, refund_attempt=True)
-            case Action.FAIL:
-                self._end(job, JobStatus.FAILED, verdict.error)
-            case Action.RETRY:
-                jlog.warning("will_retry", error=(verdict.error or {}).get("message"), attempt=job.attempts,
-                             of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
-                if not isinstance(err, GenerationError):
-                    log.debug("retry_cause", job_id=job.id, error=repr(err))
-                self._requeue(job, verdict)
-            case Action.WAIT:
-                jlog.error("waiting", error=(verdict.error or {}).get("message"), attempt=job.attempts,
-                           of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
-                self._requeue(job, verdict)
-            case Action.STOP:
-                jlog.error("daemon_stopping", error=(verdict.error or {}).get("message"))
-                with contextlib.suppress(LeaseLost):
-                    self.store.requeue(job.id, self.worker_id, error=verdict.error, refund_attempt=True)
-                raise StopDaemon(verdict.error or {"message": str(err)})
-            case unknown:
-                assert_never(unknown)
-
-    def _requeue(self, job: Job, verdict: Verdict) -> None:
-        self.store.requeue(
-            job.id, self.worker_id, error=verdict.error, not_before=utcnow() + timedelta(seconds=verdict.delay),
-            refund_attempt=verdict.refund,
-        )
-
-    def _latest(self, job: Job) -> Job | None:
-        try:
-            return self.store.get(job.id)
-        except Exception:
-            return None
-
-    # ---- finishing ----------------------------------------------------------------------------
-
-    def _end(self, job: Job, status: JobStatus, error: dict[str, Any] | None) -> Path:
-        dest = self.finisher.finish(job, status, error, worker_id=self.worker_id)
-        self._finished(dest, job)
-        return dest
-
-    def _finished(self, dest: Path, job: Job) -> None:
-        """Hand the job's final row (status, folder, times) to `on_finish` (metrics, sd_notify)."""
-        if self.on_finish is None:
-            return
-        try:
-            final = self.store.get(job.id)
-        except Exception:  # the job is finished and safe; only its metrics are lost, and said so
-            log.exception("metrics_hook_failed", hook="on_finish", job_id=job.id)
-            return
-        if final is not None:
-            self._hook(self.on_finish, final)
-
-    def _model_info(self, job: Job) -> dict[str, Any]:
-        if self.models is None:
-            return {"name": model_name(job), "id": self.s.model_choices().get(model_name(job)), "family": None,
-                    "revision": None}
-        info: dict[str, Any] = self.models.info(model_name(job))
-        return info
-
-    def _hook(self, hook: Callable[..., None] | None, *args: Any) -> None:
-        """Metrics and sd_notify: their failure is logged and never touches the job."""
-        if hook is not None:
-            try:
-                hook(*args)
-            except Exception:  # not `hook_failed`: that is the user's on_finish command (delivery/hook.py)
-                log.exception("metrics_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
     # ---- liveness, from the daemon's timer --------------------------------------------------------
 
@@ -382,18 +252,5 @@ class Worker:
                          backoff_seconds=self.s.retry_backoff_seconds, where=progress.phase)
         log.error("job_stalled", job_id=job_id, phase=progress.phase, worker=self.worker_id, error=str(stalled))
         with contextlib.suppress(LeaseLost):
-            self._requeue(attempt.job, verdict)
+            self.closer.requeue(attempt.job, verdict, worker_id=self.worker_id)
 
-
-#: A cancel is asked for by `i2v-daemon cancel` or `POST /api/v1/jobs/{id}/cancel`; both only set the flag.
-CANCELED = "canceled on request (`i2v-daemon cancel` or the API)"
-
-
-def _canceled_before(job: Job) -> str:
-    if job.tries or job.step:
-        return f"{CANCELED} while queued (it had run before and was put back in the queue)"
-    return f"{CANCELED} before it started"
-
-
-def _canceled_while(job: Job, where: str) -> str:
-    return f"{CANCELED} while {where}"

@@ -10,6 +10,8 @@ from i2v_daemon.params import Params
 from i2v_daemon.queue.jobs import JobRequest, JobStatus
 from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import load_settings
+from i2v_daemon.work.closer import Closer
+from i2v_daemon.work.finish import Finisher
 from i2v_daemon.work.worker import Worker
 
 PARAMS = Params(preset="fast", resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8)
@@ -25,8 +27,8 @@ def test_a_failing_metrics_callback_is_logged_as_metrics_hook_failed_and_the_job
     def on_finish(job: object) -> None:
         raise RuntimeError("the textfile's folder is gone")
 
-    worker = Worker(settings, store, worker_id="w1")
-    worker.on_finish = on_finish
+    worker = Worker(settings, store, Closer(settings, store, Finisher(settings, store), on_finish=on_finish),
+                    worker_id="w1")
     job, _ = store.enqueue(JobRequest(name="cat", inputs=("cat.png",), intake_key="k", params=PARAMS))
     store.request_cancel(job.id)
     with capture_logs() as logs:

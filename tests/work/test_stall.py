@@ -10,8 +10,10 @@ from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import JobRequest, JobStatus
 from i2v_daemon.queue.store import Store
 from i2v_daemon.settings import load_settings
+from i2v_daemon.work.closer import Attempt, Closer
+from i2v_daemon.work.finish import Finisher
 from i2v_daemon.work.progress import JobProgress
-from i2v_daemon.work.worker import Attempt, Worker
+from i2v_daemon.work.worker import Worker
 
 PARAMS = Params(preset="fast", resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8)
 
@@ -28,7 +30,7 @@ def test_a_stalled_job_is_put_back_in_the_queue_counted_with_the_reason_after_on
     store: Store, tmp_path: Path,
 ) -> None:
     settings = load_settings(None, data_dir=str(tmp_path / "data"), stall_seconds=100, retry_backoff_seconds=30)
-    worker = Worker(settings, store, worker_id="w1")
+    worker = Worker(settings, store, Closer(settings, store, Finisher(settings, store)), worker_id="w1")
     queued, _ = store.enqueue(JobRequest(name="cat", inputs=("cat.png",), intake_key="k", params=PARAMS))
     job = store.claim_next("w1", lease_seconds=60, job_id=queued.id)
     assert job is not None and job.attempts == 1
