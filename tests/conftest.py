@@ -204,6 +204,21 @@ def write_config(path: Path, data: Path, model_dir: Path, presets_extra: dict[st
     return path
 
 
+@pytest.fixture(autouse=True)
+def _environment_put_back() -> Iterator[None]:
+    """The process environment as it was before each test.
+
+    A daemon built in-process points Inductor and Triton at its data folder's compile cache
+    (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR); left set, a later test on the same worker reads that
+    folder as one a person chose. Whatever a test (or the code under test) sets, it sets for itself only.
+    """
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture()
 def env(tmp_path: Path, tiny_i2vgen_dir: Path) -> Env:  # noqa: F811
     data = tmp_path / "data"
