@@ -128,11 +128,13 @@ class _Needs:
         self.store: Store | None = None
 
     def probes(self) -> list[Probe]:
-        return [Probe("api_token_file", self._token), Probe("database", self._database)]
+        return [Probe("database", self._database), Probe("api_token_file", self._token)]
 
     def _token(self) -> None:
         if self.token is not None:
             return
+        if self.store is None:  # a mistyped --data-dir must not be made, nor a token left in it
+            raise NotReady("the API token", "it is read or made once the database is there")
         path = Path(str(self.s.api_token_file))
         try:
             self.token, created = auth.load_or_create_token(path)

@@ -287,9 +287,11 @@ def test_serve_waits_for_the_daemon_to_make_the_database_and_says_so(tmp_path: P
         assert health["ok"] is False and health["waiting_for"] == f"the database {data / 'jobs.db'}"
         assert "`i2v-daemon run`" in health["cause"]
         assert not (data / "jobs.db").exists()  # serve never makes the database
+        assert not data.exists()  # nor the folder, nor a token in it: a mistyped --data-dir leaves nothing
         migrate(config)  # what `run` does at its start
         wait_for_200(url + "healthz")
         assert httpx.get(url + "healthz", timeout=30).json() == {"ok": True}
+        assert (data / "api-token").stat().st_mode & 0o777 == 0o600  # made once the database was there
     finally:
         assert proc.stop() == 0
 
