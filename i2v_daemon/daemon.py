@@ -60,7 +60,7 @@ def open_store(settings: Settings) -> Store:
 
 
 def open_and_upgrade(settings: Settings) -> tuple[Store, Upgrade]:
-    url: str = settings.database_url  # type: ignore[assignment]
+    url = settings.filled("database_url")
     store: Store | None = None
     try:
         store = Store(url, max_attempts=settings.max_attempts, describe=job_summary)
@@ -108,7 +108,7 @@ def ensure_folders(settings: Settings) -> None:
     """The four folders, and the built-in presets' inbox folders (inbox/fast/, …)."""
     wanted = dict(settings.folders())
     for name in BUILTIN_PRESETS:
-        wanted[f"inbox_dir/{name}"] = Path(settings.inbox_dir) / name  # type: ignore[arg-type]
+        wanted[f"inbox_dir/{name}"] = settings.filled("inbox_dir") / name
     for key, path in wanted.items():
         readiness.folder_problem(key.split("/")[0], path)  # NotReady: a read-only or failing share, for now
 
@@ -275,7 +275,7 @@ class Daemon:
         # wait; a killed daemon could not take them back). What still holds, this run reports again.
         for owner in dead_local_workers(sorted({p["by"] for p in self.store.control.problems() if p["by"]})):
             self.store.control.resolve_all(by=owner)
-        folders.remove_stale_uploads(Path(self.s.work_dir))  # type: ignore[arg-type]
+        folders.remove_stale_uploads(self.s.filled("work_dir"))
 
     def _reap(self) -> None:
         requeued = self.store.requeue_expired()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -49,6 +49,10 @@ class _TomlSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(_toml_data.get() or {})
+
+
+#: The paths that are `| None` in a config but always filled in by `Settings._derive`.
+FilledPath = Literal["inbox_dir", "output_dir", "failed_dir", "work_dir", "metrics_textfile", "api_token_file"]
 
 
 class Settings(BaseSettings):
@@ -376,6 +380,21 @@ class Settings(BaseSettings):
         out = {"inbox_dir": self.inbox_dir, "output_dir": self.output_dir, "failed_dir": self.failed_dir,
                "work_dir": self.work_dir}
         return {k: v for k, v in out.items() if v is not None}
+
+    @overload
+    def filled(self, name: FilledPath) -> Path: ...
+    @overload
+    def filled(self, name: Literal["database_url"]) -> str: ...
+    def filled(self, name: FilledPath | Literal["database_url"]) -> Path | str:
+        """A setting declared `| None` (so a config may leave it out) that `_derive` always fills in.
+
+        On validated settings it is never None; this says so to the type checker, and fails loudly on
+        settings that skipped validation (`model_construct`) instead of passing None along.
+        """
+        value: Path | str | None = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"{name} is unset: these settings were not validated (Settings._derive fills it in)")
+        return value
 
 
 def notify_url_problem(url: str) -> str | None:

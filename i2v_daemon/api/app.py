@@ -49,7 +49,7 @@ def create_app(
 ) -> FastAPI:
     """The API and page over `store` (opened by the caller, not migrated: the daemon migrates)."""
     if token is None:
-        token, _ = auth.load_or_create_token(settings.api_token_file)  # type: ignore[arg-type]
+        token, _ = auth.load_or_create_token(settings.filled("api_token_file"))
     hub = EventHub(store)
 
     @asynccontextmanager

@@ -160,7 +160,7 @@ def _open_store(settings: Settings) -> Store:
     NotReady while there is none yet, or an older schema (`run` makes and upgrades it), or the server
     does not accept connections; ConfigError for what `run` cannot fix either.
     """
-    url: str = settings.database_url  # type: ignore[assignment]
+    url = settings.filled("database_url")
     store: Store | None = None
     try:
         store = Store(url, max_attempts=settings.max_attempts, create=False, describe=job_summary)

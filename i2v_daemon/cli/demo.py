@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import argparse
 
+    from i2v_daemon.settings import Settings
+
 # Only what `i2v-daemon --help` and the quick commands load anyway: the parser imports this module.
 
 EX_OK, EX_FAILED, EX_USAGE = 0, 1, 2
@@ -216,7 +218,7 @@ def _drop_picture(inbox: Path) -> None:
         os.utime(path, (old, old))
 
 
-def _report(job: Any, code: int, settings: Any, config: Path, seconds: float) -> int:
+def _report(job: Any, code: int, settings: Settings, config: Path, seconds: float) -> int:
     if job is not None and job.status == "succeeded" and job.output:
         folder = Path(job.final_dir or Path(job.output).parent)
         print(f"\nDone in {seconds:.0f} s.")

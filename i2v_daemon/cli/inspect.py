@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.logs import terminal_json, terminal_safe
+
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
 EX_OK, EX_FAILED = 0, 1
 
@@ -27,7 +30,7 @@ def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--trust", metavar="PEM", help="trust anchors (PEM) to check the signer against")
 
 
-def run(args: argparse.Namespace, settings: Any) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     from i2v_daemon.work import provenance, recipe
 
     path = Path(args.file)
@@ -71,11 +74,12 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     return EX_FAILED if broken or (made is None and not proof.get("present")) else EX_OK
 
 
-def _anchors(trust: str | None, settings: Any) -> tuple[str | None, str | None]:
+def _anchors(trust: str | None, settings: Settings) -> tuple[str | None, str | None]:
     """PEM trust anchors and where they came from: --trust, else this daemon's configured chain or self-made root."""
     candidates = [(Path(settings.data_dir) / "c2pa" / "root.pem", "this daemon's self-made root")]
-    if getattr(settings, "c2pa_cert", None) is not None:
-        candidates.insert(0, (Path(settings.c2pa_cert), f"this daemon's certificate chain ({settings.c2pa_cert})"))
+    cert: Path | None = getattr(settings, "c2pa_cert", None)
+    if cert is not None:
+        candidates.insert(0, (Path(cert), f"this daemon's certificate chain ({cert})"))
     if trust:
         candidates = [(Path(trust), f"--trust {trust}")]
     for pem, source in candidates:

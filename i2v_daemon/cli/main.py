@@ -11,13 +11,17 @@ import argparse
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon import __version__
 from i2v_daemon.cli import operator as cli_ops
 from i2v_daemon.errors import ConfigError, DatabaseGone, NotReady
 from i2v_daemon.logs import terminal_json, terminal_safe, terminal_writers
 from i2v_daemon.queue.jobs import MAX_JOB_ID
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
+    from i2v_daemon.settings import Settings
 
 EX_OK, EX_FAILED, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
 #: Commands that need only the job database (the fast path).
@@ -219,7 +223,7 @@ def _light(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _job_command(store: Any, args: argparse.Namespace) -> int:
+def _job_command(store: Store, args: argparse.Namespace) -> int:
     from i2v_daemon.views import asks as ops
 
     if args.command == "show":
@@ -240,7 +244,7 @@ def _job_command(store: Any, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _migrate(settings: Any) -> int:
+def _migrate(settings: Settings) -> int:
     from i2v_daemon.daemon import open_and_upgrade
 
     store, up = open_and_upgrade(settings)
@@ -259,7 +263,7 @@ def _migrate(settings: Any) -> int:
 # ---- status ---------------------------------------------------------------------------------
 
 
-def _status(store: Any, limit: int, as_json: bool, *, watch: bool = False, interval: float = 2.0) -> int:
+def _status(store: Store, limit: int, as_json: bool, *, watch: bool = False, interval: float = 2.0) -> int:
     from i2v_daemon.views.status import render_status, status_document
 
     if not watch:

@@ -7,9 +7,13 @@ them over before it opens the database (doctor must work when the database does 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.logs import terminal_json, terminal_safe
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
+    from i2v_daemon.settings import Settings
 
 EX_OK, EX_FAILED = 0, 1
 COMMANDS = frozenset({"doctor", "retention"})  # pause and resume take cli.py's fast path
@@ -30,19 +34,19 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ret.add_argument("--json", action="store_true", help="one JSON object: what was (or would be) done")
 
 
-def dispatch(args: argparse.Namespace, settings: Any) -> int:
+def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "doctor":
         return _doctor(settings, args.json, args.min_free_gib)
     from i2v_daemon.queue.store import open_existing
 
-    store = open_existing(settings.database_url)  # retention never creates or migrates a database
+    store = open_existing(settings.filled("database_url"))  # retention never creates or migrates a database
     try:
         return _retention(store, settings, args)
     finally:
         store.close()
 
 
-def _doctor(settings: Any, as_json: bool, min_free_gib: float) -> int:
+def _doctor(settings: Settings, as_json: bool, min_free_gib: float) -> int:
     from i2v_daemon.service.doctor import exit_code, render, run_checks
 
     checks = run_checks(settings, min_free_gib=min_free_gib)
@@ -53,7 +57,7 @@ def _doctor(settings: Any, as_json: bool, min_free_gib: float) -> int:
     return exit_code(checks)
 
 
-def pause(store: Any, *, paused: bool) -> int:
+def pause(store: Store, *, paused: bool) -> int:
     """`pause` / `resume`: one row every daemon sharing the database obeys."""
     import getpass
     import socket
@@ -67,7 +71,7 @@ def pause(store: Any, *, paused: bool) -> int:
     return EX_OK
 
 
-def _retention(store: Any, settings: Any, args: argparse.Namespace) -> int:
+def _retention(store: Store, settings: Settings, args: argparse.Namespace) -> int:
     from i2v_daemon.service.retention import apply_retention
 
     days = settings.retention_days if args.days is None else args.days

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 from i2v_daemon.delivery.sender import Attempt, Deliver
 from i2v_daemon.queue.outbox import OutboxItem
 
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
-def deliverers(settings: Any, stop: threading.Event | None = None) -> dict[str, Deliver]:
+
+def deliverers(settings: Settings, stop: threading.Event | None = None) -> dict[str, Deliver]:
     """{"webhook": …, "hook": …} for the sender, with this daemon's timeouts; `stop` ends a running hook."""
 
     def webhook(item: OutboxItem) -> Attempt:

@@ -20,7 +20,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.errors import InputError
 from i2v_daemon.intake.images import IMAGE_SUFFIXES, inspect_image
@@ -28,6 +28,10 @@ from i2v_daemon.intake.inbox import MANIFEST_SUFFIXES
 from i2v_daemon.intake.sidecar import parse_values
 from i2v_daemon.params import FLOAT_RANGES, INT_RANGES
 from i2v_daemon.queue.jobs import JobRequest
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
+    from i2v_daemon.settings import Settings
 
 #: The most bytes of a manifest read (a longer one fails whole, saying so).
 MAX_MANIFEST_BYTES = 64 << 20
@@ -53,7 +57,7 @@ class Batch:
     error: str | None = None
 
 
-def read_batch(path: Path, settings: Any, *, folder: str = "", inbox: Path, source: str | None = None) -> Batch:
+def read_batch(path: Path, settings: Settings, *, folder: str = "", inbox: Path, source: str | None = None) -> Batch:
     """Parse and check a manifest; every problem becomes a rejected row or the manifest's own error."""
     try:
         with open(path, "rb") as fh:
@@ -138,7 +142,7 @@ def _cell(key: str, value: str) -> Any:
     return value
 
 
-def _row(path: Path, line: int, values: dict[str, Any], settings: Any, digest: str, folder: str,
+def _row(path: Path, line: int, values: dict[str, Any], settings: Settings, digest: str, folder: str,
          inbox: Path, source: str | None) -> Row:
     from i2v_daemon.intake.staging import _request, display
 
@@ -165,7 +169,7 @@ def _row(path: Path, line: int, values: dict[str, Any], settings: Any, digest: s
         return Row(line, rejected, None)
 
 
-def resolve_image(raw: str, base: Path, settings: Any, inbox: Path, where: str) -> tuple[Path, bool]:
+def resolve_image(raw: str, base: Path, settings: Settings, inbox: Path, where: str) -> tuple[Path, bool]:
     """The image a row names, and whether it is in the inbox (moved) rather than outside (copied).
 
     Relative paths are read from the manifest's folder and must stay inside it; absolute ones must
@@ -320,7 +324,7 @@ def publish_leftovers(work_dir: Path, output_dir: Path, failed_dir: Path) -> Non
         folders.publish(wdir, folders.free_name(Path(output_dir if valid else failed_dir), manifest.stem))
 
 
-def submit_batch(settings: Any, store: Any, *, manifest: Path, manifest_name: str,
+def submit_batch(settings: Settings, store: Store, *, manifest: Path, manifest_name: str,
                  images: dict[str, Path]) -> dict[str, Any]:
     """The HTTP API's batch upload: a manifest and the images it names by file name → one job per row.
 

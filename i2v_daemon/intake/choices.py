@@ -11,13 +11,16 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.errors import InputError
 from i2v_daemon.params import LORA_SUFFIX, lora_name_problem
 
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
-def check_choices(values: Mapping[str, Any], settings: Any, where: str) -> None:
+
+def check_choices(values: Mapping[str, Any], settings: Settings, where: str) -> None:
     """The sidecar's `model` is allowed by the config and its `lora` exists in lora_dir; else InputError."""
     name = values.get("model")
     allowed = settings.model_choices()

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon import files as folders
 from i2v_daemon.errors import InputError
@@ -29,6 +29,10 @@ from i2v_daemon.intake.sidecar import SIDECAR_SUFFIXES, parse_sidecar, parse_sid
 from i2v_daemon.logs import JobLog, get_logger
 from i2v_daemon.params import merge
 from i2v_daemon.queue.jobs import Job, JobRequest
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
+    from i2v_daemon.settings import Settings
 
 log = get_logger()
 
@@ -59,7 +63,7 @@ def intake_key(inbox: Path, files: list[Path]) -> str:
 
 
 def build_request(
-    stem: str, images: list[Path], sidecars: list[Path], settings: Any, key: str, *, folder: str = "",
+    stem: str, images: list[Path], sidecars: list[Path], settings: Settings, key: str, *, folder: str = "",
     source: str | None = None,
 ) -> JobRequest:
     """Validate and merge; any problem becomes a rejected request (its files still travel with it)."""
@@ -83,7 +87,7 @@ def group_problem(stem: str, images: list[str], sidecars: list[str]) -> str | No
 
 
 def _valid_request(
-    stem: str, images: list[Path], sidecars: list[Path], settings: Any, key: str, inputs: tuple[str, ...],
+    stem: str, images: list[Path], sidecars: list[Path], settings: Settings, key: str, inputs: tuple[str, ...],
     folder: str, source: str,
 ) -> JobRequest:
     for p in (*images, *sidecars):
@@ -111,7 +115,7 @@ def _valid_request(
 
 
 def _request(
-    stem: str, side: Any, settings: Any, key: str, inputs: tuple[str, ...], folder: str, source: str, where: str,
+    stem: str, side: Any, settings: Settings, key: str, inputs: tuple[str, ...], folder: str, source: str, where: str,
     notes: list[str], idempotency_key: str | None = None,
 ) -> JobRequest:
     """The request from a checked sidecar (or none), merged over the folder's preset and the config."""
@@ -153,7 +157,7 @@ class Intake:
     """The one owner of staging. `pass_once()` is one unit of work (one scan, every ready group taken)."""
 
     def __init__(
-        self, settings: Any, store: Any, *, owner: str, host: str, finish_rejected: Callable[[Job, str], None],
+        self, settings: Settings, store: Store, *, owner: str, host: str, finish_rejected: Callable[[Job, str], None],
         scanner: InboxScanner | None = None, on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self.s = settings
@@ -163,7 +167,7 @@ class Intake:
         self.finish_rejected = finish_rejected  # (job, owner) → published into failed/ (see finish.py)
         self.on_queued = on_queued
         self.scanner = scanner or InboxScanner(
-            settings.inbox_dir, stable_seconds=settings.stable_seconds,
+            settings.filled("inbox_dir"), stable_seconds=settings.stable_seconds,
             sidecar_wait_seconds=settings.sidecar_wait_seconds, preset_folders=tuple(settings.all_presets()),
             on_skip=lambda name, why: log.info("inbox_file_skipped", file=display(name), reason=why),
         )
@@ -171,7 +175,7 @@ class Intake:
 
     def source_folder(self, source: str | None) -> Path:
         """Where a job's files were dropped: the inbox or a preset's subfolder."""
-        inbox = Path(self.s.inbox_dir)
+        inbox = self.s.filled("inbox_dir")
         if source and source.startswith("inbox/"):
             return inbox / source.removeprefix("inbox/")
         return inbox
@@ -190,7 +194,7 @@ class Intake:
         """One job per row of each batch manifest (intake/batch.py); a manifest's trouble never stops the others."""
         from i2v_daemon.intake import batch
 
-        batch.publish_leftovers(Path(self.s.work_dir), Path(self.s.output_dir), Path(self.s.failed_dir))
+        batch.publish_leftovers(self.s.filled("work_dir"), self.s.filled("output_dir"), self.s.filled("failed_dir"))
         for folder, path in manifests:
             key = f"{folder}/{path.name}" if folder else path.name
             try:
@@ -222,13 +226,13 @@ class Intake:
             if created and self._move_in(item, job):
                 moved.append((item, job))
         crashpoint("files_moved")
-        touched = [folders.job_dir(self.s.work_dir, job.id) / "input" for _, job in moved]
+        touched = [folders.job_dir(self.s.filled("work_dir"), job.id) / "input" for _, job in moved]
         folders.sync_all(touched + [self.source_folder(job.source) for _, job in moved])
         queued = set(self.store.mark_staged([job.id for item, job in moved if not item.request.rejection], self.owner))
         crashpoint("jobs_queued")
         out: list[Job] = []
         for item, job in moved:
-            jlog = JobLog(folders.job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
+            jlog = JobLog(folders.job_dir(self.s.filled("work_dir"), job.id) / "job.log", job.id, job.name)
             jlog.info("received", inputs=list(job.inputs), priority=job.priority, folder=job.source)
             for note in item.request.notes:
                 jlog.info("note", message=note)
@@ -262,7 +266,7 @@ class Intake:
 
     def _move_in(self, item: _Taken, job: Job) -> bool:
         """Move the group's files into work/<id>/input/; on failure put back what moved and forget the row."""
-        dest = folders.job_dir(self.s.work_dir, job.id) / "input"
+        dest = folders.job_dir(self.s.filled("work_dir"), job.id) / "input"
         done: list[tuple[Path, Path]] = []
         try:
             for src in item.files:
@@ -294,7 +298,7 @@ class Intake:
 
     def _restage(self, job: Job) -> None:
         previous = Path(job.extra["previous_dir"]) if job.extra.get("previous_dir") else None
-        jdir = folders.job_dir(self.s.work_dir, job.id)
+        jdir = folders.job_dir(self.s.filled("work_dir"), job.id)
         missing = folders.stage_inputs(
             [_actual(self.source_folder(job.source), n) for n in job.inputs], self.source_folder(job.source), jdir,
             previous,
@@ -411,11 +415,11 @@ class Intake:
                                         host=self.host)[0]
         if not created:  # the same idempotency key raced in from another request
             return job, False
-        dest = folders.job_dir(self.s.work_dir, job.id) / "input"
+        dest = folders.job_dir(self.s.filled("work_dir"), job.id) / "input"
         folders.move_file(image, dest / name)
         if sidecar is not None:
             folders.move_file(sidecar, dest / inputs[1])
-        jlog = JobLog(folders.job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
+        jlog = JobLog(folders.job_dir(self.s.filled("work_dir"), job.id) / "job.log", job.id, job.name)
         jlog.info("received", inputs=inputs, priority=job.priority, folder="api")
         for note in request.notes:
             jlog.info("note", message=note)
@@ -426,7 +430,7 @@ class Intake:
 
 
 def submit(
-    settings: Any, store: Any, *, image: Path, image_name: str, sidecar: Path | None = None,
+    settings: Settings, store: Store, *, image: Path, image_name: str, sidecar: Path | None = None,
     sidecar_name: str | None = None, params: dict[str, Any] | None = None, idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """The HTTP API's way in (`serve` runs no intake loop): one upload becomes a queued job, as `Intake.submit`."""

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from i2v_daemon.errors import InputError
 from i2v_daemon.logs import terminal_safe
 
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
+
 EX_OK, EX_FAILED = 0, 1
 
 
-def check_path(settings: Any, path: Path) -> tuple[str, ...]:
+def check_path(settings: Settings, path: Path) -> tuple[str, ...]:
     """Notes on a good file; InputError saying what to fix on a bad one."""
     from i2v_daemon.intake.choices import check_choices
     from i2v_daemon.intake.images import IMAGE_SUFFIXES, inspect_image
@@ -36,12 +39,12 @@ def check_path(settings: Any, path: Path) -> tuple[str, ...]:
                      "manifest (.csv .jsonl)")
 
 
-def _check_batch(settings: Any, path: Path) -> tuple[str, ...]:
+def _check_batch(settings: Settings, path: Path) -> tuple[str, ...]:
     """A batch manifest's rows, checked as intake would check them (its images read where they are, never moved)."""
     from i2v_daemon.intake.batch import read_batch
 
     folder = path.parent.name if path.parent.name in settings.all_presets() else ""
-    batch = read_batch(path, settings, folder=folder, inbox=Path(settings.inbox_dir))
+    batch = read_batch(path, settings, folder=folder, inbox=settings.filled("inbox_dir"))
     if batch.error:
         raise InputError(batch.error)
     bad = [row.request.rejection["message"] for row in batch.rows if row.request.rejection]
@@ -86,7 +89,7 @@ def files_in(paths: list[str]) -> list[str]:
     return out
 
 
-def validate(settings: Any, paths: list[str]) -> int:
+def validate(settings: Settings, paths: list[str]) -> int:
     bad = 0
     paths = files_in(paths)
     together = group_errors([Path(raw) for raw in paths])

@@ -23,11 +23,14 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.errors import NotReady, first_line
 from i2v_daemon.models.hub import HubProbe, hub_cli
 from i2v_daemon.service.readiness import database_problem, model_cache_problem, os_problem
+
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
 GIB = 2**30
 #: below this much free GPU memory the model (about 5 GiB in fp16) and a job will not fit
@@ -53,7 +56,7 @@ class Check:
         return {"level": self.level, "name": self.name, "message": self.message, "fix": self.fix}
 
 
-def run_checks(settings: Any, *, min_free_gib: float = 5.0) -> list[Check]:
+def run_checks(settings: Settings, *, min_free_gib: float = 5.0) -> list[Check]:
     """Every check, in the order `render` shows them; a check that crashes becomes a fail of its own."""
     probes: list[tuple[str, Callable[[], list[Check]]]] = [
         ("gpu", lambda: check_gpu(settings)),
@@ -104,7 +107,7 @@ def render(checks: list[Check]) -> str:
 # ---- the GPU and its driver -----------------------------------------------------------------------
 
 
-def check_gpu(settings: Any) -> list[Check]:
+def check_gpu(settings: Settings) -> list[Check]:
     from i2v_daemon.models.gpu import describe
 
     device: str = settings.device
@@ -170,7 +173,7 @@ def _nvidia_smi(required: bool) -> list[Check]:
 # ---- ffmpeg -------------------------------------------------------------------------------------
 
 
-def check_ffmpeg(settings: Any) -> list[Check]:
+def check_ffmpeg(settings: Settings) -> list[Check]:
     """The bundled (or IMAGEIO_FFMPEG_EXE) ffmpeg runs, has libx264, and the interpolation filters."""
     try:
         import imageio_ffmpeg
@@ -205,7 +208,7 @@ def check_ffmpeg(settings: Any) -> list[Check]:
 # ---- folders ------------------------------------------------------------------------------------
 
 
-def check_folders(settings: Any, min_free_gib: float = 5.0) -> list[Check]:
+def check_folders(settings: Settings, min_free_gib: float = 5.0) -> list[Check]:
     out: list[Check] = []
     folders = {"data_dir": Path(settings.data_dir), **{k: Path(v) for k, v in settings.folders().items()}}
     devices: dict[str, int] = {}
@@ -287,10 +290,10 @@ def _me() -> str:
 # ---- the database -------------------------------------------------------------------------------
 
 
-def check_database(settings: Any) -> list[Check]:
+def check_database(settings: Settings) -> list[Check]:
     from sqlalchemy.engine import make_url
 
-    url: str = settings.database_url
+    url = settings.filled("database_url")
     fix = "set database_url / I2V_DATABASE_URL to a reachable database (sqlite:///PATH or postgresql+psycopg://…)"
     try:
         parsed = make_url(url)
@@ -350,7 +353,7 @@ def _open_database(url: str, shown: str, *, postgres: bool) -> list[Check]:
 # ---- the models ---------------------------------------------------------------------------------
 
 
-def check_model_cache(settings: Any) -> list[Check]:
+def check_model_cache(settings: Settings) -> list[Check]:
     """The default model's folder, or the Hugging Face cache, on a share that fails now: `run` waits for it."""
     try:
         model_cache_problem(settings)
@@ -360,7 +363,7 @@ def check_model_cache(settings: Any) -> list[Check]:
     return []
 
 
-def check_models(settings: Any) -> list[Check]:
+def check_models(settings: Settings) -> list[Check]:
     """The default model and every entry of `models`: each is something `run` or a job loads."""
     hub = HubProbe()
     out = [_model_check("model", settings.model, hub, name=None)]
@@ -556,7 +559,7 @@ def _size(nbytes: int) -> str:
 # ---- the fast path -------------------------------------------------------------------------------
 
 
-def check_accelerate(settings: Any) -> list[Check]:
+def check_accelerate(settings: Settings) -> list[Check]:
     """`accelerate`: whether the compiled fast path will run here, and what its compile cache holds."""
     from i2v_daemon.models.compile_cache import describe as describe_cache
     from i2v_daemon.models.gpu import describe as describe_gpu
@@ -589,7 +592,7 @@ def check_accelerate(settings: Any) -> list[Check]:
 # ---- frame interpolation: the RIFE weights ------------------------------------------------------
 
 
-def check_rife_model(settings: Any) -> list[Check]:
+def check_rife_model(settings: Settings) -> list[Check]:
     """`rife_model`: required where interpolation = "rife" is a default, and a readable safetensors file when set."""
     users = _rife_users(settings)
     path = getattr(settings, "rife_model", None)
@@ -609,7 +612,7 @@ def check_rife_model(settings: Any) -> list[Check]:
     return [Check("ok", "rife_model", f"{path}: RIFE weights" + (f", used by {', '.join(users)}" if users else ""))]
 
 
-def _rife_users(settings: Any) -> list[str]:
+def _rife_users(settings: Settings) -> list[str]:
     """The settings that make "rife" a default: `interpolation` and presets (which may not have the key yet)."""
     users = ["interpolation"] if getattr(settings, "interpolation", None) == "rife" else []
     presets = {**settings.all_presets(), **getattr(settings, "presets", {})}
@@ -658,7 +661,7 @@ def _rife_checker() -> Callable[[Path], Any] | None:
 # ---- the on_finish hook and the API token ---------------------------------------------------------
 
 
-def check_on_finish(settings: Any) -> list[Check]:
+def check_on_finish(settings: Settings) -> list[Check]:
     """`on_finish`: its argv[0] must be an executable file, absolute or on PATH."""
     argv = list(getattr(settings, "on_finish", None) or [])
     if not argv:
@@ -684,7 +687,7 @@ def check_on_finish(settings: Any) -> list[Check]:
     return [Check("ok", "on_finish", f"runs {resolved}" + (f" with {len(argv) - 1} argument(s)" if argv[1:] else ""))]
 
 
-def check_api_token_file(settings: Any) -> list[Check]:
+def check_api_token_file(settings: Settings) -> list[Check]:
     """`api_token_file`, when it exists: readable by its owner only, and that owner is the daemon's user."""
     path = getattr(settings, "api_token_file", None)
     if path is None:
@@ -709,7 +712,7 @@ def check_api_token_file(settings: Any) -> list[Check]:
     return [Check("ok", "api_token_file", f"{path} ({_describe(st)})")]
 
 
-def check_provenance(settings: Any) -> list[Check]:
+def check_provenance(settings: Settings) -> list[Check]:
     """C2PA signing: the bindings load, the certificate loads, its key is its own, and how long it has left."""
     from i2v_daemon.errors import ConfigError
     from i2v_daemon.work import provenance
@@ -766,7 +769,7 @@ _REAL_CERT = ("set c2pa_cert and c2pa_key to a signing certificate from a CA on 
               "organisation's, for verifiers you configure): docs/provenance-and-batches.md")
 
 
-def check_notify(settings: Any) -> list[Check]:
+def check_notify(settings: Settings) -> list[Check]:
     """Every Apprise URL (the config's and the presets') parses; webhook_secret is set where webhooks are."""
     from i2v_daemon.settings import notify_url_problem
 

@@ -13,11 +13,15 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.logs import get_logger
 from i2v_daemon.queue.jobs import Job
 from i2v_daemon.service.systemd import Notifier
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
+    from i2v_daemon.settings import Settings
 
 log = get_logger()
 
@@ -31,7 +35,7 @@ STOP_PROGRESS_WINDOW = 60.0
 
 class Service:
     def __init__(
-        self, settings: Any, store: Any, *, notifier: Notifier | None = None,
+        self, settings: Settings, store: Store, *, notifier: Notifier | None = None,
         stop_requested: Callable[[], bool] = lambda: False,
     ) -> None:
         self.s = settings
@@ -169,7 +173,7 @@ class Service:
 
     def write_textfile(self) -> None:
         if self.metrics is not None and self.s.metrics == "textfile":
-            self.metrics.write_textfile(self.s.metrics_textfile)
+            self.metrics.write_textfile(self.s.filled("metrics_textfile"))
 
     def retention(self, now: datetime | None = None) -> Any:
         from i2v_daemon.service.retention import apply_retention

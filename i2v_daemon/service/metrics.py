@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, write_to_textfile
 from prometheus_client.core import GaugeMetricFamily
@@ -22,6 +22,9 @@ from i2v_daemon import __version__
 from i2v_daemon.errors import ConfigError
 from i2v_daemon.logs import get_logger
 from i2v_daemon.queue.jobs import Job, JobStatus
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
 
 log = get_logger()
 
@@ -34,7 +37,7 @@ VRAM_BUCKETS = (*(g * GIB for g in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 
 class _QueueCollector(Collector):
     """`i2v_queue_jobs{status}` and `i2v_paused`, read from the database when scraped."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -54,7 +57,7 @@ class _QueueCollector(Collector):
 class Metrics:
     """The daemon's metrics and the hooks that feed them; `now` is monotonic seconds."""
 
-    def __init__(self, store: Any | None = None) -> None:
+    def __init__(self, store: Store | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.jobs = Counter("i2v_jobs", "Jobs finished by this daemon, by outcome", ["outcome"], registry=r)

@@ -24,12 +24,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from i2v_daemon import faults
 from i2v_daemon.errors import ConfigError, I2VError, NotReady
 from i2v_daemon.logs import get_logger
 from i2v_daemon.service.systemd import Notifier
+
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
 log = get_logger()
 
@@ -208,7 +211,7 @@ def _safe_url(url: str) -> str:
 # ---- the probes of a start --------------------------------------------------------------------------
 
 
-def folder_probes(settings: Any) -> list[Probe]:
+def folder_probes(settings: Settings) -> list[Probe]:
     """inbox, output, failed and work: each made if missing and written to."""
     return [Probe(key, _folder_check(key, Path(path))) for key, path in settings.folders().items()]
 
@@ -217,13 +220,13 @@ def _folder_check(key: str, path: Path) -> Callable[[], None]:
     return lambda: folder_problem(key, path)
 
 
-def database_probe(settings: Any) -> Probe:
+def database_probe(settings: Settings) -> Probe:
     """The job database opens and is at (or upgraded to) this release's schema: what `run` does at start."""
 
     def check() -> None:
         from i2v_daemon.queue.store import Store
 
-        url: str = settings.database_url
+        url = settings.filled("database_url")
         try:
             store = Store(url, max_attempts=settings.max_attempts)
             try:
@@ -236,7 +239,7 @@ def database_probe(settings: Any) -> Probe:
     return Probe("database", check)
 
 
-def model_cache_problem(settings: Any) -> None:
+def model_cache_problem(settings: Settings) -> None:
     """The default model's folder, or the Hugging Face cache it is fetched into, can be read now.
 
     Only a filesystem that is failing *now* (a stale or unreachable share) is judged here; a folder
@@ -285,7 +288,7 @@ def gpu_problem(device: str) -> None:
         )
 
 
-def run_probes(settings: Any) -> list[Probe]:
+def run_probes(settings: Settings) -> list[Probe]:
     """What `run` needs before it can say READY, cheapest first."""
     return [
         *folder_probes(settings),

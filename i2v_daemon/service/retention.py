@@ -12,12 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon import files as folders
 from i2v_daemon.logs import get_logger
 from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import JobStatus
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
+    from i2v_daemon.settings import Settings
 
 log = get_logger()
 
@@ -38,12 +42,12 @@ class RetentionResult:
         }
 
 
-def archive_root(settings: Any) -> Path:
+def archive_root(settings: Settings) -> Path:
     return Path(settings.data_dir) / "archive"
 
 
 def apply_retention(
-    store: Any, settings: Any, *, now: datetime | None = None, days: float | None = None,
+    store: Store, settings: Settings, *, now: datetime | None = None, days: float | None = None,
     action: str | None = None, dry_run: bool = False, batch: int = 500,
 ) -> RetentionResult:
     """Forget (or archive, then forget) every job that finished more than `days` days before `now`."""
@@ -91,12 +95,12 @@ def apply_retention(
     return result
 
 
-def _archive_dest(settings: Any, status: JobStatus, folder: Path) -> Path:
+def _archive_dest(settings: Settings, status: JobStatus, folder: Path) -> Path:
     kind = "output" if status is JobStatus.SUCCEEDED else "failed"
     return folders.free_name(archive_root(settings) / kind, folder.name)
 
 
-def _archive(settings: Any, job_id: int, status: JobStatus, folder: Path) -> Path | None:
+def _archive(settings: Settings, job_id: int, status: JobStatus, folder: Path) -> Path | None:
     """Move a finished job's folder into the archive; None when it is already gone."""
     if not folder.is_dir():
         log.info("retention_folder_gone", job_id=job_id, folder=str(folder))

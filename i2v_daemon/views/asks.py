@@ -7,9 +7,12 @@ finishes a canceled job, intake brings a retried job's files back). Neither ever
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.queue.jobs import Job, JobStatus
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ def _no(job: Job | None, status: int, kind: str, message: str) -> Outcome:
     return Outcome(False, job, status, message, {"type": kind, "message": message})
 
 
-def cancel(store: Any, job_id: int) -> Outcome:
+def cancel(store: Store, job_id: int) -> Outcome:
     """Ask for a staging, queued or running job to be canceled; a daemon finishes it within seconds."""
     job = store.get(job_id)
     if job is None:
@@ -46,7 +49,7 @@ def cancel(store: Any, job_id: int) -> Outcome:
     return Outcome(True, job, 200, message)
 
 
-def retry(store: Any, job_id: int) -> Outcome:
+def retry(store: Store, job_id: int) -> Outcome:
     """Ask for a failed or canceled job to run again with fresh attempts; its files come back from failed/."""
     job = store.get(job_id)
     if job is None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.queue.jobs import Job, JobStatus
+
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -77,7 +80,7 @@ def job_detail(job: Job, *, now: datetime | None = None) -> dict[str, Any]:
     }
 
 
-def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: Any = None) -> dict[str, Any]:
+def describe(store: Store, job: Job, *, now: datetime | None = None, estimator: Any = None) -> dict[str, Any]:
     """`show --json` and the API's job: the detail plus `position` (1 = next, queued only) and `eta_seconds`."""
     from i2v_daemon.views.eta import Estimator
 
@@ -108,7 +111,7 @@ def describe(store: Any, job: Job, *, now: datetime | None = None, estimator: An
 
 
 
-def notifications(store: Any, job_id: int) -> list[dict[str, Any]]:
+def notifications(store: Store, job_id: int) -> list[dict[str, Any]]:
     """What the outbox owes or owed for a job (webhooks, notify, the hook), targets shown without their secrets."""
     from i2v_daemon.queue.clock import aware
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.logs import terminal_safe
 from i2v_daemon.queue.jobs import JobStatus
 from i2v_daemon.views.jobs import iso, job_summary
 
+if TYPE_CHECKING:
+    from i2v_daemon.queue.store import Store
+
 #: `status` estimates when the first this many queued jobs finish (`show` does it for any job).
 QUEUE_ETA_DEPTH = 100
 
 
-def status_document(store: Any, limit: int) -> dict[str, Any]:
+def status_document(store: Store, limit: int) -> dict[str, Any]:
     """`status --json`: exactly the contract's two keys, each job with this release's additions."""
     return {"counts": store.counts(), "jobs": [job_summary(j) for j in store.list_jobs(limit)]}
 
@@ -76,7 +79,7 @@ def _eta(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def render_status(store: Any, limit: int, *, now: datetime | None = None, width: int | None = None) -> str:
+def render_status(store: Store, limit: int, *, now: datetime | None = None, width: int | None = None) -> str:
     """The counts, the pause, the problems and a table of the newest `limit` jobs; `width`: the terminal's columns.
 
     The table fits `width` (a terminal of 80 columns shows each job on one line): the least needed

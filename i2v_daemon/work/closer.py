@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 from i2v_daemon.errors import GenerationError, StopDaemon
 from i2v_daemon.logs import get_logger
@@ -21,6 +21,9 @@ from i2v_daemon.queue.store import LeaseLost, Store
 from i2v_daemon.work.finish import Finisher
 from i2v_daemon.work.policy import Action, Verdict, decide
 from i2v_daemon.work.progress import JobProgress
+
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
 log = get_logger()
 
@@ -49,7 +52,7 @@ def call_hook(hook: Callable[..., None] | None, *args: Any) -> None:
 
 class Closer:
     def __init__(
-        self, settings: Any, store: Store, finisher: Finisher, *, on_finish: Callable[[Job], None] | None = None,
+        self, settings: Settings, store: Store, finisher: Finisher, *, on_finish: Callable[[Job], None] | None = None,
     ) -> None:
         self.s = settings
         self.store = store

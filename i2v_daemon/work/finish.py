@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
@@ -35,6 +35,9 @@ from i2v_daemon.queue.store import Store
 from i2v_daemon.work import manifest
 from i2v_daemon.work.provenance import Provenance
 
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
+
 #: Files in work/<id>/ that are the worker's scratch, never part of a published folder.
 SCRATCH = ("frames.npy", "frames.json")
 #: How many times a publish picks a new name when something stands where the folder should go.
@@ -42,7 +45,7 @@ IN_THE_WAY_TRIES = 5
 
 
 class Finisher:
-    def __init__(self, settings: Any, store: Store, *, model_info: Callable[[Job], dict[str, Any]] | None = None):
+    def __init__(self, settings: Settings, store: Store, *, model_info: Callable[[Job], dict[str, Any]] | None = None):
         self.s = settings
         self.store = store
         self.model_info = model_info or (lambda job: {"name": "default", "id": settings.model, "family": None,
@@ -50,7 +53,7 @@ class Finisher:
         self.provenance = Provenance(settings)
 
     def log(self, job: Job) -> JobLog:
-        return JobLog(folders.job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
+        return JobLog(folders.job_dir(self.s.filled("work_dir"), job.id) / "job.log", job.id, job.name)
 
     def finish(
         self, job: Job, status: JobStatus, error: dict[str, Any] | None, *, worker_id: str,
@@ -59,7 +62,7 @@ class Finisher:
     ) -> Path:
         """Write the manifest, publish work/<id>/ into output/ or failed/, then record the status."""
         job = self.store.get(job.id) or job  # the latest tries, effective values and notes
-        jdir = folders.job_dir(self.s.work_dir, job.id)
+        jdir = folders.job_dir(self.s.filled("work_dir"), job.id)
         jdir.mkdir(parents=True, exist_ok=True)
         # Signed before the scratch goes: a signing failure keeps the frames, so the retry only encodes again.
         signed = self._sign(job, jdir) if status is JobStatus.SUCCEEDED and output else None
@@ -82,7 +85,7 @@ class Finisher:
             jlog.info(status.value, output=output)
         folders.write_json(jdir / "job.json", doc)
         crashpoint("manifest_written")
-        root = Path(self.s.output_dir if status is JobStatus.SUCCEEDED else self.s.failed_dir)
+        root = self.s.filled("output_dir" if status is JobStatus.SUCCEEDED else "failed_dir")
         dest = self._record_destination(job, root, worker_id)
         crashpoint("destination_recorded")
         dest = self._publish(job, jdir, dest, root, worker_id)
@@ -94,7 +97,7 @@ class Finisher:
     def complete_interrupted(self, job: Job, *, worker_id: str) -> Path:
         """A job claimed with its destination already recorded: publish (if need be) and record its status."""
         dest = Path(job.final_dir)  # type: ignore[arg-type]
-        jdir = folders.job_dir(self.s.work_dir, job.id)
+        jdir = folders.job_dir(self.s.filled("work_dir"), job.id)
         doc_path = jdir / "job.json" if (jdir / "job.json").exists() else dest / "job.json"
         doc = json.loads(doc_path.read_text())
         root = dest.parent

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import socket
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 from i2v_daemon.errors import ConfigError, StopDaemon
 from i2v_daemon.queue.store import Store
 from i2v_daemon.work.closer import Attempt, Closer
 
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
+
 
 class Housekeeper:
-    def __init__(self, settings: Any, store: Store, closer: Closer, *, worker_id: str) -> None:
+    def __init__(self, settings: Settings, store: Store, closer: Closer, *, worker_id: str) -> None:
         self.s = settings
         self.store = store
         self.closer = closer

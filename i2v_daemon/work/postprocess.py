@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from i2v_daemon.errors import DatabaseGone, GenerationError, I2VError, JobCancel
 from i2v_daemon.logs import JobLog
 from i2v_daemon.queue.jobs import Job
 from i2v_daemon.work.video import mp4_info, write_mp4
+
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
 FRAMES = "frames.npy"
 FRAMES_META = "frames.json"
@@ -82,7 +85,7 @@ def check_video(path: Path, width: int, height: int, frames: int | None) -> dict
 
 def deliver(
     frames: np.ndarray, job: Job, effective: dict[str, Any], job_dir: Path, *, enter: Callable[[str], None],
-    settings: Any, device: str, jlog: JobLog, notes: list[str], on_alive: Callable[[str], Any],
+    settings: Settings, device: str, jlog: JobLog, notes: list[str], on_alive: Callable[[str], Any],
 ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     """Poster, video (and the interpolated one); returns the video's file name, the effective values, postprocess."""
     params = job.params
@@ -115,7 +118,7 @@ def deliver(
     return video, effective, post
 
 
-def job_recipe(job: Job, effective: dict[str, Any], job_dir: Path, settings: Any) -> dict[str, Any]:
+def job_recipe(job: Job, effective: dict[str, Any], job_dir: Path, settings: Settings) -> dict[str, Any]:
     """The recipe the job's videos carry (`recipe.py`): its effective values, model and input image's hash."""
     from i2v_daemon.work import recipe
 
@@ -127,7 +130,7 @@ def job_recipe(job: Job, effective: dict[str, Any], job_dir: Path, settings: Any
 
 
 def _interpolate(
-    frames: np.ndarray, generated: Path, target: Path, fps: int, output_fps: int, mode: str, settings: Any,
+    frames: np.ndarray, generated: Path, target: Path, fps: int, output_fps: int, mode: str, settings: Settings,
     device: str, jlog: JobLog, notes: list[str], on_alive: Callable[[str], Any], made: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Interpolate to `output_fps`; on any failure the generated video becomes the delivered one, and says why."""

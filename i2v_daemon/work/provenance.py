@@ -23,13 +23,16 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon import __version__
 from i2v_daemon.errors import ConfigError, EnvironmentProblem
 from i2v_daemon.files import fsync_dir
 from i2v_daemon.logs import get_logger
 from i2v_daemon.work import recipe as recipes
+
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
 log = get_logger()
 
@@ -61,7 +64,7 @@ class SignerFiles:
     root: Path | None  # the self-made root, to add to a verifier's trust list
 
 
-def signer_files(settings: Any, *, create: bool = True) -> SignerFiles:
+def signer_files(settings: Settings, *, create: bool = True) -> SignerFiles:
     """The certificate chain and key to sign with: the configured ones, or the self-made pair (made if missing)."""
     if settings.c2pa_cert is not None and settings.c2pa_key is not None:
         return SignerFiles(Path(settings.c2pa_cert), Path(settings.c2pa_key), False, None)
@@ -185,7 +188,7 @@ def check_certificate(files: SignerFiles, now: dt.datetime | None = None) -> dic
 class Provenance:
     """Signs a job's files before they are published; one per Finisher, its certificate read on first use."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.s = settings
         self._files: SignerFiles | None = None
 
@@ -388,7 +391,7 @@ def bindings() -> str:
     return f"c2pa-python {c2pa.__version__} (c2pa-rs {c2pa.sdk_version()})"
 
 
-def prepare(settings: Any) -> SignerFiles | None:
+def prepare(settings: Settings) -> SignerFiles | None:
     """At the daemon's start: the self-made chain made if none is configured; the configured one checked.
 
     A configured certificate that cannot be read, or whose key is not its own, is a configuration

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.errors import ConfigError, DatabaseGone, JobCanceled, JobStalled, LeaseLost, StopDaemon
 from i2v_daemon.faults import crashpoint, hangpoint
@@ -27,6 +27,9 @@ from i2v_daemon.work import postprocess
 from i2v_daemon.work.closer import Attempt, Closer, call_hook
 from i2v_daemon.work.policy import decide
 from i2v_daemon.work.progress import JobProgress
+
+if TYPE_CHECKING:
+    from i2v_daemon.settings import Settings
 
 log = get_logger()
 
@@ -64,7 +67,7 @@ def dead_local_workers(worker_ids: list[str], host: str | None = None) -> list[s
 
 class Worker:
     def __init__(
-        self, settings: Any, store: Store, closer: Closer, *, worker_id: str | None = None, models: Any = None,
+        self, settings: Settings, store: Store, closer: Closer, *, worker_id: str | None = None, models: Any = None,
         device: str | None = None, on_alive: Callable[[], None] = lambda: None,
         on_progress: Callable[[Job, int, int], None] | None = None, on_phase: Callable[[Job, str], None] | None = None,
         on_try: Callable[[Job, dict[str, Any]], None] | None = None,
@@ -137,7 +140,7 @@ class Worker:
         if self.closer.end_without_gpu(attempt, worker_id=self.worker_id):
             return
         job = attempt.job
-        jlog = JobLog(job_dir(self.s.work_dir, job.id) / "job.log", job.id, job.name)
+        jlog = JobLog(job_dir(self.s.filled("work_dir"), job.id) / "job.log", job.id, job.name)
         jlog.info("started", attempt=job.attempts, of=job.max_attempts, worker=self.worker_id, device=self.device)
         self._run(attempt, jlog)
 
@@ -167,8 +170,8 @@ class Worker:
         if self.models is not None:
             self.models.touch()
         output, effective, post = postprocess.deliver(
-            frames, job, effective, job_dir(self.s.work_dir, job.id), enter=enter, settings=self.s, device=self.device,
-            jlog=jlog, notes=notes, on_alive=progress.enter,
+            frames, job, effective, job_dir(self.s.filled("work_dir"), job.id), enter=enter, settings=self.s,
+            device=self.device, jlog=jlog, notes=notes, on_alive=progress.enter,
         )
         del frames
         self.store.update_running(job.id, self.worker_id, effective=effective, notes=notes)
@@ -183,7 +186,7 @@ class Worker:
         self, job: Job, model: Any, progress: JobProgress, jlog: JobLog,
     ) -> tuple[Any, dict[str, Any], list[str]]:
         """The frames of this job: from an earlier attempt that got as far as generating them, or generated now."""
-        saved = postprocess.saved_frames(job_dir(self.s.work_dir, job.id), job)
+        saved = postprocess.saved_frames(job_dir(self.s.filled("work_dir"), job.id), job)
         if saved is not None:
             jlog.info("frames_reused", reason="an earlier attempt generated them; only the encoding is done again")
             return saved, dict(job.effective or {}), list(job.notes)
@@ -191,7 +194,7 @@ class Worker:
         from i2v_daemon.work.generate import generate  # torch lives behind this import
 
         assert job.params is not None
-        jdir = job_dir(self.s.work_dir, job.id)
+        jdir = job_dir(self.s.filled("work_dir"), job.id)
         image, image_notes = load_rgb(jdir / "input" / job.inputs[0], max_pixels=self.s.max_image_pixels)
         self.store.update_running(job.id, self.worker_id, model=model.info.model_id)
         tries = list(job.tries)
