@@ -83,7 +83,7 @@ def check_video(path: Path, width: int, height: int, frames: int | None) -> dict
     return info
 
 
-def deliver(
+def write_videos(
     frames: np.ndarray, job: Job, effective: dict[str, Any], job_dir: Path, *, enter: Callable[[str], None],
     settings: Settings, device: str, jlog: JobLog, notes: list[str], on_alive: Callable[[str], Any],
 ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:

@@ -169,7 +169,7 @@ class Worker:
         frames, effective, notes = self._generate(job, model, progress, jlog)
         if self.models is not None:
             self.models.touch()
-        output, effective, post = postprocess.deliver(
+        output, effective, post = postprocess.write_videos(
             frames, job, effective, job_dir(self.s.filled("work_dir"), job.id), enter=enter, settings=self.s,
             device=self.device, jlog=jlog, notes=notes, on_alive=progress.enter,
         )
