@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     from i2v_daemon.cli import inspect as cli_inspect
 
     cli_inspect.add_command(sub, common)
+    from i2v_daemon.cli import plan as cli_plan
+
+    cli_plan.add_command(sub, common)
     from i2v_daemon.cli import demo
 
     demo.add_command(sub)
@@ -201,6 +204,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from i2v_daemon.cli import inspect as cli_inspect
 
         return cli_inspect.run(args, settings)
+    if args.command == "plan":
+        from i2v_daemon.cli import plan as cli_plan
+
+        return cli_plan.run(args, settings)
     return cli_ops.dispatch(args, settings)
 
 

@@ -103,6 +103,16 @@ class DiffusersVideoModel:
         """This family's pipeline arguments for guidance, fps, motion (beyond size, frames, steps), and notes."""
         return {"guidance_scale": request.guidance_scale}, []
 
+    @staticmethod
+    def meta_step(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        """One denoiser forward at this size as the pipeline calls it, on meta tensors (models/sizing.py)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def meta_decode(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        """The VAE decode at this size as the pipeline runs it by default, on meta tensors."""
+        raise NotImplementedError
+
     def _call(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
               callback: Callable[..., Any] | None) -> Any:
         """One pipeline call; float frames in [0, 1] on the device, shaped (frames, 3, height, width)."""

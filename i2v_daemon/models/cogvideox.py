@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from i2v_daemon.models.adapter import DiffusersVideoModel
 from i2v_daemon.models.base import GenerationRequest
+from i2v_daemon.models.sizing import meta_tensor, module_dtype
 
 
 class CogVideoXModel(DiffusersVideoModel):
@@ -15,6 +19,31 @@ class CogVideoXModel(DiffusersVideoModel):
     pipeline_class = "CogVideoXImageToVideoPipeline"
     pipeline_size_multiple = 8  # its check_inputs
     fixed_size_reason = "its learned positional embeddings fix the size it was trained at"
+
+    @staticmethod
+    def meta_step(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        transformer = pipe.transformer
+        config = transformer.config
+        dtype = module_dtype(transformer)
+        frames = (num_frames - 1) // int(pipe.vae_scale_factor_temporal) + 1
+        h, w = height // int(pipe.vae_scale_factor_spatial), width // int(pipe.vae_scale_factor_spatial)
+        # guidance batches the unconditional half; the image latents are concatenated along channels
+        hidden = meta_tensor(2, frames, config.in_channels, h, w, dtype=dtype)
+        text = meta_tensor(2, config.max_text_seq_length, config.text_embed_dim, dtype=dtype)
+        rotary = None
+        if config.use_rotary_positional_embeddings:
+            rotary = pipe._prepare_rotary_positional_embeddings(height, width, frames, torch.device("meta"))
+        ofs = None if config.ofs_embed_dim is None else meta_tensor(1, dtype=dtype)
+        return lambda: transformer(hidden, text, meta_tensor(2, dtype=torch.int64), ofs=ofs,
+                                   image_rotary_emb=rotary, return_dict=False)
+
+    @staticmethod
+    def meta_decode(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        vae = pipe.vae
+        frames = (num_frames - 1) // int(pipe.vae_scale_factor_temporal) + 1
+        h, w = height // int(pipe.vae_scale_factor_spatial), width // int(pipe.vae_scale_factor_spatial)
+        latents = meta_tensor(1, vae.config.latent_channels, frames, h, w, dtype=module_dtype(vae))
+        return lambda: vae.decode(latents, return_dict=False)
 
     def _limits(self) -> dict[str, Any]:
         pipe = self.pipeline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -11,6 +12,7 @@ from i2v_daemon.models.adapter import DiffusersVideoModel
 from i2v_daemon.models.base import GenerationRequest
 from i2v_daemon.models.planning import MAX_ASPECT, plan_size
 from i2v_daemon.models.runtime import cpu_generator, fit_image
+from i2v_daemon.models.sizing import meta_tensor
 
 __all__ = ["DECODE_CHUNK_SIZE", "FAMILY", "MAX_ASPECT", "I2VGenXLModel", "fit_image", "plan_size"]
 
@@ -35,13 +37,32 @@ class I2VGenXLModel(DiffusersVideoModel):
         pipe = self.pipeline
         return {
             "size_multiple": _size_multiple(pipe),
-            "max_prompt_tokens": int(pipe.tokenizer.model_max_length),
+            # no tokenizer in a pipeline built from configs alone (models/planner.py)
+            "max_prompt_tokens": int(pipe.tokenizer.model_max_length) if pipe.tokenizer is not None else None,
             "fps_conditioning": True,  # target_fps
             "decode_chunks": True,  # decode_chunk_size
         }
 
     def _conditioning(self, request: GenerationRequest) -> tuple[dict[str, Any], list[str]]:
         return {"guidance_scale": request.guidance_scale, "target_fps": request.fps}, []
+
+    @staticmethod
+    def meta_step(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        unet = pipe.unet
+        dtype = next(unet.parameters()).dtype
+        sample = meta_tensor(2, unet.config.in_channels, num_frames, height // 8, width // 8, dtype=dtype)
+        cross = int(unet.config.cross_attention_dim)
+        return lambda: unet(  # guidance: the pipeline batches the unconditional half
+            sample, meta_tensor(2, dtype=torch.int64), encoder_hidden_states=meta_tensor(2, 77, cross, dtype=dtype),
+            fps=meta_tensor(2, dtype=torch.int64), image_latents=sample.clone(),
+            image_embeddings=meta_tensor(2, 1, cross, dtype=dtype))
+
+    @staticmethod
+    def meta_decode(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        vae = pipe.vae
+        latents = meta_tensor(DECODE_CHUNK_SIZE, vae.config.latent_channels, height // 8, width // 8,
+                              dtype=next(vae.parameters()).dtype)
+        return lambda: vae.decode(latents)
 
     def _tokenize(self, prompt: str) -> list[int]:
         return list(self.pipeline.tokenizer(prompt, truncation=False, verbose=False).input_ids)

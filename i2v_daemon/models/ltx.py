@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from i2v_daemon.models.adapter import DiffusersVideoModel
 from i2v_daemon.models.base import GenerationRequest
+from i2v_daemon.models.sizing import meta_tensor, module_dtype
 
 #: The pipeline's default T5 length.
 MAX_SEQUENCE_LENGTH = 128
@@ -20,6 +24,31 @@ class LTXModel(DiffusersVideoModel):
     family = "ltx-video"
     pipeline_class = "LTXImageToVideoPipeline"
     pipeline_size_multiple = 32  # its check_inputs
+
+    @staticmethod
+    def meta_step(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        transformer = pipe.transformer
+        dtype = module_dtype(transformer)
+        frames = (num_frames - 1) // int(pipe.vae_temporal_compression_ratio) + 1
+        h, w = height // int(pipe.vae_spatial_compression_ratio), width // int(pipe.vae_spatial_compression_ratio)
+        tokens = frames * h * w
+        config = transformer.config
+        # guidance batches the unconditional half; the first frame's tokens carry their own timestep
+        hidden = meta_tensor(2, tokens, config.in_channels, dtype=dtype)
+        text = meta_tensor(2, MAX_SEQUENCE_LENGTH, config.caption_channels, dtype=dtype)
+        mask = meta_tensor(2, MAX_SEQUENCE_LENGTH, dtype=dtype)
+        return lambda: transformer(hidden, text, meta_tensor(2, tokens, dtype=torch.float32), mask, num_frames=frames,
+                                   height=h, width=w, rope_interpolation_scale=(1.0, 1.0, 1.0), return_dict=False)
+
+    @staticmethod
+    def meta_decode(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        vae = pipe.vae
+        frames = (num_frames - 1) // int(pipe.vae_temporal_compression_ratio) + 1
+        h, w = height // int(pipe.vae_spatial_compression_ratio), width // int(pipe.vae_spatial_compression_ratio)
+        dtype = module_dtype(vae)
+        latents = meta_tensor(1, vae.config.latent_channels, frames, h, w, dtype=dtype)
+        temb = meta_tensor(1, dtype=dtype) if vae.config.timestep_conditioning else None
+        return lambda: vae.decode(latents, temb, return_dict=False)
 
     def _limits(self) -> dict[str, Any]:
         pipe = self.pipeline

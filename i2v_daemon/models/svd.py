@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
 
 from i2v_daemon.models.adapter import DiffusersVideoModel
 from i2v_daemon.models.base import GenerationRequest
+from i2v_daemon.models.sizing import meta_tensor, module_dtype
 
 #: The pipeline's own defaults: guidance ramps from 1.0 on the first frame to 3.0 on the last,
 #: motion bucket 127, and 0.02 of noise added to the conditioning image.
@@ -67,6 +69,26 @@ class SVDModel(DiffusersVideoModel):
                 f"its own default ends at {DEFAULT_MAX_GUIDANCE:g}, and much higher values tend to over-saturate"
             )
         return values, notes
+
+    @staticmethod
+    def meta_step(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        unet = pipe.unet
+        dtype = module_dtype(unet)
+        scale = int(pipe.vae_scale_factor)
+        # guidance batches the unconditional half; the image latents are concatenated along channels
+        sample = meta_tensor(2, num_frames, unet.config.in_channels, height // scale, width // scale, dtype=dtype)
+        cross = int(unet.config.cross_attention_dim)
+        return lambda: unet(sample, meta_tensor(2, dtype=dtype), encoder_hidden_states=meta_tensor(
+            2, 1, cross, dtype=dtype), added_time_ids=meta_tensor(2, 3, dtype=dtype))
+
+    @staticmethod
+    def meta_decode(pipe: Any, width: int, height: int, num_frames: int) -> Callable[[], Any]:
+        vae = pipe.vae
+        chunk = min(num_frames, DECODE_CHUNK_SIZE)
+        scale = int(pipe.vae_scale_factor)
+        latents = meta_tensor(chunk, vae.config.latent_channels, height // scale, width // scale,
+                              dtype=module_dtype(vae))
+        return lambda: vae.decode(latents, num_frames=chunk)
 
     def _call(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
               callback: Any) -> Any:

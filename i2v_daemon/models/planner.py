@@ -1,0 +1,156 @@
+"""Will this model fit this card at this size, and how: a plan from the model's configs alone.
+
+`plan()` builds the pipeline on the meta device (sizing.py), lets the family's adapter plan the
+size and frame count as it would for a job, replays one denoising step and the decode at that
+size, and asks placement.py which placement fits the budget less the margin. It reads no weights
+(a folder holding only `model_index.json` and each component's `config.json` is enough) and needs
+no GPU: `i2v-daemon plan`, `doctor` and the worker all ask it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from i2v_daemon.errors import ConfigError, I2VError, first_line
+from i2v_daemon.models import loader, placement, sizing
+from i2v_daemon.models.memory import DEFAULT_MARGIN, GIB
+
+#: When no image is given, sizes are planned for a landscape 16:9 picture.
+DEFAULT_IMAGE_SIZE = (1280, 720)
+
+
+@dataclass
+class Plan:
+    """The answer to "will it fit, and how" for one model, card budget and job size."""
+
+    model: str
+    family: str
+    dtype: str
+    budget_bytes: int
+    margin: float
+    width: int
+    height: int
+    num_frames: int
+    components: dict[str, sizing.ComponentSize]
+    costs: placement.Costs
+    predictions: list[placement.Prediction]
+    chosen: placement.Prediction | None
+    notes: list[str] = field(default_factory=list)
+    smaller: list[dict[str, Any]] = field(default_factory=list)  # the sizes a job would step down to
+
+    @property
+    def limit_bytes(self) -> float:
+        return self.budget_bytes * (1 - self.margin)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "family": self.family, "dtype": self.dtype, "budget_bytes": self.budget_bytes,
+            "margin": self.margin, "width": self.width, "height": self.height, "num_frames": self.num_frames,
+            "weights": {name: {"class": c.class_name, "params": c.params, "bytes": c.bytes, "dtype": c.dtype}
+                        for name, c in self.components.items()},
+            "activation_bytes": {"denoise_step": self.costs.denoise, "decode": self.costs.decode},
+            "placements": [p.as_dict() for p in self.predictions],
+            "chosen": self.chosen.as_dict() if self.chosen else None,
+            "smaller": self.smaller, "notes": self.notes,
+        }
+
+
+def adapter_class(family: str) -> Any:
+    module_name, class_name = loader.ADAPTERS[family].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def weights_of(components: dict[str, sizing.ComponentSize]) -> placement.Weights:
+    denoisers = [c for c in components.values() if c.role == "denoiser"]
+    biggest = max(denoisers, key=lambda c: c.bytes, default=None)
+    return placement.Weights(
+        encoders=[c.bytes for c in components.values() if c.role == "encoder"],
+        denoisers=[c.bytes for c in denoisers],
+        vae=sum(c.bytes for c in components.values() if c.role == "vae"),
+        denoiser_rest=(biggest.bytes - biggest.largest_block_bytes * biggest.blocks) if biggest else 0,
+        largest_block=max((c.largest_block_bytes for c in denoisers), default=0),
+        largest_leaf=max((c.largest_leaf_bytes for c in denoisers), default=0),
+        castable=[c.castable_bytes for c in denoisers],
+    )
+
+
+@lru_cache(maxsize=64)
+def _costs(folder: str, dtype: str, width: int, height: int, num_frames: int) -> placement.Costs:
+    family = loader.detect_family(folder)
+    adapter = adapter_class(family)
+    meta = sizing.meta_pipeline(folder, dtype, adapter.float32_components)
+    try:
+        denoise = sizing.replay_peak(adapter.meta_step(meta.pipeline, width, height, num_frames))
+        decode = sizing.replay_peak(adapter.meta_decode(meta.pipeline, width, height, num_frames))
+    except I2VError:
+        raise
+    except Exception as err:  # a config this family's replay does not understand
+        raise ConfigError(
+            f"model {folder!r}: cannot work out the memory of a {width}x{height}, {num_frames}-frame job from its "
+            f"configs ({first_line(err, with_type=True)}); please report it with the folder's config.json files"
+        ) from None
+    return placement.Costs(denoise=denoise, decode=decode)
+
+
+def meta_model(model: str, dtype: str = "auto") -> tuple[Any, sizing.MetaPipeline, str]:
+    """The family's adapter around a meta-device pipeline of `model` (a local folder), and the dtype used."""
+    folder = loader.local_folder(model)
+    if folder is None:
+        raise ConfigError(f"model {model!r}: `plan` needs a local folder (the configs are enough, no weights)")
+    family = loader.detect_family(str(folder))
+    resolved = loader.resolve_dtype(dtype, "cuda", family)  # planned for a GPU, wherever it runs
+    adapter = adapter_class(family)
+    meta = sizing.meta_pipeline(folder, resolved, adapter.float32_components)
+    try:
+        model_view = adapter(str(folder), device="meta", dtype=resolved, pipeline=meta.pipeline)
+    except I2VError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"model {model!r}: its configs do not make a {family} pipeline ({first_line(err)})") from None
+    return model_view, meta, resolved
+
+
+def plan(
+    model: str, *, budget_bytes: int, num_frames: int, resolution: int = 512, width: int | None = None,
+    height: int | None = None, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, ladder: list[int] | None = None,
+    dtype: str = "auto", weights: str = "auto", allow_fp8_fallback: bool = False, margin: float = DEFAULT_MARGIN,
+) -> Plan:
+    """The placement a job of this size would start with on a card of `budget_bytes`, and why."""
+    view, meta, resolved = meta_model(model, dtype)
+    size = view.plan_size(image_size, resolution, width, height)
+    frames = view.plan_frames(num_frames)
+    notes = [*size.notes, *frames.notes]
+    fp8 = "only" if weights == "fp8" else ("fallback" if allow_fp8_fallback else "no")
+    weights_ = weights_of(meta.components)
+    limit = budget_bytes * (1 - margin)
+
+    def at(w: int, h: int) -> tuple[placement.Costs, list[placement.Prediction]]:
+        costs = _costs(str(meta.folder), resolved, w, h, frames.num_frames)
+        return costs, placement.predictions(weights_, costs, limit, fp8=fp8)
+
+    costs, preds = at(size.width, size.height)
+    chosen = placement.choose(preds)
+    smaller: list[dict[str, Any]] = []
+    short = min(size.width, size.height)
+    for r in ladder or []:
+        if r >= short:
+            continue
+        step = view.plan_size((size.width, size.height), r, None, None)
+        if min(step.width, step.height) >= short or any(s["width"] == step.width for s in smaller):
+            continue
+        _, step_preds = at(step.width, step.height)
+        pick = placement.choose(step_preds)
+        smaller.append({"width": step.width, "height": step.height,
+                        "chosen": pick.as_dict() if pick else None})
+    return Plan(
+        model=model, family=view.info.family, dtype=resolved, budget_bytes=budget_bytes, margin=margin,
+        width=size.width, height=size.height, num_frames=frames.num_frames, components=meta.components,
+        costs=costs, predictions=preds, chosen=chosen, notes=notes, smaller=smaller,
+    )
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"

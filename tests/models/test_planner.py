@@ -1,0 +1,137 @@
+"""The placement planner on config-only folders of the released models: no weights, no GPU.
+
+tests/data/model_configs/ holds each released model's model_index.json and component configs
+(SOURCES.md says where every value came from); the planner builds them on the meta device and
+replays a denoising step and the decode at the job's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from i2v_daemon.models import placement, planner
+from tests.conftest import ROOT, SUBPROCESS_ENV
+
+pytestmark = pytest.mark.xdist_group("planner")  # one process builds each full-size model once
+
+CONFIGS = ROOT / "tests" / "data" / "model_configs"
+GIB = 2**30
+
+#: Each supported model at the size and length its model card makes.
+MODEL_CARD_SIZES = {
+    "i2vgen-xl": (1280, 704, 16),
+    "svd-xt": (1024, 576, 25),
+    "wan2.1-i2v-14b-480p": (832, 480, 81),
+    "wan2.2-i2v-a14b": (1280, 720, 81),
+    "ltx-video": (768, 512, 121),
+    "cogvideox-5b-i2v": (720, 480, 49),
+}
+
+
+def plan(name: str, gib: float, **kwargs) -> planner.Plan:
+    w, h, f = MODEL_CARD_SIZES[name]
+    kwargs = {"width": w, "height": h, "num_frames": f, **kwargs}
+    return planner.plan(str(CONFIGS / name), budget_bytes=int(gib * GIB), **kwargs)
+
+
+def test_the_folders_hold_configs_only():
+    files = [p for p in CONFIGS.rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".json", ".md", ".py") for p in files)
+    assert max(p.stat().st_size for p in files) < 200_000
+
+
+@pytest.mark.parametrize(("side", "frames", "measured"), [(512, 8, 5.98), (512, 16, 7.28), (768, 24, 13.42),
+                                                          (1024, 32, 25.37)])
+def test_i2vgen_xl_all_on_the_gpu_is_predicted_within_1_percent_of_the_h200_anchors(side, frames, measured):
+    """shared/anchors: plain diffusers, fp16, everything resident, decode_chunk_size=1, guidance."""
+    result = planner.plan(str(CONFIGS / "i2vgen-xl"), budget_bytes=200 * GIB, width=side, height=side,
+                          num_frames=frames)
+    assert result.chosen is not None and result.chosen.placement == "gpu"
+    assert result.chosen.peak_bytes / GIB == pytest.approx(measured, rel=0.01)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CARD_SIZES))
+def test_every_model_has_a_placement_under_a_24_gib_budget_at_its_model_cards_size(name):
+    w, h, f = MODEL_CARD_SIZES[name]
+    result = plan(name, 24)
+    assert (result.width, result.height, result.num_frames) == (w, h, f)  # the card's own size, not stepped down
+    assert result.chosen is not None, [(p.name, p.peak_bytes / GIB) for p in result.predictions]
+    assert result.chosen.peak_bytes <= 24 * GIB * (1 - result.margin)
+    assert not result.chosen.fp8  # fp8 only where the user allows it
+    cheaper = result.predictions[:result.predictions.index(result.chosen)]
+    assert all(not p.fits for p in cheaper)  # the cheapest that fits, never a slower one
+    if name.startswith("wan"):  # 14 B parameters in bf16 are 26-31 GiB: the weights cannot all stay
+        assert result.chosen.placement not in ("gpu", "encoders_offloaded")
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CARD_SIZES))
+def test_on_an_80_gib_card_whatever_fits_whole_stays_whole(name):
+    result = plan(name, 80)
+    assert result.chosen is not None
+    if name == "wan2.2-i2v-a14b":  # two 14 B experts: 53 GiB of denoisers alone, 82 GiB predicted in all
+        assert result.chosen.placement == "encoders_offloaded"
+        assert result.predictions[0].peak_bytes > 72 * GIB
+    else:
+        assert result.chosen.placement == "gpu"
+
+
+def test_fp8_comes_after_every_exact_placement_and_stores_the_denoiser_in_half_the_bytes():
+    exact = plan("wan2.1-i2v-14b-480p", 24)
+    both = plan("wan2.1-i2v-14b-480p", 24, allow_fp8_fallback=True)
+    names = [p.name for p in both.predictions]
+    assert names[:5] == list(placement.PLACEMENTS) and all(n.endswith("+fp8") for n in names[5:])
+    gpu, gpu_fp8 = both.predictions[0], both.predictions[5]
+    # 16.4 B parameters: nearly all in Linear layers, 1 byte instead of 2
+    assert 13 * GIB < gpu.peak_bytes - gpu_fp8.peak_bytes < 16 * GIB
+    assert both.chosen == exact.chosen  # an exact placement fits: fp8 is not reached
+    only = plan("wan2.1-i2v-14b-480p", 80, weights="fp8")
+    assert only.chosen is not None and only.chosen.fp8 and only.chosen.placement == "gpu"
+
+
+def test_a_job_too_big_for_every_placement_says_so_and_where_it_would_step_down_to():
+    result = planner.plan(str(CONFIGS / "i2vgen-xl"), budget_bytes=2 * GIB, width=1024, height=1024, num_frames=32,
+                          ladder=[768, 512, 256])
+    assert result.chosen is None and not any(p.fits for p in result.predictions)
+    assert [s["width"] for s in result.smaller] == [768, 512, 256]
+    assert result.smaller[-1]["chosen"] is not None  # 256² fits by streaming the UNet
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "i2v_daemon.cli", "plan", "--data-dir", str(cwd / "data"), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_plan_answers_for_a_config_only_folder_in_text_and_json(tmp_path: Path):
+    folder = str(CONFIGS / "wan2.1-i2v-14b-480p")
+    text = cli("--model", folder, "--vram-gib", "24", "--width", "832", "--height", "480", "--num-frames", "81",
+               cwd=tmp_path)
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert "chosen: group_offload" in text.stdout and "WanTransformer3DModel" in text.stdout
+    assert "832x480, 81 frames" in text.stdout
+    js = cli("--model", folder, "--vram-gib", "24", "--json", cwd=tmp_path)
+    assert js.returncode == 0, js.stderr[-2000:]
+    data = json.loads(js.stdout)
+    assert data["chosen"]["placement"] == "group_offload" and data["preset"] == "standard"
+    assert data["weights"]["transformer"]["params"] > 16e9 and data["budget_bytes"] == 24 * GIB
+    assert [p["placement"] for p in data["placements"]] == list(placement.PLACEMENTS)
+    assert not (tmp_path / "data").exists()  # a question: nothing is made
+
+
+def test_plan_exits_1_when_nothing_fits_and_78_for_a_question_it_cannot_answer(tmp_path: Path):
+    folder = str(CONFIGS / "i2vgen-xl")
+    small = cli("--model", folder, "--vram-gib", "1", "--width", "1024", "--height", "1024", cwd=tmp_path)
+    assert small.returncode == 1, small.stderr[-2000:]
+    assert "nothing fits" in small.stdout and "allow_fp8_fallback" in small.stdout
+    half = cli("--model", folder, "--vram-gib", "24", "--width", "640", cwd=tmp_path)
+    assert half.returncode == 78 and "--width and --height together" in half.stderr
+    no_card = cli("--model", folder, cwd=tmp_path)  # no GPU here and no vram_budget_gib
+    assert no_card.returncode == 78 and "--vram-gib" in no_card.stderr
+    missing = cli("--model", str(tmp_path / "nope"), "--vram-gib", "24", cwd=tmp_path)
+    assert missing.returncode == 78 and "does not exist" in missing.stderr
