@@ -31,6 +31,7 @@ from i2v_daemon.models.base import (
     StepCallback,
 )
 from i2v_daemon.models.gpu import free_memory
+from i2v_daemon.models.placement import PLACEMENTS
 from i2v_daemon.models.runtime import (
     cpu_generator,
     disable_forward_chunking,
@@ -46,6 +47,8 @@ from i2v_daemon.models.runtime import (
 LORA_ADAPTER = "i2v_daemon_lora"
 #: Attributes that may hold a denoising network (Wan 2.2 has two experts).
 DENOISERS = ("unet", "transformer", "transformer_2")
+#: Attributes that hold an encoder run once per job.
+ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder")
 
 
 class DiffusersVideoModel:
@@ -65,14 +68,18 @@ class DiffusersVideoModel:
     #: its config says; the planned multiple is the least common multiple of the two.
     pipeline_size_multiple: ClassVar[int] = 8
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", pipeline: Any = None) -> None:
-        """Load `model` (a folder or Hub id) onto `device`, or wrap an already built `pipeline`."""
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", pipeline: Any = None,
+                 placement: str = "gpu") -> None:
+        """Load `model` (a folder or Hub id) onto the host, then place it on `device` (models/placement.py)."""
         self.device = device
         self.dtype = dtype
         pipe = pipeline if pipeline is not None else load_pipeline(
             self.pipeline_class, model, dtype, self.float32_components
         )
-        self.pipeline: Any = pipe.to(device)  # None once closed
+        self.placement = "gpu"
+        self._placement_hooks: list[Any] = []  # torch hook handles a placement added
+        self.pipeline: Any = pipe  # None once closed
+        self.place(placement)
         self.pipeline.set_progress_bar_config(disable=True)
         self._lora_loaded: tuple[str, int] | None = None  # (path, mtime) of the LoRA in the pipeline
         self._default_scheduler = pipe.scheduler  # as released; a job's `scheduler` swaps others in
@@ -253,19 +260,104 @@ class DiffusersVideoModel:
         )
         self.info = replace(self.info, accelerated=True)
 
+    def place(self, placement: str) -> None:
+        """Put the weights where `placement` says (models/placement.py), from wherever they are now.
+
+        `gpu`: every component on the device. `encoders_offloaded`: the encoders visit the device to
+        encode and go back to the host when a denoiser starts; two experts swap, only the running one
+        on the device. `model_offload`: one component at a time (diffusers' model CPU offload).
+        `group_offload` / `group_offload_leaf`: the denoisers' and encoders' blocks (or single layers)
+        stream through the device (diffusers' group offloading, with CUDA streams on a GPU); the VAE
+        stays on the device.
+        """
+        pipe = self.pipeline
+        if placement == self.placement and placement == "gpu":
+            pipe.to(self.device)
+            return
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; one of {', '.join(PLACEMENTS)}")
+        self._unplace()
+        device = torch.device(self.device)
+        if placement == "gpu":
+            pipe.to(device)
+        elif placement == "encoders_offloaded":
+            self._offload_encoders(device)
+        elif placement == "model_offload":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            kind = "block_level" if placement == "group_offload" else "leaf_level"
+            pipe.to("cpu")
+            pipe.enable_group_offload(
+                onload_device=device, offload_device=torch.device("cpu"), offload_type=kind,
+                num_blocks_per_group=1 if kind == "block_level" else None, use_stream=device.type == "cuda",
+                exclude_modules=["vae"],
+            )
+        self.placement = placement
+
+    def _offload_encoders(self, device: torch.device) -> None:
+        from accelerate import cpu_offload_with_hook
+
+        pipe = self.pipeline
+        hooks: list[Any] = []
+        previous = None
+        for name in ENCODERS:
+            encoder = getattr(pipe, name, None)
+            if isinstance(encoder, torch.nn.Module):
+                encoder.to("cpu")
+                _, previous = cpu_offload_with_hook(encoder, device, prev_module_hook=previous)
+                hooks.append(previous)
+        denoisers = self._denoisers()
+        if len(denoisers) == 1:
+            denoisers[0].to(device)
+        experts: list[Any] = []
+        for denoiser in denoisers if len(denoisers) > 1 else []:
+            denoiser.to("cpu")
+            _, hook = cpu_offload_with_hook(denoiser, device)
+            experts.append(hook)
+        for i, denoiser in enumerate(denoisers):
+            others = hooks + [h for j, h in enumerate(experts) if j != i]  # what must leave before it runs
+            self._placement_hooks.append(denoiser.register_forward_pre_hook(_offloader(others)))
+        vae = getattr(pipe, "vae", None)
+        if isinstance(vae, torch.nn.Module):
+            vae.to(device)
+        pipe._all_hooks = [*hooks, *experts]  # remove_all_hooks() finds them there
+
+    def _unplace(self) -> None:
+        """Take off whatever hooks the last placement installed: accelerate's, diffusers' group offloading, ours."""
+        for handle in self._placement_hooks:
+            handle.remove()
+        self._placement_hooks.clear()
+        pipe = self.pipeline
+        pipe.remove_all_hooks()
+        from diffusers.hooks import group_offloading
+
+        names = [getattr(group_offloading, n, None) for n in (
+            "_GROUP_OFFLOADING", "_LAYER_EXECUTION_TRACKER", "_LAZY_PREFETCH_GROUP_OFFLOADING")]
+        for component in pipe.components.values():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            for module in component.modules():
+                registry = getattr(module, "_diffusers_hook", None)
+                for name in names:
+                    if registry is not None and name is not None and registry.get_hook(name) is not None:
+                        registry.remove_hook(name, recurse=False)
+
     def park(self) -> None:
         """Move the weights to host memory, keeping the pipeline, its LoRA and its compiled graphs (idle on a GPU)."""
-        self.pipeline.to("cpu")
+        if self.placement == "gpu":  # offloaded placements keep their weights on the host already
+            self.pipeline.to("cpu")
         free_memory(self.device)
 
     def unpark(self) -> None:
         """Back onto the device after `park`; the compiled graphs still hold (same modules, same device)."""
-        self.pipeline.to(self.device)
+        if self.placement == "gpu":
+            self.pipeline.to(self.device)
 
     def fast_path_for(self, request: GenerationRequest) -> bool:
         """Whether this try can run compiled: no LoRA (its scales would change the graph), no saver that
-        rewires the denoiser (chunking, offload hooks)."""
-        return request.lora is None and not ({"forward_chunking", "cpu_offload"} & set(request.savers))
+        rewires the denoiser (chunking, offload hooks), and the weights resident (no offloading placement)."""
+        return (self.placement == "gpu" and request.lora is None
+                and not ({"forward_chunking", "cpu_offload"} & set(request.savers)))
 
     def versions(self) -> dict[str, Any]:
         """Library versions that produced the video, for the manifest."""
@@ -370,7 +462,7 @@ class DiffusersVideoModel:
                 for m in self._denoisers():
                     if hasattr(m, "enable_forward_chunking"):
                         m.enable_forward_chunking()
-            if "cpu_offload" in savers:
+            if "cpu_offload" in savers and self.placement == "gpu":  # offloaded placements are offloaded already
                 pipe.enable_model_cpu_offload(device=self.device)
             yield
         finally:
@@ -387,7 +479,7 @@ class DiffusersVideoModel:
         if "forward_chunking" in savers:
             for m in self._denoisers():
                 disable_forward_chunking(m)
-        if "cpu_offload" in savers:
+        if "cpu_offload" in savers and self.placement == "gpu":
             pipe.remove_all_hooks()
             pipe.to(self.device)
 
@@ -430,3 +522,13 @@ class DiffusersVideoModel:
 
 def _no_phase(_phase: str) -> None:
     """A phase callback that does nothing."""
+
+
+def _offloader(hooks: list[Any]) -> Callable[..., None]:
+    """A forward pre-hook that sends `hooks`' modules back to the host (it returns None: the inputs stay)."""
+
+    def offload(*_args: Any) -> None:
+        for hook in hooks:
+            hook.offload()
+
+    return offload
