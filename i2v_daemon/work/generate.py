@@ -19,6 +19,7 @@ from i2v_daemon.errors import OutOfMemory, first_line
 from i2v_daemon.intake.choices import resolve_lora
 from i2v_daemon.models.base import (
     SAVERS,
+    ConditioningPlan,
     GenerationRequest,
     LoraChoice,
     PhaseCallback,
@@ -104,6 +105,17 @@ def decode_chunk_for(model: VideoModel, rung: Rung, num_frames: int, memory: Mem
     return memory.decode_chunk(rung.width, rung.height, num_frames, rung.savers)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What is decided once for the whole job, before the first try."""
+
+    base: GenerationRequest  # the request at the planned size, without savers
+    conditioning: ConditioningPlan
+    scheduler: str
+    fast: bool  # the job may start on the fast path
+    notes: tuple[str, ...]
+
+
 def generate(
     model: VideoModel,
     image: Image.Image,
@@ -126,12 +138,49 @@ def generate(
     With a memory model, rungs predicted not to fit are skipped without a try. A ValueError the
     pipeline raises (a size it refuses) propagates as it is: the worker fails the job for good.
     """
+    plan = _plan_request(model, image, prompt, negative_prompt, params, seed=seed, lora_dir=lora_dir)
+    base = plan.base
+    rungs = plan_rungs(model, base.width, base.height, ladder, accelerate=plan.fast)
+    start, skipped = choose_start(memory, rungs, base.num_frames)
+    notes = [*plan.notes, *skipped]
+    last_error = ""
+    for n, rung in enumerate(rungs[start:], start + 1):
+        tried = _try_rung(model, plan, rung, n, memory, on_step=on_step, on_phase=on_phase, on_try=on_try)
+        if isinstance(tried, str):  # out of memory: on to the next rung
+            last_error = tried
+            continue
+        video, entry = tried
+        if n > 1:
+            first = rungs[start]
+            where = " on the fast path" if first.accelerated and n > start + 1 else ""
+            notes.append(
+                f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}{where}; "
+                f"made it at {rung.width}x{rung.height} with savers {list(rung.savers) or 'none'}"
+            )
+        if entry.get("fell_back"):
+            notes.append(entry["fell_back"])
+        return Outcome(frames=video, effective=_effective(model, params, plan, rung, entry), notes=notes)
+    smallest = rungs[-1]
+    raise OutOfMemory(
+        f"out of GPU memory even at {smallest.width}x{smallest.height}, {base.num_frames} frames, with "
+        f"savers {list(smallest.savers) or 'none'} on {card(model.device)}; ask for fewer frames or a lower "
+        f"resolution, or free the GPU of other programs ({last_error[:160]})"
+    )
+
+
+def _plan_request(
+    model: VideoModel, image: Image.Image, prompt: str, negative_prompt: str, params: Params, *,
+    seed: int | None, lora_dir: Path | None,
+) -> _Plan:
+    """Size, frames, steps, seed, LoRA, conditioning and scheduler, with a note for each adjustment.
+
+    An InputError for what the model cannot do is raised here, before any work.
+    """
     notes: list[str] = []
     plan = model.plan_size(image.size, params.resolution, params.width, params.height)
     notes.extend(plan.notes)
     frame_plan = model.plan_frames(params.num_frames)
     notes.extend(frame_plan.notes)
-    num_frames = frame_plan.num_frames
     steps, step_notes = model.plan_steps(params.steps)
     notes.extend(step_notes)
     seed = params.seed if params.seed is not None else (seed if seed is not None else secrets.randbelow(2**32))
@@ -141,7 +190,7 @@ def generate(
         lora = LoraChoice(params.lora, str(path), 1.0 if params.lora_scale is None else params.lora_scale)
     base = GenerationRequest(
         image=image, prompt=prompt, negative_prompt=negative_prompt, width=plan.width, height=plan.height,
-        num_frames=num_frames, steps=steps, guidance_scale=params.guidance_scale, fps=params.fps,
+        num_frames=frame_plan.num_frames, steps=steps, guidance_scale=params.guidance_scale, fps=params.fps,
         seed=seed, motion=params.motion, lora=lora, scheduler=params.scheduler,
     )
     conditioning = model.plan_conditioning(base)  # an unknown scheduler is refused here, before any work
@@ -156,85 +205,88 @@ def generate(
                     f"{label} is {n} tokens; {model.info.family} reads only the first {limit}, the rest is ignored"
                 )
     fast = model.info.accelerated and model.fast_path_for(replace(base, accelerated=True))
-    rungs = plan_rungs(model, plan.width, plan.height, ladder, accelerate=fast)
-    start, skipped = choose_start(memory, rungs, num_frames)
-    notes.extend(skipped)
-    last_error = ""
-    for n, rung in enumerate(rungs[start:], start + 1):
-        chunk = decode_chunk_for(model, rung, num_frames, memory)
-        req = replace(base, width=rung.width, height=rung.height, savers=rung.savers, accelerated=rung.accelerated,
-                      decode_chunk=chunk)
-        entry: dict[str, Any] = {
-            "try": n, "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
-            "savers": list(rung.savers), "accelerated": rung.accelerated, "gpu": gpu_name(model.device),
-            "dtype": model.dtype, "family": model.info.family,
-        }
-        if chunk is not None:
-            entry["decode_chunk"] = chunk
-        if memory is not None:
-            entry["budget_bytes"] = memory.budget_bytes
-            entry["predicted_peak_bytes"] = memory.predict(
-                rung.width, rung.height, num_frames, rung.savers, rung.accelerated, chunk)
-        reset_peak(model.device)
-        t0 = time.monotonic()
-        oom = None
-        stale = getattr(model, "last_run", None)  # the model replaces it when it starts a call
-        try:
-            video = model.generate(req, on_step, on_phase)
-        except BaseException as err:
-            entry.update(seconds=round(time.monotonic() - t0, 3), peak_vram_bytes=peak_bytes(model.device))
-            _record_run(model, entry, stale, finished=False)
-            if not is_oom(err):
-                entry.update(outcome=getattr(err, "kind", "error"), error=f"{type(err).__name__}: {err}"[:500])
-                on_try(entry)
-                raise
-            # Keep the message only: the error's traceback holds the failed try's frames, and with
-            # them every tensor it allocated.
-            oom = first_line(err, limit=300, default="out of memory")
-        if oom is not None:
-            # Out of the except block, so nothing of the failed try is referenced while memory is freed.
-            free_memory(model.device)
-            entry.update(outcome="out_of_memory", error=oom)
+    return _Plan(base=base, conditioning=conditioning, scheduler=scheduler, fast=fast, notes=tuple(notes))
+
+
+def _try_rung(
+    model: VideoModel, plan: _Plan, rung: Rung, n: int, memory: MemoryModel | None, *,
+    on_step: StepCallback, on_phase: PhaseCallback | None, on_try: Callable[[dict[str, Any]], None],
+) -> tuple[np.ndarray, dict[str, Any]] | str:
+    """Try number `n`, at one rung of the ladder: the frames and the try's entry, or the out-of-memory message.
+
+    Every try is reported to `on_try` (and taught to the memory model, whatever its outcome but an
+    error); an error other than out-of-memory is reported, then propagates.
+    """
+    chunk = decode_chunk_for(model, rung, plan.base.num_frames, memory)
+    req = replace(plan.base, width=rung.width, height=rung.height, savers=rung.savers, accelerated=rung.accelerated,
+                  decode_chunk=chunk)
+    entry = _try_entry(model, req, n, memory)
+    reset_peak(model.device)
+    t0 = time.monotonic()
+    oom = None
+    stale = getattr(model, "last_run", None)  # the model replaces it when it starts a call
+    try:
+        video = model.generate(req, on_step, on_phase)
+    except BaseException as err:
+        entry.update(seconds=round(time.monotonic() - t0, 3), peak_vram_bytes=peak_bytes(model.device))
+        _record_run(model, entry, stale, finished=False)
+        if not is_oom(err):
+            entry.update(outcome=getattr(err, "kind", "error"), error=f"{type(err).__name__}: {err}"[:500])
             on_try(entry)
-            if memory is not None:
-                memory.learn([entry])
-            last_error = oom
-            continue
-        entry.update(
-            outcome="succeeded", error=None, seconds=round(time.monotonic() - t0, 3),
-            peak_vram_bytes=peak_bytes(model.device),
-        )
-        _record_run(model, entry, stale, finished=True)
+            raise
+        # Keep the message only: the error's traceback holds the failed try's frames, and with
+        # them every tensor it allocated.
+        oom = first_line(err, limit=300, default="out of memory")
+    if oom is not None:
+        # Out of the except block, so nothing of the failed try is referenced while memory is freed.
+        free_memory(model.device)
+        entry.update(outcome="out_of_memory", error=oom)
         on_try(entry)
         if memory is not None:
             memory.learn([entry])
-        if n > 1:
-            first = rungs[start]
-            where = " on the fast path" if first.accelerated and n > start + 1 else ""
-            notes.append(
-                f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}{where}; "
-                f"made it at {rung.width}x{rung.height} with savers {list(rung.savers) or 'none'}"
-            )
-        if entry.get("fell_back"):
-            notes.append(entry["fell_back"])
-        effective: dict[str, Any] = {
-            "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
-            "guidance_scale": params.guidance_scale, "fps": params.fps, "seed": seed, "savers": list(rung.savers),
-            "model": params.model or "default", "family": model.info.family, "scheduler": scheduler,
-            "accelerated": entry["accelerated"],
-        }
-        if params.motion is not None and model.info.motion:
-            effective["motion"] = params.motion
-        if lora is not None:
-            effective.update(lora=lora.name, lora_scale=lora.scale)
-        effective["conditioning"] = dict(conditioning.values)  # the pipeline's own names for what it was told
-        return Outcome(frames=video, effective=effective, notes=notes)
-    smallest = rungs[-1]
-    raise OutOfMemory(
-        f"out of GPU memory even at {smallest.width}x{smallest.height}, {num_frames} frames, with "
-        f"savers {list(smallest.savers) or 'none'} on {card(model.device)}; ask for fewer frames or a lower "
-        f"resolution, or free the GPU of other programs ({last_error[:160]})"
+        return oom
+    entry.update(
+        outcome="succeeded", error=None, seconds=round(time.monotonic() - t0, 3),
+        peak_vram_bytes=peak_bytes(model.device),
     )
+    _record_run(model, entry, stale, finished=True)
+    on_try(entry)
+    if memory is not None:
+        memory.learn([entry])
+    return video, entry
+
+
+def _try_entry(model: VideoModel, req: GenerationRequest, n: int, memory: MemoryModel | None) -> dict[str, Any]:
+    """The record of try number `n` as it starts (what it runs, and the memory model's prediction)."""
+    entry: dict[str, Any] = {
+        "try": n, "width": req.width, "height": req.height, "num_frames": req.num_frames, "steps": req.steps,
+        "savers": list(req.savers), "accelerated": req.accelerated, "gpu": gpu_name(model.device),
+        "dtype": model.dtype, "family": model.info.family,
+    }
+    if req.decode_chunk is not None:
+        entry["decode_chunk"] = req.decode_chunk
+    if memory is not None:
+        entry["budget_bytes"] = memory.budget_bytes
+        entry["predicted_peak_bytes"] = memory.predict(
+            req.width, req.height, req.num_frames, req.savers, req.accelerated, req.decode_chunk)
+    return entry
+
+
+def _effective(model: VideoModel, params: Params, plan: _Plan, rung: Rung, entry: dict[str, Any]) -> dict[str, Any]:
+    """The values the video was made with, as the job records them (its `effective`)."""
+    base = plan.base
+    effective: dict[str, Any] = {
+        "width": rung.width, "height": rung.height, "num_frames": base.num_frames, "steps": base.steps,
+        "guidance_scale": params.guidance_scale, "fps": params.fps, "seed": base.seed, "savers": list(rung.savers),
+        "model": params.model or "default", "family": model.info.family, "scheduler": plan.scheduler,
+        "accelerated": entry["accelerated"],
+    }
+    if params.motion is not None and model.info.motion:
+        effective["motion"] = params.motion
+    if base.lora is not None:
+        effective.update(lora=base.lora.name, lora_scale=base.lora.scale)
+    effective["conditioning"] = dict(plan.conditioning.values)  # the pipeline's own names for what it was told
+    return effective
 
 
 def _record_run(model: VideoModel, entry: dict[str, Any], stale: Any, *, finished: bool) -> None:
