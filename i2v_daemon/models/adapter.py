@@ -78,6 +78,7 @@ class DiffusersVideoModel:
         )
         self.placement = "gpu"
         self._placement_hooks: list[Any] = []  # torch hook handles a placement added
+        self.placement_plan: dict[str, Any] = {}  # set by the holder when it planned the placement
         self.pipeline: Any = pipe  # None once closed
         self.place(placement)
         self.pipeline.set_progress_bar_config(disable=True)

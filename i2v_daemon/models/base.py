@@ -114,6 +114,14 @@ class VideoModel(Protocol):
     #: How the last `generate` call ran: {"accelerated": bool, "compiled": bool, "compile_seconds": float,
     #: "fell_back": str | None}; {} before the first call.
     last_run: dict[str, Any]
+    #: Where the weights are (models/placement.py: "gpu", "group_offload", …), and the plan that chose
+    #: it ({"placement", "predicted_peak_bytes", "fits", …}; {} when none was made, as on the CPU).
+    placement: str
+    placement_plan: dict[str, Any]
+
+    def place(self, placement: str) -> None:
+        """Put the weights where `placement` says, from wherever they are now."""
+        ...
 
     def plan_size(
         self, image_size: tuple[int, int], resolution: int, width: int | None, height: int | None

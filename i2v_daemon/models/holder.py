@@ -293,10 +293,12 @@ class ModelHolder:
             raise ConfigError(f"model: {err}") from err
         self._make_room(device, weights_bytes(model_id, "float32" if "32" in self.dtype or device == "cpu" else "half"))
         before = gpu.allocated_bytes(device)
+        planned = self._plan_placement(model_id, device)
+        placement = planned.get("placement", "gpu")
         try:
             model = None
             try:
-                model = load_model(model_id, self.device, self.dtype)
+                model = load_model(model_id, self.device, self.dtype, placement=placement)
             except Exception as err:
                 if not (gpu.is_oom(err) and self._warm):
                     raise
@@ -304,7 +306,7 @@ class ModelHolder:
                 for other in list(self._warm):
                     self._evict(other)
                 gpu.free_memory(device)
-                model = load_model(model_id, self.device, self.dtype)
+                model = load_model(model_id, self.device, self.dtype, placement=placement)
         except EnvironmentProblem:
             raise  # cannot be fetched now: the daemon keeps the jobs and tries again later
         except I2VError as err:
@@ -313,6 +315,7 @@ class ModelHolder:
             raise GenerationError(
                 f"model {name!r} ({model_id}) cannot be loaded: {err} Fix `models.{name}` in the config."
             ) from err
+        model.placement_plan = planned
         self._accelerate(model)
         memory = gpu.memory_model_for(model, self.vram_budget_gib, self.memory_margin)
         if memory is not None and self._history is not None:
@@ -322,6 +325,43 @@ class ModelHolder:
                 if t.get("gpu") == gpu.gpu_name(model.device) and t.get("family", "i2vgen-xl") == family
             )
         return _Warm(_test_seam(model), memory, max(0, gpu.allocated_bytes(device) - before), time.monotonic())
+
+    def _plan_placement(self, model_id: str, device: str) -> dict[str, Any]:
+        """Where the weights go, decided before they are loaded (models/planner.py), for the largest preset.
+
+        On a GPU the budget is the card's (or `vram_budget_gib`); on the CPU nothing is planned unless
+        the test seam I2V_TEST_DEVICE_BUDGET_GIB says how big a card to pretend it is. {} when no plan
+        is made (the CPU, a model without configs at hand); then everything goes on the device.
+        """
+        from i2v_daemon.logs import get_logger
+        from i2v_daemon.models import gpu, loader, placement, planner
+        from i2v_daemon.models.memory import GIB
+
+        seam = os.environ.get("I2V_TEST_DEVICE_BUDGET_GIB")
+        if seam:
+            budget = int(float(seam) * GIB)
+        elif device.startswith("cuda"):
+            budget = gpu.gpu_budget_bytes(device, self.vram_budget_gib)
+        else:
+            return {}
+        if not self.warm_shapes:
+            return {}
+        shape = max(self.warm_shapes, key=lambda s: s.resolution * s.resolution * s.num_frames)
+        try:
+            folder = loader.config_folder(model_id)
+            if folder is None:
+                return {}
+            plan = planner.plan(str(folder), budget_bytes=budget, resolution=shape.resolution,
+                                num_frames=shape.num_frames, dtype=self.dtype if device.startswith("cuda") else
+                                "float32", margin=self.memory_margin)
+        except I2VError as err:  # a plan that cannot be made costs the plan, never the model
+            get_logger().warning("placement_not_planned", model=model_id, error=str(err))
+            return {}
+        chosen = plan.chosen or plan.predictions[len(placement.PLACEMENTS) - 1]  # nothing fits: the leanest
+        out = {**chosen.as_dict(), "planned_for": f"{plan.width}x{plan.height}x{plan.num_frames}",
+               "budget_bytes": budget}
+        get_logger().info("placement_planned", model=model_id, **out)
+        return out
 
     def _accelerate(self, model: Any) -> None:
         """Give a freshly loaded model the fast path when `accelerate` says so, warm from the compile cache."""

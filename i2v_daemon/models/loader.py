@@ -69,14 +69,28 @@ def check_never_loads(model: str) -> None:
         detect_family(model)
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> VideoModel:
-    """Detect the family of `model` and load it once, ready to generate on `device` in `dtype`."""
+def load_model(model: str, device: str = "auto", dtype: str = "auto", placement: str = "gpu") -> VideoModel:
+    """Detect the family of `model` and load it once onto the host, then place it on `device` in `dtype`."""
     family = detect_family(model)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device, family)
     module_name, class_name = ADAPTERS[family].split(":")
     adapter = getattr(importlib.import_module(module_name), class_name)
-    return adapter(model, device=resolved_device, dtype=resolved_dtype)
+    return adapter(model, device=resolved_device, dtype=resolved_dtype, placement=placement)
+
+
+def config_folder(model: str) -> Path | None:
+    """The folder holding `model`'s configs: itself when local, its Hub snapshot when cached; else None."""
+    folder = local_folder(model)
+    if folder is not None:
+        return folder
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(model, "model_index.json", local_files_only=True)).parent
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
 
 
 def missing_pipeline_class(cls: str) -> str | None:

@@ -265,6 +265,10 @@ def _try_entry(model: VideoModel, req: GenerationRequest, n: int, memory: Memory
     }
     if req.decode_chunk is not None:
         entry["decode_chunk"] = req.decode_chunk
+    entry["placement"] = getattr(model, "placement", "gpu")  # where the weights were (models/placement.py)
+    planned = getattr(model, "placement_plan", None) or {}
+    if planned.get("placement") == entry["placement"]:
+        entry["placement_predicted_peak_bytes"] = planned.get("predicted_peak_bytes")
     if memory is not None:
         entry["budget_bytes"] = memory.budget_bytes
         entry["predicted_peak_bytes"] = memory.predict(

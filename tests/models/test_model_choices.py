@@ -220,7 +220,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     resident: dict[str, int] = {}
     state = {"oom_once": False}
 
-    def load_model(model_id: str, device: str, dtype: str):
+    def load_model(model_id: str, device: str, dtype: str, **_options: object):  # placement, weights
         if state["oom_once"] and resident:
             state["oom_once"] = False
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
