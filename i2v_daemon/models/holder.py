@@ -101,7 +101,7 @@ class ModelHolder:
         shapes = [WarmShape(p.resolution, p.num_frames, p.guidance_scale) for p in presets.values()]
         return cls(
             settings.model, settings.device, settings.dtype, vram_budget_gib=settings.vram_budget_gib,
-            memory_margin=settings.memory_margin, history=history, models=settings.models,
+            memory_margin=settings.memory_margin, history=history, models=settings.model_choices(),
             max_loaded=settings.max_loaded_models, accelerate=getattr(settings, "accelerate", "auto"),
             compile_cache_dir=Path(settings.data_dir) / "cache" / "compile", warm_shapes=shapes,
         )

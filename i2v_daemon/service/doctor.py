@@ -364,8 +364,8 @@ def check_models(settings: Any) -> list[Check]:
     """The default model and every entry of `models`: each is something `run` or a job loads."""
     hub = HubProbe()
     out = [_model_check("model", settings.model, hub, name=None)]
-    for name, model in settings.models.items():
-        out.append(_model_check(f"models.{name}", model, hub, name=name))
+    for name, entry in settings.models.items():
+        out.append(_model_check(f"models.{name}", entry.model, hub, name=name))
     return out
 
 
