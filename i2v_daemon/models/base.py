@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from i2v_daemon.weights import Weights
+
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
@@ -50,6 +52,7 @@ class ModelInfo:
     schedulers: tuple[str, ...] = ()  # the names a job's `scheduler` may ask for, besides "default"
     accelerated: bool = False  # whether the fast path (compiled denoiser) is on for this model
     decode_chunks: bool = False  # whether its VAE decodes frames in chunks (GenerationRequest.decode_chunk)
+    weights: Weights = field(default_factory=Weights)  # the weights it runs with now (fp8 after use_fp8())
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from i2v_daemon.errors import ConfigError, EnvironmentProblem, GenerationError, I2VError, InputError
+from i2v_daemon.weights import Weights
 
 DEFAULT = "default"
 #: On a GPU, the share of the budget that warm models' weights may take together.
@@ -43,6 +44,12 @@ class _Warm:
     resident_bytes: int  # what loading it added to the GPU (0 on the CPU)
     last_used: float
     parked: bool = False  # weights in host memory, pipeline and compiled graphs kept
+    weights: Weights = field(default_factory=Weights)  # what it was loaded with (it may have stepped to fp8 since)
+
+    def serves(self, wanted: Weights) -> bool:
+        """Whether a job asking for `wanted` weights can run on this model as it is."""
+        now = getattr(self.model.info, "weights", None)
+        return self.weights.same_as(wanted) or (isinstance(now, Weights) and now.same_as(wanted))
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,14 @@ class ModelHolder:
         memory_margin: float = 0.10, history: Callable[[], Iterable[dict[str, Any]]] | None = None,
         models: Mapping[str, str] | None = None, max_loaded: int = 1, accelerate: str = "auto",
         compile_cache_dir: Path | None = None, warm_shapes: Sequence[WarmShape] = (),
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = False, weights: Mapping[str, Weights] | None = None, allow_fp8_fallback: bool = False,
     ) -> None:
         self.model_id = model
         self.choices: dict[str, str] = {**(models or {}), DEFAULT: model}  # name -> repo id or folder
+        #: name -> the weights it loads with unless a job's preset asks for others
+        self.weights: dict[str, Weights] = {name: (weights or {}).get(name, Weights()) for name in self.choices}
+        #: whether a placement may step `auto` weights down to fp8 (model.use_fp8()) to fit a job
+        self.allow_fp8_fallback = allow_fp8_fallback
         self.device = device
         self.dtype = dtype
         self.vram_budget_gib = vram_budget_gib
@@ -104,6 +115,7 @@ class ModelHolder:
             memory_margin=settings.memory_margin, history=history, models=settings.model_choices(),
             max_loaded=settings.max_loaded_models, accelerate=getattr(settings, "accelerate", "auto"),
             compile_cache_dir=Path(settings.data_dir) / "cache" / "compile", warm_shapes=shapes,
+            weights=settings.model_weights(), allow_fp8_fallback=settings.allow_fp8_fallback,
         )
 
     @property
@@ -124,11 +136,14 @@ class ModelHolder:
         """Names of the models parked in host memory."""
         return [n for n, w in self._warm.items() if w.parked]
 
-    def get(self, name: str = DEFAULT) -> Any:
+    def get(self, name: str = DEFAULT, weights: str | None = None) -> Any:
         """The model called `name`, warm, loading it (and making room) the first time.
 
-        The default model failing to load is a ConfigError (the daemon cannot serve); another one
-        is this job's failure, and the daemon goes on serving the rest.
+        `weights` is the job's preset's (None: the model's own). A warm model with other weights is
+        closed and loaded again with these: a precision is chosen at load, and two copies of one model
+        would take the room the smaller weights were asked for to free. The default model failing to
+        load is a ConfigError (the daemon cannot serve); another one is this job's failure, and the
+        daemon goes on serving the rest.
         """
         if name not in self.choices:
             raise InputError(
@@ -137,13 +152,17 @@ class ModelHolder:
             )
         from i2v_daemon.models import gpu
 
+        wanted = self.weights[name].asking(weights)
         with self._lock:
             self.last_used = now = time.monotonic()
             warm = self._warm.get(name)
+            if warm is not None and not warm.serves(wanted):
+                self._evict(name)
+                warm = None
             if warm is not None and warm.parked:
                 self._unpark(name, warm)
             if warm is None:
-                warm = self._load(name)
+                warm = self._load(name, wanted)
                 self._warm[name] = warm
             warm.last_used = now
             self._warm.move_to_end(name)
@@ -161,9 +180,13 @@ class ModelHolder:
         name = name or DEFAULT
         warm = self._warm.get(name)
         if warm is None:
-            return {"name": name, "id": self.choices.get(name), "family": None, "revision": None}
+            configured = self.weights.get(name, Weights())
+            return {"name": name, "id": self.choices.get(name), "family": None, "revision": None,
+                    **configured.record()}
         info = warm.model.info
-        return {"name": name, "id": info.model_id, "family": info.family, "revision": info.revision}
+        weights = getattr(info, "weights", None)
+        used = weights if isinstance(weights, Weights) else warm.weights
+        return {"name": name, "id": info.model_id, "family": info.family, "revision": info.revision, **used.record()}
 
     def acceleration(self) -> dict[str, Any]:
         """The fast path's state, for doctor and the log: on or off and why, cache folder, compiled shapes."""
@@ -282,7 +305,7 @@ class ModelHolder:
 
     # ---- loading and making room ----------------------------------------------------------------
 
-    def _load(self, name: str) -> _Warm:
+    def _load(self, name: str, weights: Weights) -> _Warm:
         from i2v_daemon.models import gpu
         from i2v_daemon.models.loader import load_model, resolve_device, weights_bytes
 
@@ -296,7 +319,7 @@ class ModelHolder:
         try:
             model = None
             try:
-                model = load_model(model_id, self.device, self.dtype)
+                model = load_model(model_id, self.device, self.dtype, weights)
             except Exception as err:
                 if not (gpu.is_oom(err) and self._warm):
                     raise
@@ -304,7 +327,7 @@ class ModelHolder:
                 for other in list(self._warm):
                     self._evict(other)
                 gpu.free_memory(device)
-                model = load_model(model_id, self.device, self.dtype)
+                model = load_model(model_id, self.device, self.dtype, weights)
         except EnvironmentProblem:
             raise  # cannot be fetched now: the daemon keeps the jobs and tries again later
         except I2VError as err:
@@ -321,7 +344,8 @@ class ModelHolder:
                 t for t in self._history()
                 if t.get("gpu") == gpu.gpu_name(model.device) and t.get("family", "i2vgen-xl") == family
             )
-        return _Warm(_test_seam(model), memory, max(0, gpu.allocated_bytes(device) - before), time.monotonic())
+        return _Warm(_test_seam(model), memory, max(0, gpu.allocated_bytes(device) - before), time.monotonic(),
+                     weights=weights)
 
     def _accelerate(self, model: Any) -> None:
         """Give a freshly loaded model the fast path when `accelerate` says so, warm from the compile cache."""

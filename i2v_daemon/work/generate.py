@@ -167,7 +167,7 @@ def generate(
         entry: dict[str, Any] = {
             "try": n, "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
             "savers": list(rung.savers), "accelerated": rung.accelerated, "gpu": gpu_name(model.device),
-            "dtype": model.dtype, "family": model.info.family,
+            "dtype": model.dtype, "family": model.info.family, "weights": model.info.weights.label(),
         }
         if chunk is not None:
             entry["decode_chunk"] = chunk
