@@ -154,6 +154,12 @@ class VideoModel(Protocol):
         """Frames as uint8 array (num_frames, height, width, 3); `last_run` then says how the try ran."""
         ...
 
+    def use_fp8(self) -> bool:
+        """Store the denoisers' weights in fp8 from now on; True if that changed anything (only `auto` weights
+        change). For a placement that needs the room, where `allow_fp8_fallback` allows it; the job then
+        carries `weights.FP8_FALLBACK_NOTE`."""
+        ...
+
     def versions(self) -> dict[str, Any]:
         """Library versions that produced the video, for the manifest."""
         ...
