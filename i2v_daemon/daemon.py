@@ -25,7 +25,7 @@ from i2v_daemon.intake.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_
 from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
 from i2v_daemon.models.holder import ModelHolder
-from i2v_daemon.models.loader import check_never_loads
+from i2v_daemon.models.loader import check_never_loads, check_weights
 from i2v_daemon.params import BUILTIN_PRESETS
 from i2v_daemon.queue.clock import now_us, utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
@@ -356,6 +356,7 @@ class Daemon:
         self._drain_started_us = now_us()
         # A model that can never load is exit 78 even with no job to run now: the next run would fail the same.
         check_never_loads(self.s.model)
+        self._check_weights()
         self.recover()
         while self.stop_requested is None:
             result = self.intake_pass(once=True)
@@ -381,6 +382,12 @@ class Daemon:
             if not self._wait_for_backoff(waiting):
                 break
         return 0
+
+    def _check_weights(self) -> None:
+        """ConfigError (exit 78) when a configured model can never run with its weights (GGUF on a UNet, …)."""
+        weights = self.s.model_weights()
+        for name, model in self.s.model_choices().items():
+            check_weights(model, weights[name], "" if name == "default" else f"models.{name}.")
 
     def _only_models_missing(self, waiting: list[Job]) -> bool:
         """Every queued job waits for a model that cannot be fetched now (said once, with the reasons)."""
@@ -410,6 +417,7 @@ class Daemon:
 
         self.recover()
         self.service.start()  # a metrics port in use fails here (exit 78), before the model loads
+        self._check_weights()
         self._load_model()  # ConfigError (exit 78) when it can never load; a fetch problem is retried
         watcher = Watcher(
             self.s.inbox_dir, self.intake_wake, mode=self.s.observer, poll_seconds=self.s.poll_seconds,  # type: ignore[arg-type]

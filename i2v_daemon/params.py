@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
 from i2v_daemon.errors import InputError
+from i2v_daemon.weights import WeightsKind
 
 MAX_TEXT_CHARS = 20_000
 INTERPOLATIONS = ("motion", "blend", "rife")
@@ -160,6 +161,7 @@ class PresetValues(BaseModel):
     output_fps: Fps | None = None
     interpolation: Interpolation | None = None
     scheduler: Scheduler | None = None
+    weights: WeightsKind | None = None  # the weights its jobs' model runs with; None: the model's own
     notify: list[str] | None = None  # Apprise URLs told of this preset's jobs (besides the config's); never in Preset
 
     def values(self) -> dict[str, Any]:
@@ -180,6 +182,7 @@ class Preset(BaseModel):
     output_fps: Fps | None = None
     interpolation: Interpolation | None = None
     scheduler: Scheduler | None = None
+    weights: WeightsKind | None = None  # None: the model's own (its `models` entry, else the global `weights`)
 
 
 class Params(BaseModel):
@@ -203,6 +206,7 @@ class Params(BaseModel):
     output_fps: Fps | None = None  # the delivered frame rate; None: fps (no interpolation)
     interpolation: Interpolation | None = None  # set only when output_fps > fps
     scheduler: Scheduler | None = None  # None / "default": the family's own
+    weights: WeightsKind | None = None  # the preset's `weights`; None: the model's own
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump()

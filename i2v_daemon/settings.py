@@ -11,12 +11,13 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from i2v_daemon.errors import ConfigError
 from i2v_daemon.locate import config_path, default_data_dir, read_toml, sqlite_url
 from i2v_daemon.params import BUILTIN_PRESETS, Preset, PresetValues
+from i2v_daemon.weights import TorchaoType, Weights, WeightsKind, missing_package, problem
 
 #: What a JSON environment value looks like, per setting that takes a list or a table.
 _JSON_EXAMPLES = {
@@ -24,7 +25,7 @@ _JSON_EXAMPLES = {
     "on_finish": '["/usr/local/bin/notify", "--quiet"]',
     "webhooks": '["https://example.org/hook"]',
     "notify": '["ntfy://ntfy.example.org/videos"]',
-    "models": '{"svd": "stabilityai/stable-video-diffusion-img2vid-xt"}',
+    "models": '{"svd": "stabilityai/stable-video-diffusion-img2vid-xt", "wan": {"model": "…", "weights": "fp8"}}',
     "presets": '{"social": {"output_fps": 24}}',
     "batch_roots": '["/srv/photos"]',
     "api_trusted_proxies": '["127.0.0.1"]',
@@ -35,6 +36,17 @@ PRESET_REQUIRED = ("resolution", "num_frames", "steps", "guidance_scale", "fps")
 
 __all__ = ["BUILTIN_PRESETS", "Preset", "Settings", "config_path", "default_data_dir", "load_settings", "read_toml"]
 
+
+
+class ModelEntry(BaseModel):
+    """A `[models]` entry written as a table: the model and the weights it runs with (a plain string is the model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    weights: WeightsKind | None = None  # None: the global `weights` (but gguf, whose file is `model`'s)
+    weights_file: Path | None = None  # gguf: the .gguf file of this model's transformer
+    torchao_type: TorchaoType | None = None  # torchao: None, the global `torchao_type`
 
 
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
@@ -76,9 +88,13 @@ class Settings(BaseSettings):
     vram_budget_gib: float | None = Field(default=None, gt=0)  # cap on a card other programs share
     memory_margin: float = Field(default=0.10, ge=0, lt=0.9)  # headroom the memory model keeps free
     model_idle_unload_seconds: float = Field(default=1800.0, ge=0)  # 0 keeps the model loaded forever
-    models: dict[str, str] = Field(default_factory=dict)  # more models a sidecar may name; "default" is `model`
+    models: dict[str, ModelEntry] = Field(default_factory=dict)  # more models a sidecar may name; "default" is `model`
     max_loaded_models: int = Field(default=1, ge=1, le=16)  # on the CPU; on a GPU the VRAM budget decides
     lora_dir: Path | None = None  # the only folder a sidecar's `lora` is taken from; unset: no LoRA
+    weights: WeightsKind = "auto"  # every model's, unless its `models` entry or the job's preset says otherwise
+    weights_file: Path | None = None  # weights = "gguf": the .gguf file of `model`'s transformer
+    torchao_type: TorchaoType = "int8wo"  # weights = "torchao": which quantization
+    allow_fp8_fallback: bool = False  # `auto` weights may be stepped down to fp8 when the placement needs it
 
     # intake
     stable_seconds: float = Field(default=2.0, ge=0, le=3600)
@@ -165,15 +181,23 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_strings(cls, v: Any) -> Any:
+        # `NAME = "repo id or folder"` is the short form of `NAME = { model = "…" }`.
+        if isinstance(v, dict):
+            return {name: {"model": entry} if isinstance(entry, str) else entry for name, entry in v.items()}
+        return v
+
     @field_validator("models")
     @classmethod
-    def _models(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, model in v.items():
+    def _models(cls, v: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        for name, entry in v.items():
             if name == "default":
                 raise ValueError("'default' is always the `model` setting; give this one another name")
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
                 raise ValueError(f"{name!r} is not a usable name (letters, digits, '.', '_', '-')")
-            if not model.strip():
+            if not entry.model.strip():
                 raise ValueError(f"models.{name} is empty; give a Hub repo id or a diffusers folder")
         return v
 
@@ -341,6 +365,7 @@ class Settings(BaseSettings):
                     f"presets.{name}.interpolation: 'rife' needs rife_model, a local RIFE weights file "
                     "(it is never downloaded); set it, or choose 'motion' or 'blend'"
                 )
+        self._check_weights()
         if self.interpolation == "rife" and self.rife_model is None:
             raise ValueError(
                 "rife_model: interpolation = 'rife' needs rife_model, a local RIFE weights file "
@@ -352,6 +377,45 @@ class Settings(BaseSettings):
                 f"(known: {', '.join(sorted(self.all_presets()))})"
             )
         return self
+
+    def _check_weights(self) -> None:
+        """Every model's weights can be had as configured, and every preset's `weights` can apply to any model."""
+        if self.weights_file is not None:
+            self.weights_file = self.weights_file.expanduser()
+        checks: list[tuple[str, str, Path | None]] = [("weights", self.weights, self.weights_file)]
+        for name, entry in self.models.items():
+            if entry.weights_file is not None:
+                entry.weights_file = entry.weights_file.expanduser()
+            if entry.weights is not None or entry.weights_file is not None:
+                checks.append((f"models.{name}.weights", self.entry_weights(entry).kind, entry.weights_file))
+        for key, kind, file in checks:
+            said = problem(kind, file, key)
+            if said:
+                raise ValueError(said)
+        for name, override in self.presets.items():
+            asked = override.weights
+            if asked == "gguf":
+                raise ValueError(
+                    f"presets.{name}.weights: 'gguf' loads one model's own file, so a preset cannot ask for it; "
+                    "set weights = 'gguf' with weights_file for that model (globally for `model`, or in its "
+                    "`models` entry), and use 'auto', 'fp8' or 'torchao' in presets"
+                )
+            missing = missing_package(asked) if asked is not None else None
+            if missing:
+                raise ValueError(f"presets.{name}.weights: {asked!r} needs the {asked} package, which is not "
+                                 f"installed: {missing}")
+
+    def entry_weights(self, entry: ModelEntry) -> Weights:
+        """The weights a `[models]` entry runs with: its own, else the global ones (gguf's file is `model`'s only)."""
+        kind = entry.weights or ("auto" if self.weights == "gguf" else self.weights)
+        file = str(entry.weights_file) if entry.weights_file is not None else None
+        return Weights(kind, file, entry.torchao_type or self.torchao_type)
+
+    def model_weights(self) -> dict[str, Weights]:
+        """The weights of every model a sidecar may name, by name ("default" is `model`)."""
+        own = Weights(self.weights, str(self.weights_file) if self.weights_file is not None else None,
+                      self.torchao_type)
+        return {**{name: self.entry_weights(entry) for name, entry in self.models.items()}, "default": own}
 
     def all_presets(self) -> dict[str, Preset]:
         """Built-in presets with the TOML's `[presets.*]` tables merged over them."""
@@ -373,7 +437,7 @@ class Settings(BaseSettings):
 
     def model_choices(self) -> dict[str, str]:
         """Every model a sidecar may name: the `[models]` table and "default" (the `model` setting)."""
-        return {**self.models, "default": self.model}
+        return {**{name: entry.model for name, entry in self.models.items()}, "default": self.model}
 
     def folders(self) -> dict[str, Path]:
         """The four folders by setting name (all set once validated)."""

@@ -32,6 +32,7 @@ from i2v_daemon.models.base import (
 )
 from i2v_daemon.models.gpu import free_memory
 from i2v_daemon.models.placement import PLACEMENTS
+from i2v_daemon.models.precision import DENOISERS, denoisers_of, store_in_fp8
 from i2v_daemon.models.runtime import (
     cpu_generator,
     disable_forward_chunking,
@@ -42,11 +43,10 @@ from i2v_daemon.models.runtime import (
     load_pipeline,
     seeded,
 )
+from i2v_daemon.weights import Weights
 
 #: The name our one LoRA adapter has inside a pipeline.
 LORA_ADAPTER = "i2v_daemon_lora"
-#: Attributes that may hold a denoising network (Wan 2.2 has two experts).
-DENOISERS = ("unet", "transformer", "transformer_2")
 #: Attributes that hold an encoder run once per job.
 ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder")
 
@@ -68,13 +68,17 @@ class DiffusersVideoModel:
     #: its config says; the planned multiple is the least common multiple of the two.
     pipeline_size_multiple: ClassVar[int] = 8
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", pipeline: Any = None,
-                 placement: str = "gpu") -> None:
-        """Load `model` (a folder or Hub id) onto the host, then place it on `device` (models/placement.py)."""
+    def __init__(
+        self, model: str, device: str = "cpu", dtype: str = "float32", pipeline: Any = None,
+        weights: Weights | None = None, placement: str = "gpu",
+    ) -> None:
+        """Load `model` (a folder or Hub id) onto the host with `weights`, or wrap an already built `pipeline`;
+        then place it on `device` (models/placement.py)."""
         self.device = device
         self.dtype = dtype
+        weights = weights or Weights()
         pipe = pipeline if pipeline is not None else load_pipeline(
-            self.pipeline_class, model, dtype, self.float32_components
+            self.pipeline_class, model, dtype, self.float32_components, weights
         )
         self.placement = "gpu"
         self._placement_hooks: list[Any] = []  # torch hook handles a placement added
@@ -98,6 +102,7 @@ class DiffusersVideoModel:
             lora=hasattr(pipe, "load_lora_weights"),
             scheduler=loaded,
             schedulers=schedulers.offered(self.family, loaded),
+            weights=weights,
             **limits,
         )
 
@@ -172,6 +177,13 @@ class DiffusersVideoModel:
             raise InputError(
                 f"{name} cannot apply a LoRA (its diffusers pipeline has no LoRA loader); remove 'lora', "
                 "or choose a model of a family that can (wan, ltx-video, cogvideox)"
+            )
+        if request.lora is not None and info.weights.kind != "auto":
+            # PEFT makes the LoRA's layers in the dtype of the layer they wrap: float8 or quantized ones,
+            # which nothing casts up for their forward.
+            raise InputError(
+                f"lora cannot be applied to {name} with {info.weights.label()} weights; remove 'lora', or use a "
+                "preset with weights = 'auto'"
             )
         values, notes = self._conditioning(request)
         if not info.takes_prompt and (request.prompt or request.negative_prompt):
@@ -248,10 +260,14 @@ class DiffusersVideoModel:
     # ---- the fast path --------------------------------------------------------------------------
 
     def enable_acceleration(self, **options: Any) -> None:
-        """Prepare the fast path once (fused projections, GPU layout and flags); tries opt in per request."""
+        """Prepare the fast path once (fused projections, GPU layout and flags); tries opt in per request.
+
+        Only for the dtype's own weights: fp8, GGUF and torchao layers convert their weights in every
+        forward, which the compiled graph is not made for; those models run eagerly.
+        """
         from i2v_daemon.models.accelerate import Accelerator
 
-        if self.accelerator is not None or self.pipeline is None:
+        if self.accelerator is not None or self.pipeline is None or self.info.weights.kind != "auto":
             return
         # Fused projections replace the attention processors LoRA adapters hook into: families that
         # take a LoRA keep theirs.
@@ -343,6 +359,20 @@ class DiffusersVideoModel:
                     if registry is not None and name is not None and registry.get_hook(name) is not None:
                         registry.remove_hook(name, recurse=False)
 
+    def use_fp8(self) -> bool:
+        """Store the denoisers' weights in fp8 from now on (for a placement that needs the room); True if that
+        changed anything.
+
+        Only `auto` weights change (fp8 ones are already, GGUF and torchao ones are smaller still). It is
+        not undone in place: the model's own weights come back by loading it again. The try runs eagerly
+        from then on; a job stepped down this way says so with `weights.FP8_FALLBACK_NOTE`.
+        """
+        if self.pipeline is None or self.info.weights.kind != "auto":
+            return False
+        store_in_fp8(self._denoisers(), self.dtype)
+        self.info = replace(self.info, weights=replace(self.info.weights, kind="fp8", file=None), accelerated=False)
+        return True
+
     def park(self) -> None:
         """Move the weights to host memory, keeping the pipeline, its LoRA and its compiled graphs (idle on a GPU)."""
         if self.placement == "gpu":  # offloaded placements keep their weights on the host already
@@ -356,9 +386,11 @@ class DiffusersVideoModel:
 
     def fast_path_for(self, request: GenerationRequest) -> bool:
         """Whether this try can run compiled: no LoRA (its scales would change the graph), no saver that
-        rewires the denoiser (chunking, offload hooks), and the weights resident (no offloading placement)."""
+        rewires the denoiser (chunking, offload hooks), the dtype's own weights, and the weights resident (no
+        offloading placement)."""
         return (self.placement == "gpu" and request.lora is None
-                and not ({"forward_chunking", "cpu_offload"} & set(request.savers)))
+                and not ({"forward_chunking", "cpu_offload"} & set(request.savers))
+                and self.info.weights.kind == "auto")
 
     def versions(self) -> dict[str, Any]:
         """Library versions that produced the video, for the manifest."""
@@ -433,7 +465,7 @@ class DiffusersVideoModel:
     # ---- memory savers --------------------------------------------------------------------------
 
     def _denoisers(self) -> list[Any]:
-        return [m for m in (getattr(self.pipeline, name, None) for name in DENOISERS) if m is not None]
+        return denoisers_of(self.pipeline)
 
     def _supported_savers(self) -> tuple[str, ...]:
         """The memory savers this pipeline offers, in the OOM ladder's order."""

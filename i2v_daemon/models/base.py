@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from i2v_daemon.weights import Weights
+
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
@@ -50,6 +52,7 @@ class ModelInfo:
     schedulers: tuple[str, ...] = ()  # the names a job's `scheduler` may ask for, besides "default"
     accelerated: bool = False  # whether the fast path (compiled denoiser) is on for this model
     decode_chunks: bool = False  # whether its VAE decodes frames in chunks (GenerationRequest.decode_chunk)
+    weights: Weights = field(default_factory=Weights)  # the weights it runs with now (fp8 after use_fp8())
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,12 @@ class VideoModel(Protocol):
         self, request: GenerationRequest, on_step: StepCallback, on_phase: PhaseCallback | None = None
     ) -> np.ndarray:
         """Frames as uint8 array (num_frames, height, width, 3); `last_run` then says how the try ran."""
+        ...
+
+    def use_fp8(self) -> bool:
+        """Store the denoisers' weights in fp8 from now on; True if that changed anything (only `auto` weights
+        change). For a placement that needs the room, where `allow_fp8_fallback` allows it; the job then
+        carries `weights.FP8_FALLBACK_NOTE`."""
         ...
 
     def versions(self) -> dict[str, Any]:

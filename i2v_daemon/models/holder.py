@@ -18,11 +18,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from i2v_daemon.errors import ConfigError, EnvironmentProblem, GenerationError, I2VError, InputError
+from i2v_daemon.logs import get_logger
+from i2v_daemon.weights import Weights
 
 DEFAULT = "default"
 #: On a GPU, the share of the budget that warm models' weights may take together.
@@ -43,6 +45,12 @@ class _Warm:
     resident_bytes: int  # what loading it added to the GPU (0 on the CPU)
     last_used: float
     parked: bool = False  # weights in host memory, pipeline and compiled graphs kept
+    weights: Weights = field(default_factory=Weights)  # what it was loaded with (it may have stepped to fp8 since)
+
+    def serves(self, wanted: Weights) -> bool:
+        """Whether a job asking for `wanted` weights can run on this model as it is."""
+        now = getattr(self.model.info, "weights", None)
+        return self.weights.same_as(wanted) or (isinstance(now, Weights) and now.same_as(wanted))
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,14 @@ class ModelHolder:
         memory_margin: float = 0.10, history: Callable[[], Iterable[dict[str, Any]]] | None = None,
         models: Mapping[str, str] | None = None, max_loaded: int = 1, accelerate: str = "auto",
         compile_cache_dir: Path | None = None, warm_shapes: Sequence[WarmShape] = (),
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = False, weights: Mapping[str, Weights] | None = None, allow_fp8_fallback: bool = False,
     ) -> None:
         self.model_id = model
         self.choices: dict[str, str] = {**(models or {}), DEFAULT: model}  # name -> repo id or folder
+        #: name -> the weights it loads with unless a job's preset asks for others
+        self.weights: dict[str, Weights] = {name: (weights or {}).get(name, Weights()) for name in self.choices}
+        #: whether a placement may step `auto` weights down to fp8 (model.use_fp8()) to fit a job
+        self.allow_fp8_fallback = allow_fp8_fallback
         self.device = device
         self.dtype = dtype
         self.vram_budget_gib = vram_budget_gib
@@ -101,9 +113,10 @@ class ModelHolder:
         shapes = [WarmShape(p.resolution, p.num_frames, p.guidance_scale) for p in presets.values()]
         return cls(
             settings.model, settings.device, settings.dtype, vram_budget_gib=settings.vram_budget_gib,
-            memory_margin=settings.memory_margin, history=history, models=settings.models,
+            memory_margin=settings.memory_margin, history=history, models=settings.model_choices(),
             max_loaded=settings.max_loaded_models, accelerate=getattr(settings, "accelerate", "auto"),
             compile_cache_dir=Path(settings.data_dir) / "cache" / "compile", warm_shapes=shapes,
+            weights=settings.model_weights(), allow_fp8_fallback=settings.allow_fp8_fallback,
         )
 
     @property
@@ -124,11 +137,14 @@ class ModelHolder:
         """Names of the models parked in host memory."""
         return [n for n, w in self._warm.items() if w.parked]
 
-    def get(self, name: str = DEFAULT) -> Any:
+    def get(self, name: str = DEFAULT, weights: str | None = None) -> Any:
         """The model called `name`, warm, loading it (and making room) the first time.
 
-        The default model failing to load is a ConfigError (the daemon cannot serve); another one
-        is this job's failure, and the daemon goes on serving the rest.
+        `weights` is the job's preset's (None: the model's own). A warm model with other weights is
+        closed and loaded again with these: a precision is chosen at load, and two copies of one model
+        would take the room the smaller weights were asked for to free. The default model failing to
+        load is a ConfigError (the daemon cannot serve); another one is this job's failure, and the
+        daemon goes on serving the rest.
         """
         if name not in self.choices:
             raise InputError(
@@ -137,13 +153,17 @@ class ModelHolder:
             )
         from i2v_daemon.models import gpu
 
+        wanted = self.weights[name].asking(weights)
         with self._lock:
             self.last_used = now = time.monotonic()
             warm = self._warm.get(name)
+            if warm is not None and not warm.serves(wanted):
+                self._evict(name)
+                warm = None
             if warm is not None and warm.parked:
                 self._unpark(name, warm)
             if warm is None:
-                warm = self._load(name)
+                warm = self._load(name, wanted)
                 self._warm[name] = warm
             warm.last_used = now
             self._warm.move_to_end(name)
@@ -161,9 +181,13 @@ class ModelHolder:
         name = name or DEFAULT
         warm = self._warm.get(name)
         if warm is None:
-            return {"name": name, "id": self.choices.get(name), "family": None, "revision": None}
+            configured = self.weights.get(name, Weights())
+            return {"name": name, "id": self.choices.get(name), "family": None, "revision": None,
+                    **configured.record()}
         info = warm.model.info
-        return {"name": name, "id": info.model_id, "family": info.family, "revision": info.revision}
+        weights = getattr(info, "weights", None)
+        used = weights if isinstance(weights, Weights) else warm.weights
+        return {"name": name, "id": info.model_id, "family": info.family, "revision": info.revision, **used.record()}
 
     def acceleration(self) -> dict[str, Any]:
         """The fast path's state, for doctor and the log: on or off and why, cache folder, compiled shapes."""
@@ -282,7 +306,7 @@ class ModelHolder:
 
     # ---- loading and making room ----------------------------------------------------------------
 
-    def _load(self, name: str) -> _Warm:
+    def _load(self, name: str, weights: Weights) -> _Warm:
         from i2v_daemon.models import gpu
         from i2v_daemon.models.loader import load_model, resolve_device, weights_bytes
 
@@ -293,12 +317,12 @@ class ModelHolder:
             raise ConfigError(f"model: {err}") from err
         self._make_room(device, weights_bytes(model_id, "float32" if "32" in self.dtype or device == "cpu" else "half"))
         before = gpu.allocated_bytes(device)
-        planned = self._plan_placement(model_id, device)
+        planned = self._plan_placement(model_id, device, weights)
         placement = planned.get("placement", "gpu")
         try:
             model = None
             try:
-                model = load_model(model_id, self.device, self.dtype, placement=placement)
+                model = load_model(model_id, self.device, self.dtype, weights, placement=placement)
             except Exception as err:
                 if not (gpu.is_oom(err) and self._warm):
                     raise
@@ -306,7 +330,7 @@ class ModelHolder:
                 for other in list(self._warm):
                     self._evict(other)
                 gpu.free_memory(device)
-                model = load_model(model_id, self.device, self.dtype, placement=placement)
+                model = load_model(model_id, self.device, self.dtype, weights, placement=placement)
         except EnvironmentProblem:
             raise  # cannot be fetched now: the daemon keeps the jobs and tries again later
         except I2VError as err:
@@ -316,6 +340,8 @@ class ModelHolder:
                 f"model {name!r} ({model_id}) cannot be loaded: {err} Fix `models.{name}` in the config."
             ) from err
         model.placement_plan = planned
+        if planned.get("fp8") and model.use_fp8():  # only where the user allowed it (weights, allow_fp8_fallback)
+            get_logger().info("weights_stored_in_fp8", model=model_id, why="the planned placement needs the room")
         self._accelerate(model)
         memory = gpu.memory_model_for(model, self.vram_budget_gib, self.memory_margin)
         if memory is not None and self._history is not None:
@@ -324,17 +350,17 @@ class ModelHolder:
                 t for t in self._history()
                 if t.get("gpu") == gpu.gpu_name(model.device) and t.get("family", "i2vgen-xl") == family
             )
-        return _Warm(_test_seam(model), memory, max(0, gpu.allocated_bytes(device) - before), time.monotonic())
+        return _Warm(_test_seam(model), memory, max(0, gpu.allocated_bytes(device) - before), time.monotonic(),
+                     weights=weights)
 
-    def _plan_placement(self, model_id: str, device: str) -> dict[str, Any]:
+    def _plan_placement(self, model_id: str, device: str, weights: Weights) -> dict[str, Any]:
         """Where the weights go, decided before they are loaded (models/planner.py), for the largest preset.
 
         On a GPU the budget is the card's (or `vram_budget_gib`); on the CPU nothing is planned unless
         the test seam I2V_TEST_DEVICE_BUDGET_GIB says how big a card to pretend it is. {} when no plan
         is made (the CPU, a model without configs at hand); then everything goes on the device.
         """
-        from i2v_daemon.logs import get_logger
-        from i2v_daemon.models import gpu, loader, placement, planner
+        from i2v_daemon.models import gpu, loader, planner
         from i2v_daemon.models.memory import GIB
 
         seam = os.environ.get("I2V_TEST_DEVICE_BUDGET_GIB")
@@ -353,11 +379,12 @@ class ModelHolder:
                 return {}
             plan = planner.plan(str(folder), budget_bytes=budget, resolution=shape.resolution,
                                 num_frames=shape.num_frames, dtype=self.dtype if device.startswith("cuda") else
-                                "float32", margin=self.memory_margin)
+                                "float32", margin=self.memory_margin, weights=weights.kind,
+                                allow_fp8_fallback=self.allow_fp8_fallback and weights.kind == "auto")
         except I2VError as err:  # a plan that cannot be made costs the plan, never the model
             get_logger().warning("placement_not_planned", model=model_id, error=str(err))
             return {}
-        chosen = plan.chosen or plan.predictions[len(placement.PLACEMENTS) - 1]  # nothing fits: the leanest
+        chosen = plan.chosen or plan.predictions[-1]  # nothing fits: the leanest
         out = {**chosen.as_dict(), "planned_for": f"{plan.width}x{plan.height}x{plan.num_frames}",
                "budget_bytes": budget}
         get_logger().info("placement_planned", model=model_id, **out)

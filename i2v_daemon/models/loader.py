@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.errors import ConfigError, I2VError, ModelUnavailable, first_line
+from i2v_daemon.weights import Weights
 
 if TYPE_CHECKING:
     from i2v_daemon.models.base import VideoModel
@@ -45,6 +46,10 @@ HALF_DTYPES: dict[str, str] = {"wan": "bfloat16", "ltx-video": "bfloat16", "cogv
 
 DTYPES = ("float16", "bfloat16", "float32")
 
+#: Families whose transformer diffusers reads from one file (`weights = "gguf"`) -> the names their GGUF
+#: files give as `general.architecture` (city96's converter writes these; a file without one is left to the load).
+GGUF_FAMILIES: dict[str, tuple[str, ...]] = {"wan": ("wan",), "ltx-video": ("ltxv", "ltx")}
+
 
 def detect_family(model: str) -> str:
     """The family of `model` (a local diffusers folder or a Hub repo id), from its model_index.json."""
@@ -69,14 +74,65 @@ def check_never_loads(model: str) -> None:
         detect_family(model)
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto", placement: str = "gpu") -> VideoModel:
-    """Detect the family of `model` and load it once onto the host, then place it on `device` in `dtype`."""
+def check_weights(model: str, weights: Weights, prefix: str = "") -> None:
+    """ConfigError when `model` can never run with `weights`, as far as is told without torch or a load.
+
+    GGUF only, and only for a local folder (a Hub id's family is known once it is fetched): a family
+    whose denoiser diffusers cannot read from one file, Wan 2.2's two experts (one file names one),
+    a file that is not GGUF or holds another architecture. `prefix` names the setting ("models.wan.").
+    """
+    if weights.kind != "gguf" or local_folder(model) is None:
+        return
+    family = detect_family(model)
+    if family not in GGUF_FAMILIES:
+        part = "a UNet" if family in ("i2vgen-xl", "svd") else "a transformer without a single-file loader"
+        raise ConfigError(
+            f"{prefix}weights: 'gguf' replaces a transformer, and {family} ({model}) has {part}; diffusers reads "
+            f"one from a GGUF file only for {' and '.join(GGUF_FAMILIES)}; use weights = 'fp8' (or 'torchao') for it"
+        )
+    second = read_model_index(model).get("transformer_2")
+    if isinstance(second, list) and len(second) == 2 and second[1] is not None:
+        raise ConfigError(
+            f"{prefix}weights: {model} has two experts (transformer and transformer_2, as Wan 2.2 A14B) and "
+            f"{prefix}weights_file names one file; use weights = 'fp8' for it"
+        )
+    architecture = gguf_architecture(str(weights.file), f"{prefix}weights_file")
+    if architecture is not None and architecture not in GGUF_FAMILIES[family]:
+        raise ConfigError(
+            f"{prefix}weights_file: {str(weights.file)!r} holds a {architecture!r} model, and {model} is {family}; "
+            "use a GGUF of this model's transformer"
+        )
+
+
+def gguf_architecture(file: str, key: str = "weights_file") -> str | None:
+    """The `general.architecture` a GGUF file states, None if it states none; ConfigError if it is not GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(file).fields.get("general.architecture")
+    except (OSError, ValueError, IndexError, KeyError) as err:
+        raise ConfigError(
+            f"{key}: {file!r} is not a GGUF file ({first_line(err, limit=120)}); give a .gguf file of the "
+            "model's transformer"
+        ) from err
+    if field is None:
+        return None
+    value = field.contents()
+    return value if isinstance(value, str) else None
+
+
+def load_model(
+    model: str, device: str = "auto", dtype: str = "auto", weights: Weights | None = None, placement: str = "gpu",
+) -> VideoModel:
+    """Detect the family of `model` and load it once onto the host with `weights`, then place it on `device`."""
     family = detect_family(model)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device, family)
+    weights = weights or Weights()
+    check_weights(model, weights)
     module_name, class_name = ADAPTERS[family].split(":")
     adapter = getattr(importlib.import_module(module_name), class_name)
-    return adapter(model, device=resolved_device, dtype=resolved_dtype, placement=placement)
+    return adapter(model, device=resolved_device, dtype=resolved_dtype, weights=weights, placement=placement)
 
 
 def config_folder(model: str) -> Path | None:

@@ -14,6 +14,8 @@ from PIL import Image, ImageOps
 
 from i2v_daemon.errors import ConfigError, GenerationError
 from i2v_daemon.models.loader import local_folder, model_unavailable
+from i2v_daemon.models.precision import denoisers_of, pipeline_arguments, store_in_fp8, torchao_failed
+from i2v_daemon.weights import Weights
 
 __all__ = [
     "cpu_generator", "disable_forward_chunking", "fit_image", "frames_to_uint8", "grad_mode", "hub_revision",
@@ -21,8 +23,11 @@ __all__ = [
 ]
 
 
-def load_pipeline(class_name: str, model: str, dtype: str, float32_components: tuple[str, ...] = ()) -> Any:
-    """`<class_name>.from_pretrained`, with failures turned into errors that say what to do."""
+def load_pipeline(
+    class_name: str, model: str, dtype: str, float32_components: tuple[str, ...] = (), weights: Weights | None = None,
+) -> Any:
+    """`<class_name>.from_pretrained` with `weights` (on the CPU: fp8 is stored before the move to a GPU),
+    failures turned into errors that say what to do."""
     import warnings
 
     from transformers.utils import logging as transformers_logging
@@ -40,6 +45,7 @@ def load_pipeline(class_name: str, model: str, dtype: str, float32_components: t
             f"model {model!r} needs diffusers' {class_name}, which diffusers {diffusers.__version__} does not "
             "have; upgrade diffusers (pip install -U diffusers)"
         )
+    weights = weights or Weights()
     torch_dtype: Any = getattr(torch, dtype)
     if float32_components and dtype != "float32":
         torch_dtype = {"default": torch_dtype, **dict.fromkeys(float32_components, torch.float32)}
@@ -47,13 +53,23 @@ def load_pipeline(class_name: str, model: str, dtype: str, float32_components: t
         with warnings.catch_warnings():
             # torch_dtype, not dtype: older diffusers in our supported range know only that name.
             warnings.simplefilter("ignore", FutureWarning)
-            return pipeline_class.from_pretrained(model, torch_dtype=torch_dtype)
+            pipe = pipeline_class.from_pretrained(
+                model, torch_dtype=torch_dtype, **pipeline_arguments(model, dtype, weights)
+            )
     except OSError as err:  # a Hub download that failed half-way, or a folder missing weights
         if local_folder(model) is not None:
             raise GenerationError(
                 f"model folder {model!r} could not be loaded ({err}); re-download or rebuild it."
             ) from err
         raise model_unavailable(model, err) from err
+    except Exception as err:
+        failed = torchao_failed(err, weights.torchao_type) if weights.kind == "torchao" else None
+        if failed is None:
+            raise
+        raise failed from err
+    if weights.kind == "fp8":  # here, before the pipeline moves to the GPU: only fp8 weights go there
+        store_in_fp8(denoisers_of(pipe), dtype)
+    return pipe
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:

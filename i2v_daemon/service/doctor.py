@@ -364,12 +364,32 @@ def check_model_cache(settings: Settings) -> list[Check]:
 
 
 def check_models(settings: Settings) -> list[Check]:
-    """The default model and every entry of `models`: each is something `run` or a job loads."""
+    """The default model and every entry of `models`: each is something `run` or a job loads, with its weights."""
     hub = HubProbe()
-    out = [_model_check("model", settings.model, hub, name=None)]
-    for name, model in settings.models.items():
-        out.append(_model_check(f"models.{name}", model, hub, name=name))
+    weights = settings.model_weights()
+    out = [_weights_check(_model_check("model", settings.model, hub, name=None), settings.model,
+                          weights["default"], "")]
+    for name, entry in settings.models.items():
+        check = _model_check(f"models.{name}", entry.model, hub, name=name)
+        out.append(_weights_check(check, entry.model, weights[name], f"models.{name}."))
     return out
+
+
+def _weights_check(check: Check, model: str, weights: Any, prefix: str) -> Check:
+    """A model that is fine but can never run with its weights (GGUF on a UNet, …) fails as `run` stops at it."""
+    from i2v_daemon.errors import ConfigError
+    from i2v_daemon.models.loader import check_weights
+
+    if check.level != "ok":
+        return check
+    try:
+        check_weights(model, weights, prefix)
+    except ConfigError as err:
+        return Check("fail", check.name, f"{err} — `run` and `run --once` exit 78",
+                     f"change {prefix}weights (docs/models.md#weights)")
+    if weights.kind == "auto":
+        return check
+    return Check(check.level, check.name, f"{check.message}; weights {weights.label()}", check.fix)
 
 
 def _model_check(key: str, model: str, hub: HubProbe, *, name: str | None) -> Check:

@@ -261,7 +261,7 @@ def _try_entry(model: VideoModel, req: GenerationRequest, n: int, memory: Memory
     entry: dict[str, Any] = {
         "try": n, "width": req.width, "height": req.height, "num_frames": req.num_frames, "steps": req.steps,
         "savers": list(req.savers), "accelerated": req.accelerated, "gpu": gpu_name(model.device),
-        "dtype": model.dtype, "family": model.info.family,
+        "dtype": model.dtype, "family": model.info.family, "weights": model.info.weights.label(),
     }
     if req.decode_chunk is not None:
         entry["decode_chunk"] = req.decode_chunk

@@ -164,7 +164,7 @@ class Worker:
             call_hook(self.on_phase, job, phase)
 
         enter("loading")
-        model = self.models.get(model_name(job))
+        model = self.models.get(model_name(job), weights=job.params.weights if job.params else None)
         enter("generating")
         frames, effective, notes = self._generate(job, model, progress, jlog)
         if self.models is not None:

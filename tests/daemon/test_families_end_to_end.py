@@ -60,7 +60,7 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
         doc = docs[stem] = manifest(folder)
         name = jobs[stem]["model"]
         assert doc["model"] == {"name": name, "id": str(tiny_family_dirs(MODELS[name])), "family": MODELS[name],
-                                "revision": None}
+                                "revision": None, "weights": "auto"}
         eff = doc["effective"]
         assert (eff["width"], eff["height"], eff["num_frames"], eff["model"], eff["family"]) == (
             w, h, frames, name, MODELS[name])

@@ -160,7 +160,7 @@ def test_the_cpu_keeps_at_most_max_loaded_models_and_evicts_the_least_recently_u
     assert wan.pipeline is None  # closed: its memory is released
     assert holder.current is ltx
     assert holder.info("ltx") == {"name": "ltx", "id": str(tiny_family_dirs("ltx-video")), "family": "ltx-video",
-                                  "revision": None}
+                                  "revision": None, "weights": "auto"}
     assert holder.info("wan")["family"] is None  # not loaded now; the manifest still names it
     holder.unload()
     assert holder.loaded() == [] and default.pipeline is None
@@ -220,7 +220,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     resident: dict[str, int] = {}
     state = {"oom_once": False}
 
-    def load_model(model_id: str, device: str, dtype: str, **_options: object):  # placement, weights
+    def load_model(model_id: str, device: str, dtype: str, weights=None, **_options: object):  # placement
         if state["oom_once"] and resident:
             state["oom_once"] = False
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")

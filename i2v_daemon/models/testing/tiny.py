@@ -236,3 +236,29 @@ def build_tiny_lora(family_dir: Path, path: Path, seed: int = 0) -> Path:
         path.parent, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer), weight_name=path.name,
     )
     return path
+
+
+def build_tiny_gguf(family_dir: Path, path: Path, architecture: str = "wan") -> Path:
+    """The transformer of the tiny pipeline in `family_dir` as a GGUF file at `path` (needs the gguf package).
+
+    Tensors are named as diffusers names them (its GGUF loader takes those as they are); each 2-D weight
+    whose rows are whole 32-value blocks is quantized to Q8_0, the rest stay float32, as the quantizers
+    that publish GGUF transformers keep small and 1-D tensors unquantized.
+    """
+    import gguf
+    from diffusers import DiffusionPipeline
+
+    transformer = DiffusionPipeline.from_pretrained(family_dir).transformer
+    writer = gguf.GGUFWriter(str(path), arch=architecture)
+    for name, tensor in transformer.state_dict().items():
+        array = tensor.float().numpy()
+        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+            quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -71,7 +71,9 @@ def _tiny_svd(vae_levels: int = 4) -> Any:
     )
 
 
-def _tiny_wan() -> Any:
+def _tiny_wan(head_dim: int = 4, ffn_dim: int = 16, experts: int = 1) -> Any:
+    """`head_dim` 16 and `ffn_dim` 32 make layers 32 wide, GGUF's block (tests of `weights = "gguf"`);
+    `experts=2` is Wan 2.2 A14B's shape: two transformers switched at `boundary_ratio`, no image encoder."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5EncoderModel
 
@@ -79,20 +81,31 @@ def _tiny_wan() -> Any:
     # Three down-samplings (8×) in space, two (4×) in time, as in the released VAE.
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4, in_channels=36, out_channels=16,
-        text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=8,
-    )
+
+    def transformer(image_dim: int | None) -> Any:
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=36,
+            out_channels=16, text_dim=8, freq_dim=16, ffn_dim=ffn_dim, num_layers=1, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim,
+        )
+
+    # The released 480P model's scheduler (the 720P one shifts by 5.0).
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    if experts == 2:  # Wan 2.2 A14B: the image enters as latents only
+        experts_made = (transformer(None), transformer(None))
+        return WanImageToVideoPipeline(
+            tokenizer=tokenizer, text_encoder=UMT5EncoderModel(_t5_config(len(tokenizer), umt5=True)), vae=vae,
+            scheduler=scheduler, transformer=experts_made[0], transformer_2=experts_made[1], boundary_ratio=0.9,
+        )
+    # Built in this order (the seed's draws) since the first tiny Wan, so its weights stay the same.
+    first = transformer(8)
     image_encoder = CLIPVisionModel(CLIPVisionConfig(
         hidden_size=8, num_hidden_layers=2, num_attention_heads=2, image_size=32, intermediate_size=16, patch_size=16,
     ))
     return WanImageToVideoPipeline(
         tokenizer=tokenizer, text_encoder=UMT5EncoderModel(_t5_config(len(tokenizer), umt5=True)), vae=vae,
-        # The released 480P model's scheduler (the 720P one shifts by 5.0).
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-        image_processor=CLIPImageProcessor(crop_size=32, size=32), image_encoder=image_encoder,
-        transformer=transformer,
+        scheduler=scheduler, image_processor=CLIPImageProcessor(crop_size=32, size=32), image_encoder=image_encoder,
+        transformer=first,
     )
 
 
