@@ -399,7 +399,7 @@ class DiffusersVideoModel:
         if key != self._lora_loaded:
             self._unload_lora()
             try:
-                pipe.load_lora_weights(lora.path, adapter_name=LORA_ADAPTER)
+                self._load_lora(lora.path)
             except torch.cuda.OutOfMemoryError:
                 self._unload_lora()
                 raise
@@ -411,6 +411,16 @@ class DiffusersVideoModel:
         pipe.enable_lora()
         pipe.set_adapters([LORA_ADAPTER], [lora.scale])
         yield
+
+    def _load_lora(self, path: str) -> None:
+        """The file into every denoiser, under the one adapter name (so set_adapters, enable, disable and
+        unload reach them all)."""
+        pipe = self.pipeline
+        pipe.load_lora_weights(path, adapter_name=LORA_ADAPTER)
+        if getattr(pipe, "transformer_2", None) is not None:
+            # Wan 2.2 A14B: the low-noise expert runs the last steps, which settle the detail; a LoRA
+            # in the high-noise expert alone would shape only the first few.
+            pipe.load_lora_weights(path, adapter_name=LORA_ADAPTER, load_into_transformer_2=True)
 
     def _unload_lora(self) -> None:
         if self._lora_loaded is not None or getattr(self.pipeline, "get_list_adapters", lambda: {})():

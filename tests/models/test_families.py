@@ -210,6 +210,41 @@ def test_a_lora_changes_the_video_at_its_scale_and_is_off_again_for_the_next_job
     assert np.array_equal(wan.generate(request_for(wan), _ignore), plain)  # disabled, not lingering
 
 
+def test_a_lora_reaches_both_wan_2_2_experts_and_neither_keeps_it_for_the_next_job(tiny_family_models, tiny_lora_dir):
+    import torch
+
+    wan = tiny_family_models("wan2.2")
+    pipe = wan.pipeline
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    first_calls: dict[str, tuple[dict, object]] = {}  # expert -> (arguments, output) of its first call in a job
+
+    def recorder(name: str):
+        def hook(_module, _args, kwargs, output):
+            first_calls.setdefault(name, (dict(kwargs), output[0].clone()))
+        return hook
+
+    hooks = [m.register_forward_hook(recorder(n), with_kwargs=True) for n, m in experts.items()]
+    lora = LoraChoice("style", str(tiny_lora_dir / "style.safetensors"), 1.0)
+    try:
+        plain = wan.generate(request_for(wan), _ignore)
+        assert set(first_calls) == set(experts)  # 2 steps: one above the boundary, one below
+        first_calls.clear()
+        styled = wan.generate(request_for(wan, lora=lora), _ignore)
+        in_lora_job = dict(first_calls)
+        after = wan.generate(request_for(wan), _ignore)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not np.array_equal(plain, styled)
+    assert np.array_equal(after, plain)  # both experts ran the last job, and both without the LoRA
+    # Each expert's first call of the LoRA job, replayed through it now (LoRA off), gives other numbers:
+    # the LoRA was on in each of them, not only in the high-noise one.
+    for name, (kwargs, output) in in_lora_job.items():
+        with torch.inference_mode():
+            base = experts[name](**kwargs)[0]
+        assert not torch.allclose(base, output), f"the LoRA did not change {name}"
+
+
 def test_a_lora_on_a_family_without_a_lora_loader_is_refused(tiny_family_models, tiny_lora_dir):
     svd = tiny_family_models("svd")
     lora = LoraChoice("style", str(tiny_lora_dir / "style.safetensors"))

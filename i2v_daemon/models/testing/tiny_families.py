@@ -71,7 +71,9 @@ def _tiny_svd(vae_levels: int = 4) -> Any:
     )
 
 
-def _tiny_wan() -> Any:
+def _tiny_wan(experts: int = 1) -> Any:
+    """`experts=2` makes a Wan 2.2 A14B-like pipeline: a high-noise `transformer` and a low-noise
+    `transformer_2` switched at `boundary_ratio`, no image encoder (the image enters as latents only)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5EncoderModel
 
@@ -79,20 +81,26 @@ def _tiny_wan() -> Any:
     # Three down-samplings (8×) in space, two (4×) in time, as in the released VAE.
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4, in_channels=36, out_channels=16,
-        text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=8,
-    )
-    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+    two = experts == 2
+
+    def transformer() -> Any:
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4, in_channels=36, out_channels=16,
+            text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=None if two else 8,
+        )
+
+    image_encoder = None if two else CLIPVisionModel(CLIPVisionConfig(
         hidden_size=8, num_hidden_layers=2, num_attention_heads=2, image_size=32, intermediate_size=16, patch_size=16,
     ))
     return WanImageToVideoPipeline(
         tokenizer=tokenizer, text_encoder=UMT5EncoderModel(_t5_config(len(tokenizer), umt5=True)), vae=vae,
         # The released 480P model's scheduler (the 720P one shifts by 5.0).
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-        image_processor=CLIPImageProcessor(crop_size=32, size=32), image_encoder=image_encoder,
-        transformer=transformer,
+        image_processor=None if two else CLIPImageProcessor(crop_size=32, size=32), image_encoder=image_encoder,
+        transformer=transformer(),
+        # Wan2.2-I2V-A14B switches experts at 0.9 of the training timesteps.
+        transformer_2=transformer() if two else None, boundary_ratio=0.9 if two else None,
     )
 
 
