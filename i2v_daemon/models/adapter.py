@@ -206,7 +206,8 @@ class DiffusersVideoModel:
                     from i2v_daemon.models.accelerate import TryReport
 
                     report = TryReport()
-                runner = self.accelerator.run(report, phase) if fast else nullcontext()
+                variant = None if request.lora is None else (self._lora_loaded, request.lora.scale)
+                runner = self.accelerator.run(report, phase, variant) if fast else nullcontext()
                 with runner:
                     phase("denoising")
                     frames = self._call(image, request, conditioning, callback)
@@ -236,7 +237,7 @@ class DiffusersVideoModel:
         if self.accelerator is not None or self.pipeline is None:
             return
         # Fused projections replace the attention processors LoRA adapters hook into: families that
-        # take a LoRA keep theirs.
+        # take a LoRA keep theirs. (Only a UNet is fused, and no UNet family here has a LoRA loader.)
         self.accelerator = Accelerator(
             self.pipeline, self.device, denoisers=DENOISERS, fuse_qkv=not self.info.lora,
             dynamic_dims=self.dynamic_dims, **options,
@@ -253,9 +254,14 @@ class DiffusersVideoModel:
         self.pipeline.to(self.device)
 
     def fast_path_for(self, request: GenerationRequest) -> bool:
-        """Whether this try can run compiled: no LoRA (its scales would change the graph), no saver that
-        rewires the denoiser (chunking, offload hooks)."""
-        return request.lora is None and not ({"forward_chunking", "cpu_offload"} & set(request.savers))
+        """Whether this try can run compiled: no saver that rewires the denoiser (chunking, offload hooks).
+
+        A LoRA runs compiled: peft's layers are modules inside the blocks, traced with them in one graph
+        (same frames as eager). Its guards (the adapter's modules, its scale, enabled or not) make
+        each LoRA file and scale one more graph of a shape, compiled at the first step of its first
+        job, never inside the step loop; the disk cache brings it back after a restart.
+        """
+        return not ({"forward_chunking", "cpu_offload"} & set(request.savers))
 
     def versions(self) -> dict[str, Any]:
         """Library versions that produced the video, for the manifest."""
