@@ -26,7 +26,7 @@ from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
 from i2v_daemon.models.holder import ModelHolder
 from i2v_daemon.models.loader import check_never_loads
-from i2v_daemon.params import BUILTIN_PRESETS
+from i2v_daemon.params import BUILTIN_PRESETS, NEEDS_LORA
 from i2v_daemon.queue.clock import now_us, utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.migrate import Upgrade
@@ -105,9 +105,12 @@ def _warn_if_sqlite_on_a_network_share(store: Store) -> None:
 
 
 def ensure_folders(settings: Settings) -> None:
-    """The four folders, and the built-in presets' inbox folders (inbox/fast/, …)."""
+    """The four folders, and the built-in presets' inbox folders (inbox/fast/, …; wan-turbo/ once it has its LoRA)."""
     wanted = dict(settings.folders())
+    presets = settings.all_presets()
     for name in BUILTIN_PRESETS:
+        if name in NEEDS_LORA and presets[name].lora is None:
+            continue
         wanted[f"inbox_dir/{name}"] = Path(settings.inbox_dir) / name  # type: ignore[arg-type]
     for key, path in wanted.items():
         readiness.folder_problem(key.split("/")[0], path)  # NotReady: a read-only or failing share, for now

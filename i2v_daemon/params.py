@@ -160,6 +160,8 @@ class PresetValues(BaseModel):
     output_fps: Fps | None = None
     interpolation: Interpolation | None = None
     scheduler: Scheduler | None = None
+    lora: Text | None = None  # a file name in lora_dir: a distillation LoRA with its steps and guidance, say
+    lora_scale: LoraScale | None = None
     notify: list[str] | None = None  # Apprise URLs told of this preset's jobs (besides the config's); never in Preset
 
     def values(self) -> dict[str, Any]:
@@ -180,6 +182,8 @@ class Preset(BaseModel):
     output_fps: Fps | None = None
     interpolation: Interpolation | None = None
     scheduler: Scheduler | None = None
+    lora: Text | None = None  # a file name in lora_dir; a sidecar's own `lora` wins
+    lora_scale: LoraScale | None = None
 
 
 class Params(BaseModel):
@@ -216,7 +220,23 @@ BUILTIN_PRESETS: dict[str, Preset] = {
     "fast": Preset(resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8),
     "standard": Preset(resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8),
     "high": Preset(resolution=768, num_frames=24, steps=80, guidance_scale=10.0, fps=8),
+    # Wan with a step-distillation LoRA (lightx2v, CausVid): 4 steps without classifier-free guidance
+    # (guidance 1 runs the transformer once a step, not twice), 832×480 × 81 frames at 16 fps.
+    "wan-turbo": Preset(resolution=480, num_frames=81, steps=4, guidance_scale=1.0, fps=16),
 }
+
+#: Built-in presets made for a LoRA file the user must get themselves: name -> what it needs. Unset,
+#: a job of the preset is refused and the preset cannot be `default_preset`, saying what to set.
+NEEDS_LORA: dict[str, str] = {
+    "wan-turbo": "a Wan step-distillation LoRA (lightx2v or CausVid, made for 4 steps at guidance 1)",
+}
+
+
+def lora_needed(name: str) -> str:
+    """What to set so that preset `name` (one of NEEDS_LORA) has its LoRA, for messages."""
+    return (f"preset {name!r} needs {NEEDS_LORA[name]}: put the file in lora_dir and set "
+            f'lora = "FILE.safetensors" in the config\'s [presets.{name}] table')
+
 
 KEYS: tuple[str, ...] = tuple(SidecarValues.model_fields)
 
@@ -376,6 +396,10 @@ def merge(
         raise InputError(f"{where}: {err}") from None
     if chosen.get("scheduler") == "default":
         chosen.pop("scheduler")
+    if values.get("lora") is not None and values.get("lora_scale") is None:
+        chosen.pop("lora_scale", None)  # the preset's scale was for the preset's LoRA, not the sidecar's
+    if name in NEEDS_LORA and not chosen.get("lora"):
+        raise InputError(f"{where}: {lora_needed(name)} (or name one with 'lora' here)")
     try:
         return Params(
             **{k: v for k, v in chosen.items() if k in Params.model_fields and k not in _DECIDED},

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from i2v_daemon.errors import ConfigError
 from i2v_daemon.locate import config_path, default_data_dir, read_toml, sqlite_url
-from i2v_daemon.params import BUILTIN_PRESETS, Preset, PresetValues
+from i2v_daemon.params import BUILTIN_PRESETS, NEEDS_LORA, Preset, PresetValues, lora_needed
 
 #: What a JSON environment value looks like, per setting that takes a list or a table.
 _JSON_EXAMPLES = {
@@ -337,6 +337,13 @@ class Settings(BaseSettings):
                     f"presets.{name}.interpolation: 'rife' needs rife_model, a local RIFE weights file "
                     "(it is never downloaded); set it, or choose 'motion' or 'blend'"
                 )
+            if preset.lora is not None and self.lora_dir is None:
+                raise ValueError(
+                    f"presets.{name}.lora: {preset.lora!r} is read from lora_dir, which is not set; set lora_dir "
+                    "to the folder that holds it"
+                )
+            if preset.lora_scale is not None and preset.lora is None:
+                raise ValueError(f"presets.{name}.lora_scale: is set but the preset has no lora; set lora too")
         if self.interpolation == "rife" and self.rife_model is None:
             raise ValueError(
                 "rife_model: interpolation = 'rife' needs rife_model, a local RIFE weights file "
@@ -347,6 +354,8 @@ class Settings(BaseSettings):
                 f"default_preset: {self.default_preset!r} is not a preset "
                 f"(known: {', '.join(sorted(self.all_presets()))})"
             )
+        if self.default_preset in NEEDS_LORA and self.all_presets()[self.default_preset].lora is None:
+            raise ValueError(f"default_preset: {lora_needed(self.default_preset)}, or choose another default_preset")
         return self
 
     def all_presets(self) -> dict[str, Preset]:

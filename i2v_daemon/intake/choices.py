@@ -18,7 +18,8 @@ from i2v_daemon.params import LORA_SUFFIX, lora_name_problem
 
 
 def check_choices(values: Mapping[str, Any], settings: Any, where: str) -> None:
-    """The sidecar's `model` is allowed by the config and its `lora` exists in lora_dir; else InputError."""
+    """The sidecar's `model` is allowed by the config and the job's `lora` (its own or its preset's) exists in
+    lora_dir; else InputError."""
     name = values.get("model")
     allowed = settings.model_choices()
     if name is not None and name not in allowed:

@@ -245,6 +245,35 @@ def test_a_lora_reaches_both_wan_2_2_experts_and_neither_keeps_it_for_the_next_j
         assert not torch.allclose(base, output), f"the LoRA did not change {name}"
 
 
+def test_the_wan_turbo_preset_runs_its_lora_in_4_steps_without_guidance(tiny_family_models, tiny_lora_dir, tmp_path):
+    from i2v_daemon.params import merge
+    from i2v_daemon.settings import load_settings
+    from i2v_daemon.work.generate import generate
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'lora_dir = "{tiny_lora_dir}"\ndefault_preset = "wan-turbo"\n'  # the one value to set,
+                      '[presets.wan-turbo]\nlora = "style.safetensors"\n'
+                      "resolution = 64\nnum_frames = 5\n")  # and a size two CPU cores can take
+    settings = load_settings(str(config), data_dir=str(tmp_path / "data"))
+    params = merge({}, presets=settings.all_presets(), default_preset=settings.default_preset)
+    wan = tiny_family_models("wan")
+    image = request_for(wan).image
+    calls: list[int] = []
+    hook = wan.pipeline.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        turbo = generate(wan, image, "a cat turns its head", "", params, ladder=[], on_step=_ignore,
+                         on_try=lambda _t: None, lora_dir=settings.lora_dir)
+    finally:
+        hook.remove()
+    eff = turbo.effective
+    assert (eff["steps"], eff["guidance_scale"], eff["lora"], eff["lora_scale"]) == (4, 1.0, "style.safetensors", 1.0)
+    assert eff["conditioning"]["guidance_scale"] == 1.0
+    assert len(calls) == 4  # guidance 1: one transformer call a step, no unconditional half
+    plain = generate(wan, image, "a cat turns its head", "", params.model_copy(update={"lora": None}), ladder=[],
+                     on_step=_ignore, on_try=lambda _t: None)
+    assert not np.array_equal(turbo.frames, plain.frames)  # the LoRA was applied
+
+
 def test_a_lora_on_a_family_without_a_lora_loader_is_refused(tiny_family_models, tiny_lora_dir):
     svd = tiny_family_models("svd")
     lora = LoraChoice("style", str(tiny_lora_dir / "style.safetensors"))
