@@ -25,6 +25,11 @@ from i2v_daemon.errors import InputError
 MAX_TEXT_CHARS = 20_000
 INTERPOLATIONS = ("motion", "blend", "rife")
 SCHEDULERS = ("default", "ddim", "dpm++")
+#: Step caches (diffusers' cache hooks on a transformer): reuse blocks' work between steps, a speed for
+#: quality trade-off. Others diffusers has are left out: MagCache needs per-model calibrated ratios,
+#: FasterCache assumes cond and uncond in one batch (Wan runs them apart), TaylorSeer's default
+#: patterns match no Wan attention (it would do nothing), SeaCache knows only Wan text-to-video.
+CACHES = ("off", "first-block", "pab")
 MAX_OUTPUT_FPS = 120
 LORA_SUFFIX = ".safetensors"
 
@@ -117,6 +122,7 @@ Motion = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 LoraScale = Annotated[float, Field(ge=-4, le=4, allow_inf_nan=False)]
 Interpolation = Literal["motion", "blend", "rife"]
 Scheduler = Literal["default", "ddim", "dpm++"]
+Cache = Literal["off", "first-block", "pab"]
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -162,6 +168,7 @@ class PresetValues(BaseModel):
     scheduler: Scheduler | None = None
     lora: Text | None = None  # a file name in lora_dir: a distillation LoRA with its steps and guidance, say
     lora_scale: LoraScale | None = None
+    cache: Cache | None = None  # a step cache for this preset's jobs (the config's `cache` otherwise)
     notify: list[str] | None = None  # Apprise URLs told of this preset's jobs (besides the config's); never in Preset
 
     def values(self) -> dict[str, Any]:
@@ -184,6 +191,7 @@ class Preset(BaseModel):
     scheduler: Scheduler | None = None
     lora: Text | None = None  # a file name in lora_dir; a sidecar's own `lora` wins
     lora_scale: LoraScale | None = None
+    cache: Cache | None = None
 
 
 class Params(BaseModel):
@@ -207,6 +215,7 @@ class Params(BaseModel):
     output_fps: Fps | None = None  # the delivered frame rate; None: fps (no interpolation)
     interpolation: Interpolation | None = None  # set only when output_fps > fps
     scheduler: Scheduler | None = None  # None / "default": the family's own
+    cache: Cache | None = None  # None / "off": no step cache (only presets and the config set it)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -373,7 +382,7 @@ def merge(
     """The job's parameters from what the user set over its preset over the config's defaults.
 
     `default_preset` is the folder's preset (or the config's `default_preset`); `defaults` holds
-    the config-level `output_fps`, `interpolation` and `scheduler`. Raises InputError naming keys.
+    the config-level `output_fps`, `interpolation`, `scheduler` and `cache`. Raises InputError naming keys.
     """
     name = values.get("preset") or default_preset
     if name not in presets:
@@ -396,6 +405,8 @@ def merge(
         raise InputError(f"{where}: {err}") from None
     if chosen.get("scheduler") == "default":
         chosen.pop("scheduler")
+    if chosen.get("cache") == "off":
+        chosen.pop("cache")
     if values.get("lora") is not None and values.get("lora_scale") is None:
         chosen.pop("lora_scale", None)  # the preset's scale was for the preset's LoRA, not the sidecar's
     if name in NEEDS_LORA and not chosen.get("lora"):

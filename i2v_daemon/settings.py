@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     accelerate: Literal["auto", "on", "off"] = "auto"
     warm_up: bool = True  # with the fast path on: compile the presets' shapes at start, before the first job
     scheduler: Literal["default", "ddim", "dpm++"] = "default"  # default: the family's own
+    cache: Literal["off", "first-block", "pab"] = "off"  # a step cache under every preset (transformer families)
 
     # provenance (INTERFACE.md §10): a signed C2PA manifest in every published video and poster
     provenance: Literal["c2pa", "off"] = "c2pa"
@@ -373,8 +374,10 @@ class Settings(BaseSettings):
         return list(dict.fromkeys([*self.notify, *own]))
 
     def job_defaults(self) -> dict[str, Any]:
-        """Config-level defaults under every preset: the delivered frame rate, how to interpolate, the scheduler."""
-        return {"output_fps": self.output_fps, "interpolation": self.interpolation, "scheduler": self.scheduler}
+        """Config-level defaults under every preset: the delivered frame rate, how to interpolate, the scheduler,
+        the step cache."""
+        return {"output_fps": self.output_fps, "interpolation": self.interpolation, "scheduler": self.scheduler,
+                "cache": self.cache}
 
     def model_choices(self) -> dict[str, str]:
         """Every model a sidecar may name: the `[models]` table and "default" (the `model` setting)."""

@@ -39,7 +39,10 @@ def tiny_model(tiny_i2vgen_dir: Path) -> Iterator[VideoModel]:
 #: The families besides I2VGen-XL, each with a tiny random build (i2v_daemon/models/tiny_families.py).
 TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox")
 #: Tiny builds beside one per family, by name: (family, the builder's options).
-TINY_VARIANTS = {"wan2.2": ("wan", {"experts": 2})}  # Wan 2.2 A14B: two experts, switched at boundary_ratio
+TINY_VARIANTS = {
+    "wan2.2": ("wan", {"experts": 2}),  # Wan 2.2 A14B: two experts, switched at boundary_ratio
+    "wan-2-blocks": ("wan", {"layers": 2}),  # a first and a last block, as First Block Cache needs
+}
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,14 @@ from i2v_daemon.models.runtime import (
 LORA_ADAPTER = "i2v_daemon_lora"
 #: Attributes that may hold a denoising network (Wan 2.2 has two experts).
 DENOISERS = ("unet", "transformer", "transformer_2")
+#: The step caches (diffusers' cache hooks) a transformer with `enable_cache` takes, by their `cache` names.
+CACHES = ("first-block", "pab")
+#: First Block Cache skips the other blocks while the first block's residual changed by less than this
+#: share since the last full step: diffusers' default.
+FIRST_BLOCK_THRESHOLD = 0.05
+#: Pyramid Attention Broadcast recomputes spatial attention every this many steps, between these
+#: timesteps (of 1000), and reuses it in between: diffusers' documented example.
+PAB_SKIP_RANGE, PAB_TIMESTEPS = 2, (100, 800)
 
 
 class DiffusersVideoModel:
@@ -90,6 +98,7 @@ class DiffusersVideoModel:
             lora=hasattr(pipe, "load_lora_weights"),
             scheduler=loaded,
             schedulers=schedulers.offered(self.family, loaded),
+            caches=CACHES if all(hasattr(m, "enable_cache") for m in self._denoisers()) else (),
             **limits,
         )
 
@@ -155,6 +164,14 @@ class DiffusersVideoModel:
                 f"{name} cannot apply a LoRA (its diffusers pipeline has no LoRA loader); remove 'lora', "
                 "or choose a model of a family that can (wan, ltx-video, cogvideox)"
             )
+        if request.cache not in (None, "off") and request.cache not in info.caches:
+            raise InputError(
+                f"{name} cannot use cache = {request.cache!r}: "
+                + (f"it offers {', '.join(info.caches)}" if info.caches else
+                   "its denoiser has none of diffusers' step caches (they hook transformer blocks)")
+                + '; set cache = "off" in the preset or the config, or choose a model of a transformer family '
+                "(wan, ltx-video, cogvideox)"
+            )
         values, notes = self._conditioning(request)
         if not info.takes_prompt and (request.prompt or request.negative_prompt):
             notes.append(f"{name} takes no prompt: the video follows the image alone, and the prompt was not used")
@@ -201,7 +218,7 @@ class DiffusersVideoModel:
         report: Any = None
         try:
             with self._lora(request.lora), self._savers(request.savers), self._scheduler(request.scheduler), \
-                    seeded(request.seed, self.device), grad_mode(request.savers):
+                    self._cache(request.cache), seeded(request.seed, self.device), grad_mode(request.savers):
                 if fast:
                     from i2v_daemon.models.accelerate import TryReport
 
@@ -260,8 +277,12 @@ class DiffusersVideoModel:
         (same frames as eager). Its guards (the adapter's modules, its scale, enabled or not) make
         each LoRA file and scale one more graph of a shape, compiled at the first step of its first
         job, never inside the step loop; the disk cache brings it back after a restart.
+
+        A step cache runs eagerly: whether a step skips blocks is decided on the host from the tensors
+        (First Block Cache reads a mean with `.item()`, under torch.compiler.disable) and its hooks
+        count steps in Python, a graph break that the fullgraph compile refuses.
         """
-        return not ({"forward_chunking", "cpu_offload"} & set(request.savers))
+        return request.cache in (None, "off") and not ({"forward_chunking", "cpu_offload"} & set(request.savers))
 
     def versions(self) -> dict[str, Any]:
         """Library versions that produced the video, for the manifest."""
@@ -386,6 +407,42 @@ class DiffusersVideoModel:
         if "cpu_offload" in savers:
             pipe.remove_all_hooks()
             pipe.to(self.device)
+
+    # ---- step caches ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _cache(self, name: str | None) -> Iterator[None]:
+        """The request's step cache on every denoiser for one call; they run plain again afterwards."""
+        if name in (None, "off"):
+            yield
+            return
+        enabled: list[Any] = []
+        try:
+            for module in self._denoisers():
+                try:
+                    module.enable_cache(self._cache_config(name))
+                except (ValueError, IndexError) as err:  # e.g. First Block Cache on a single block
+                    raise InputError(
+                        f"cache {name!r} cannot be used with this {self.family} model ({first_line(err, limit=200)}); "
+                        'set cache = "off" for it'
+                    ) from err
+                enabled.append(module)
+            yield
+        finally:
+            for module in enabled:
+                module.disable_cache()
+
+    def _cache_config(self, name: str) -> Any:
+        """diffusers' configuration for cache `name`, new for each denoiser (each keeps its own state)."""
+        from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+        if name == "first-block":
+            return FirstBlockCacheConfig(threshold=FIRST_BLOCK_THRESHOLD)
+        pipe = self.pipeline
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=PAB_SKIP_RANGE, spatial_attention_timestep_skip_range=PAB_TIMESTEPS,
+            current_timestep_callback=lambda: pipe.current_timestep,
+        )
 
     # ---- LoRA -----------------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class ModelInfo:
     schedulers: tuple[str, ...] = ()  # the names a job's `scheduler` may ask for, besides "default"
     accelerated: bool = False  # whether the fast path (compiled denoiser) is on for this model
     decode_chunks: bool = False  # whether its VAE decodes frames in chunks (GenerationRequest.decode_chunk)
+    caches: tuple[str, ...] = ()  # the step caches a job's `cache` may ask for (transformer families), besides "off"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class GenerationRequest:
     scheduler: str | None = None  # None / "default": the family's own; else a name from ModelInfo.schedulers
     accelerated: bool = False  # run this try on the fast path (compiled denoiser), where the model has one
     decode_chunk: int | None = None  # frames the VAE decodes at once; None: the family's own default
+    cache: str | None = None  # None / "off": none; else one of ModelInfo.caches, on for this try only
 
 
 @dataclass(frozen=True)

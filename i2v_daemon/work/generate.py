@@ -142,7 +142,7 @@ def generate(
     base = GenerationRequest(
         image=image, prompt=prompt, negative_prompt=negative_prompt, width=plan.width, height=plan.height,
         num_frames=num_frames, steps=steps, guidance_scale=params.guidance_scale, fps=params.fps,
-        seed=seed, motion=params.motion, lora=lora, scheduler=params.scheduler,
+        seed=seed, motion=params.motion, lora=lora, scheduler=params.scheduler, cache=getattr(params, "cache", None),
     )
     conditioning = model.plan_conditioning(base)  # an unknown scheduler is refused here, before any work
     notes.extend(conditioning.notes)
@@ -167,7 +167,7 @@ def generate(
         entry: dict[str, Any] = {
             "try": n, "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
             "savers": list(rung.savers), "accelerated": rung.accelerated, "gpu": gpu_name(model.device),
-            "dtype": model.dtype, "family": model.info.family,
+            "dtype": model.dtype, "family": model.info.family, "cache": base.cache or "off",
         }
         if chunk is not None:
             entry["decode_chunk"] = chunk
@@ -221,7 +221,7 @@ def generate(
             "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
             "guidance_scale": params.guidance_scale, "fps": params.fps, "seed": seed, "savers": list(rung.savers),
             "model": params.model or "default", "family": model.info.family, "scheduler": scheduler,
-            "accelerated": entry["accelerated"],
+            "accelerated": entry["accelerated"], "cache": entry["cache"],
         }
         if params.motion is not None and model.info.motion:
             effective["motion"] = params.motion

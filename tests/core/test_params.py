@@ -39,6 +39,19 @@ def test_the_sidecar_wins_over_its_preset_which_wins_over_the_config() -> None:
     assert (p.output_fps, p.interpolation, p.scheduler) == (24, "blend", "dpm++")  # the preset's, not the config's
 
 
+def test_a_step_cache_comes_from_the_preset_over_the_config_and_off_is_none() -> None:
+    cached = {**PRESETS, "quick": Preset(resolution=512, num_frames=16, steps=25, guidance_scale=7.0, fps=8,
+                                          cache="first-block")}
+    assert merge({}, presets=cached, default_preset="quick", defaults={"cache": "off"}).cache == "first-block"
+    assert merge({}, presets=cached, default_preset="fast", defaults={"cache": "pab"}).cache == "pab"
+    assert merge({}, presets=cached, default_preset="fast", defaults={"cache": "off"}).cache is None
+    plain = {**PRESETS, "plain": Preset(resolution=512, num_frames=16, steps=25, guidance_scale=7.0, fps=8,
+                                        cache="off")}
+    assert merge({}, presets=plain, default_preset="plain", defaults={"cache": "pab"}).cache is None
+    with pytest.raises(InputError, match="unknown key 'cache'"):  # the operator's choice, not a sidecar's
+        parse_values({"cache": "pab"})
+
+
 def test_a_job_of_wan_turbo_without_a_lora_is_refused_saying_what_to_set() -> None:
     with pytest.raises(InputError, match=r"cat.json: preset 'wan-turbo' needs a Wan step-distillation LoRA .*"
                                          r"\[presets.wan-turbo\] table \(or name one with 'lora' here\)"):

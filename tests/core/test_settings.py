@@ -186,6 +186,14 @@ def test_a_new_preset_needs_every_key(tmp_path: Path) -> None:
     assert "it lacks resolution, num_frames, guidance_scale, fps" in message
 
 
+def test_a_step_cache_is_off_unless_the_config_or_a_preset_turns_it_on(tmp_path: Path) -> None:
+    assert load(tmp_path).cache == "off" and load(tmp_path).job_defaults()["cache"] == "off"
+    s = load(tmp_path, 'cache = "pab"\n[presets.fast]\ncache = "first-block"\n')
+    assert s.job_defaults()["cache"] == "pab" and s.all_presets()["fast"].cache == "first-block"
+    message = config_error(tmp_path, 'cache = "mag"\n')
+    assert "cache / I2V_CACHE: Input should be 'off', 'first-block' or 'pab'" in message
+
+
 def test_wan_turbo_is_usable_once_its_lora_is_set_in_one_line(tmp_path: Path) -> None:
     s = load(tmp_path, f'lora_dir = "{tmp_path}"\ndefault_preset = "wan-turbo"\n'
                        '[presets.wan-turbo]\nlora = "lightx2v.safetensors"\n')

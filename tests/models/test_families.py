@@ -291,6 +291,51 @@ def test_a_file_that_is_not_a_lora_is_an_input_error_and_the_model_keeps_working
     assert np.array_equal(ltx.generate(request_for(ltx), _ignore), before)
 
 
+# --- step caches --------------------------------------------------------------------------------
+
+
+def _job(model, params):
+    from i2v_daemon.work.generate import generate
+
+    tries: list[dict] = []
+    outcome = generate(model, request_for(model).image, "a cat turns its head", "blurry", params, ladder=[],
+                       on_step=_ignore, on_try=tries.append)
+    return outcome, tries
+
+
+@pytest.mark.parametrize("cache", ["first-block", "pab"])
+def test_a_step_cache_is_on_for_its_job_only_and_recorded_in_the_try(tiny_family_models, cache):
+    from i2v_daemon.params import Params
+
+    wan = tiny_family_models("wan-2-blocks")
+    params = Params(preset="t", resolution=64, num_frames=5, steps=6, guidance_scale=5.0, fps=8, seed=1)
+    # The last block's self-attention projection runs only when that block's attention is computed.
+    computed: list[int] = []
+    hook = wan.pipeline.transformer.blocks[-1].attn1.to_q.register_forward_hook(lambda *_: computed.append(1))
+    try:
+        plain, tries = _job(wan, params)
+        assert tries[0]["cache"] == "off" and plain.effective["cache"] == "off"
+        full = len(computed)
+        assert full == 12  # 6 steps, each with its conditional and unconditional call
+        computed.clear()
+        cached, tries = _job(wan, params.model_copy(update={"cache": cache}))
+    finally:
+        hook.remove()
+    assert tries[0]["cache"] == cache and cached.effective["cache"] == cache and tries[0]["outcome"] == "succeeded"
+    assert 0 < len(computed) < full  # some steps reused the cached work
+    assert not any(m.is_cache_enabled for m in wan._denoisers())
+    assert np.array_equal(_job(wan, params)[0].frames, plain.frames)  # the next job runs plain
+    assert not wan.fast_path_for(request_for(wan, cache=cache)) and wan.fast_path_for(request_for(wan))
+
+
+def test_a_step_cache_on_a_unet_family_is_refused_before_any_work(tiny_family_models):
+    svd = tiny_family_models("svd")
+    assert svd.info.caches == () and tiny_family_models("wan").info.caches == ("first-block", "pab")
+    with pytest.raises(InputError, match=r"svd cannot use cache = 'pab': its denoiser has none of diffusers' step "
+                                         r"caches .*set cache = \"off\" in the preset or the config"):
+        svd.generate(request_for(svd, cache="pab"), _ignore)
+
+
 def test_a_family_without_measured_anchors_tries_every_rung_until_its_own_tries_are_recorded():
     from i2v_daemon.models.memory import GIB, MemoryModel
 

@@ -71,9 +71,10 @@ def _tiny_svd(vae_levels: int = 4) -> Any:
     )
 
 
-def _tiny_wan(experts: int = 1) -> Any:
+def _tiny_wan(experts: int = 1, layers: int = 1) -> Any:
     """`experts=2` makes a Wan 2.2 A14B-like pipeline: a high-noise `transformer` and a low-noise
-    `transformer_2` switched at `boundary_ratio`, no image encoder (the image enters as latents only)."""
+    `transformer_2` switched at `boundary_ratio`, no image encoder (the image enters as latents only).
+    `layers=2` gives the transformer the first and last block that step caches tell apart."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5EncoderModel
 
@@ -86,7 +87,7 @@ def _tiny_wan(experts: int = 1) -> Any:
     def transformer() -> Any:
         return WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4, in_channels=36, out_channels=16,
-            text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1, cross_attn_norm=True,
+            text_dim=8, freq_dim=16, ffn_dim=16, num_layers=layers, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=None if two else 8,
         )
 
