@@ -30,6 +30,7 @@ from i2v_daemon.models.base import (
     SizePlan,
     StepCallback,
 )
+from i2v_daemon.models.caches import CACHES, step_cache
 from i2v_daemon.models.gpu import free_memory
 from i2v_daemon.models.runtime import (
     cpu_generator,
@@ -40,20 +41,13 @@ from i2v_daemon.models.runtime import (
     hub_revision,
     load_pipeline,
     seeded,
+    watch_vae,
 )
 
 #: The name our one LoRA adapter has inside a pipeline.
 LORA_ADAPTER = "i2v_daemon_lora"
 #: Attributes that may hold a denoising network (Wan 2.2 has two experts).
 DENOISERS = ("unet", "transformer", "transformer_2")
-#: The step caches (diffusers' cache hooks) a transformer with `enable_cache` takes, by their `cache` names.
-CACHES = ("first-block", "pab")
-#: First Block Cache skips the other blocks while the first block's residual changed by less than this
-#: share since the last full step: diffusers' default.
-FIRST_BLOCK_THRESHOLD = 0.05
-#: Pyramid Attention Broadcast recomputes spatial attention every this many steps, between these
-#: timesteps (of 1000), and reuses it in between: diffusers' documented example.
-PAB_SKIP_RANGE, PAB_TIMESTEPS = 2, (100, 800)
 
 
 class DiffusersVideoModel:
@@ -214,34 +208,81 @@ class DiffusersVideoModel:
             if i == n:
                 phase("decoding")
 
-        callback, hook = self._progress(request.steps, step)
-        report: Any = None
+        reports: list[Any] = []  # the fast path's report of each call (two when the VAE ran again)
         try:
-            with self._lora(request.lora), self._savers(request.savers), self._scheduler(request.scheduler), \
-                    self._cache(request.cache), seeded(request.seed, self.device), grad_mode(request.savers):
-                if fast:
-                    from i2v_daemon.models.accelerate import TryReport
-
-                    report = TryReport()
-                variant = None if request.lora is None else (self._lora_loaded, request.lora.scale)
-                runner = self.accelerator.run(report, phase, variant) if fast else nullcontext()
-                with runner:
-                    phase("denoising")
-                    frames = self._call(image, request, conditioning, callback)
-                    video = frames_to_uint8(frames)
-                    del frames
+            video = self._run(image, request, conditioning, step, phase, fast, reports, vae_float32=False)
+            if video is None:
+                video = self._again_with_vae_float32(image, request, conditioning, step, phase, fast, reports)
         finally:
-            if hook is not None:
-                hook.remove()
-            if report is not None:
-                self.last_run = {
-                    "accelerated": report.accelerated, "compiled": list(report.compiled),
-                    "compile_seconds": round(report.compile_seconds, 3), "fell_back": report.fell_back,
-                }
+            if reports:
+                self.last_run.update(
+                    accelerated=all(r.accelerated for r in reports), compiled=[c for r in reports for c in r.compiled],
+                    compile_seconds=round(sum(r.compile_seconds for r in reports), 3),
+                    fell_back=next((r.fell_back for r in reports if r.fell_back), None),
+                )
         if video.shape[0] != request.num_frames:
             raise GenerationError(
                 f"{self.family} made {video.shape[0]} frames where {request.num_frames} were planned; "
                 "this is a bug in i2v-daemon's frame planning for this family, please report it"
+            )
+        return video
+
+    def _run(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
+             on_step: StepCallback, phase: PhaseCallback, fast: bool, reports: list[Any], *,
+             vae_float32: bool) -> np.ndarray | None:
+        """One pipeline call with the request's LoRA, savers, scheduler and cache; None when the VAE decoded
+        NaN or Inf (before the pipeline's clamp would turn Inf into white, and NaN into black bytes)."""
+        callback, hook = self._progress(request.steps, on_step)
+        try:
+            return self._call_once(image, request, conditioning, callback, phase, fast, reports, vae_float32)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _call_once(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
+                   callback: Callable[..., Any] | None, phase: PhaseCallback, fast: bool, reports: list[Any],
+                   vae_float32: bool) -> np.ndarray | None:
+        """The pipeline call itself, inside the request's settings (see _run)."""
+        with self._lora(request.lora), self._savers(request.savers), self._scheduler(request.scheduler), \
+                step_cache(self._denoisers(), request.cache, self.pipeline, self.family), \
+                watch_vae(getattr(self.pipeline, "vae", None), vae_float32) as non_finite, \
+                seeded(request.seed, self.device), grad_mode(request.savers):
+            report: Any = None
+            if fast:
+                from i2v_daemon.models.accelerate import TryReport
+
+                report = TryReport()
+                reports.append(report)
+            variant = None if request.lora is None else (self._lora_loaded, request.lora.scale)
+            runner = self.accelerator.run(report, phase, variant) if fast else nullcontext()
+            with runner:
+                phase("denoising")
+                frames = self._call(image, request, conditioning, callback)
+                if non_finite:
+                    return None
+                return frames_to_uint8(frames)
+
+    def _again_with_vae_float32(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
+                                on_step: StepCallback, phase: PhaseCallback, fast: bool,
+                                reports: list[Any]) -> np.ndarray:
+        """The call once more with the VAE in float32, after it decoded NaN or Inf in half precision; a
+        GenerationError if it cannot be upcast or the frames are still not finite."""
+        dtype = str(self.pipeline.vae.dtype).removeprefix("torch.")
+        advice = ("try another seed, a lower guidance_scale or more steps, or dtype = \"float32\" (slower, "
+                  "twice the memory)")
+        if dtype == "float32":
+            raise GenerationError(
+                f"the {self.family} model decoded frames holding NaN or Inf (its numbers overflowed) with its VAE "
+                f"already in float32, so the video would be black or white; {advice}"
+            )
+        self.last_run["vae_float32"] = (
+            f"the VAE decoded NaN or Inf in {dtype}; the try was made again with the VAE in float32"
+        )
+        video = self._run(image, request, conditioning, on_step, phase, fast, reports, vae_float32=True)
+        if video is None:
+            raise GenerationError(
+                f"the {self.family} model decoded frames holding NaN or Inf with its VAE in {dtype} and again in "
+                f"float32 (the denoiser's numbers overflowed), so the video would be black or white; {advice}"
             )
         return video
 
@@ -407,42 +448,6 @@ class DiffusersVideoModel:
         if "cpu_offload" in savers:
             pipe.remove_all_hooks()
             pipe.to(self.device)
-
-    # ---- step caches ----------------------------------------------------------------------------
-
-    @contextmanager
-    def _cache(self, name: str | None) -> Iterator[None]:
-        """The request's step cache on every denoiser for one call; they run plain again afterwards."""
-        if name in (None, "off"):
-            yield
-            return
-        enabled: list[Any] = []
-        try:
-            for module in self._denoisers():
-                try:
-                    module.enable_cache(self._cache_config(name))
-                except (ValueError, IndexError) as err:  # e.g. First Block Cache on a single block
-                    raise InputError(
-                        f"cache {name!r} cannot be used with this {self.family} model ({first_line(err, limit=200)}); "
-                        'set cache = "off" for it'
-                    ) from err
-                enabled.append(module)
-            yield
-        finally:
-            for module in enabled:
-                module.disable_cache()
-
-    def _cache_config(self, name: str) -> Any:
-        """diffusers' configuration for cache `name`, new for each denoiser (each keeps its own state)."""
-        from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
-
-        if name == "first-block":
-            return FirstBlockCacheConfig(threshold=FIRST_BLOCK_THRESHOLD)
-        pipe = self.pipeline
-        return PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=PAB_SKIP_RANGE, spatial_attention_timestep_skip_range=PAB_TIMESTEPS,
-            current_timestep_callback=lambda: pipe.current_timestep,
-        )
 
     # ---- LoRA -----------------------------------------------------------------------------------
 

@@ -217,6 +217,8 @@ def generate(
             )
         if entry.get("fell_back"):
             notes.append(entry["fell_back"])
+        if entry.get("vae_float32"):
+            notes.append(model.last_run["vae_float32"])
         effective: dict[str, Any] = {
             "width": rung.width, "height": rung.height, "num_frames": num_frames, "steps": steps,
             "guidance_scale": params.guidance_scale, "fps": params.fps, "seed": seed, "savers": list(rung.savers),
@@ -254,6 +256,8 @@ def _record_run(model: VideoModel, entry: dict[str, Any], stale: Any, *, finishe
         entry.update(compiled=list(run["compiled"]), compile_seconds=run.get("compile_seconds"))
     if run.get("fell_back"):
         entry["fell_back"] = run["fell_back"]
+    if run.get("vae_float32"):  # NaN or Inf decoded in half precision: the try ran again with the VAE in float32
+        entry["vae_float32"] = True
 
 
 __all__ = [
