@@ -24,6 +24,7 @@ from i2v_daemon.errors import ConfigError, DatabaseGone, EnvironmentProblem, Sto
 from i2v_daemon.intake.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_type
 from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
+from i2v_daemon.models.gpu import ALLOC_CONF, configure_allocator
 from i2v_daemon.models.holder import ModelHolder
 from i2v_daemon.models.loader import check_never_loads
 from i2v_daemon.params import BUILTIN_PRESETS, NEEDS_LORA
@@ -123,6 +124,11 @@ def start(settings: Settings, *, once: bool = False) -> int:
     says so to the log and systemd; a ConfigError is exit 78 at once. `run --once` does not wait: a
     NotReady goes up to the command line (exit 75, "try again later").
     """
+    # First: the readiness probes import torch, and the allocator reads its setting at its first use.
+    theirs = configure_allocator()
+    if theirs is not None:
+        log.info("allocator_setting_kept", variable=theirs[0], value=theirs[1], instead_of=ALLOC_CONF,
+                 why="the environment sets PyTorch's allocator, so the daemon leaves it as it is")
     built: list[Daemon] = []
 
     def build() -> None:
