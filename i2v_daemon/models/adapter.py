@@ -193,6 +193,8 @@ class DiffusersVideoModel:
 
         `request.accelerated` runs the try on the fast path where this model has one (see
         enable_acceleration); `last_run` then says whether it stayed there and what it compiled.
+        Frames decoded with NaN or Inf are made once more with the VAE in float32 (`last_run` says so),
+        then are a GenerationError: never black or white bytes.
         """
         if self.pipeline is None:
             raise GenerationError("the model was closed; load it again with load_model() before generating")
