@@ -96,6 +96,7 @@ class BenchParams:
     lora: str | None = None
     lora_scale: float | None = None
     scheduler: str | None = None
+    cache: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

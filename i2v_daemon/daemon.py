@@ -24,9 +24,10 @@ from i2v_daemon.errors import ConfigError, DatabaseGone, EnvironmentProblem, Sto
 from i2v_daemon.intake.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_type
 from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
+from i2v_daemon.models.gpu import ALLOC_CONF, configure_allocator
 from i2v_daemon.models.holder import ModelHolder
 from i2v_daemon.models.loader import check_never_loads, check_weights
-from i2v_daemon.params import BUILTIN_PRESETS
+from i2v_daemon.params import BUILTIN_PRESETS, NEEDS_LORA
 from i2v_daemon.queue.clock import now_us, utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.migrate import Upgrade
@@ -105,9 +106,12 @@ def _warn_if_sqlite_on_a_network_share(store: Store) -> None:
 
 
 def ensure_folders(settings: Settings) -> None:
-    """The four folders, and the built-in presets' inbox folders (inbox/fast/, …)."""
+    """The four folders, and the built-in presets' inbox folders (inbox/fast/, …; wan-turbo/ once it has its LoRA)."""
     wanted = dict(settings.folders())
+    presets = settings.all_presets()
     for name in BUILTIN_PRESETS:
+        if name in NEEDS_LORA and presets[name].lora is None:
+            continue
         wanted[f"inbox_dir/{name}"] = settings.filled("inbox_dir") / name
     for key, path in wanted.items():
         readiness.folder_problem(key.split("/")[0], path)  # NotReady: a read-only or failing share, for now
@@ -120,6 +124,11 @@ def start(settings: Settings, *, once: bool = False) -> int:
     says so to the log and systemd; a ConfigError is exit 78 at once. `run --once` does not wait: a
     NotReady goes up to the command line (exit 75, "try again later").
     """
+    # First: the readiness probes import torch, and the allocator reads its setting at its first use.
+    theirs = configure_allocator()
+    if theirs is not None:
+        log.info("allocator_setting_kept", variable=theirs[0], value=theirs[1], instead_of=ALLOC_CONF,
+                 why="the environment sets PyTorch's allocator, so the daemon leaves it as it is")
     built: list[Daemon] = []
 
     def build() -> None:

@@ -26,6 +26,11 @@ from i2v_daemon.weights import WeightsKind
 MAX_TEXT_CHARS = 20_000
 INTERPOLATIONS = ("motion", "blend", "rife")
 SCHEDULERS = ("default", "ddim", "dpm++")
+#: Step caches (diffusers' cache hooks on a transformer): reuse blocks' work between steps, a speed for
+#: quality trade-off. Others diffusers has are left out: MagCache needs per-model calibrated ratios,
+#: FasterCache assumes cond and uncond in one batch (Wan runs them apart), TaylorSeer's default
+#: patterns match no Wan attention (it would do nothing), SeaCache knows only Wan text-to-video.
+CACHES = ("off", "first-block", "pab")
 MAX_OUTPUT_FPS = 120
 LORA_SUFFIX = ".safetensors"
 
@@ -118,6 +123,7 @@ Motion = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 LoraScale = Annotated[float, Field(ge=-4, le=4, allow_inf_nan=False)]
 Interpolation = Literal["motion", "blend", "rife"]
 Scheduler = Literal["default", "ddim", "dpm++"]
+Cache = Literal["off", "first-block", "pab"]
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -162,6 +168,9 @@ class PresetValues(BaseModel):
     interpolation: Interpolation | None = None
     scheduler: Scheduler | None = None
     weights: WeightsKind | None = None  # the weights its jobs' model runs with; None: the model's own
+    lora: Text | None = None  # a file name in lora_dir: a distillation LoRA with its steps and guidance, say
+    lora_scale: LoraScale | None = None
+    cache: Cache | None = None  # a step cache for this preset's jobs (the config's `cache` otherwise)
     notify: list[str] | None = None  # Apprise URLs told of this preset's jobs (besides the config's); never in Preset
 
     def values(self) -> dict[str, Any]:
@@ -183,6 +192,9 @@ class Preset(BaseModel):
     interpolation: Interpolation | None = None
     scheduler: Scheduler | None = None
     weights: WeightsKind | None = None  # None: the model's own (its `models` entry, else the global `weights`)
+    lora: Text | None = None  # a file name in lora_dir; a sidecar's own `lora` wins
+    lora_scale: LoraScale | None = None
+    cache: Cache | None = None
 
 
 class Params(BaseModel):
@@ -207,6 +219,7 @@ class Params(BaseModel):
     interpolation: Interpolation | None = None  # set only when output_fps > fps
     scheduler: Scheduler | None = None  # None / "default": the family's own
     weights: WeightsKind | None = None  # the preset's `weights`; None: the model's own
+    cache: Cache | None = None  # None / "off": no step cache (only presets and the config set it)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -220,7 +233,23 @@ BUILTIN_PRESETS: dict[str, Preset] = {
     "fast": Preset(resolution=512, num_frames=8, steps=30, guidance_scale=9.0, fps=8),
     "standard": Preset(resolution=512, num_frames=16, steps=50, guidance_scale=9.0, fps=8),
     "high": Preset(resolution=768, num_frames=24, steps=80, guidance_scale=10.0, fps=8),
+    # Wan with a step-distillation LoRA (lightx2v, CausVid): 4 steps without classifier-free guidance
+    # (guidance 1 runs the transformer once a step, not twice), 832×480 × 81 frames at 16 fps.
+    "wan-turbo": Preset(resolution=480, num_frames=81, steps=4, guidance_scale=1.0, fps=16),
 }
+
+#: Built-in presets made for a LoRA file the user must get themselves: name -> what it needs. Unset,
+#: a job of the preset is refused and the preset cannot be `default_preset`, saying what to set.
+NEEDS_LORA: dict[str, str] = {
+    "wan-turbo": "a Wan step-distillation LoRA (lightx2v or CausVid, made for 4 steps at guidance 1)",
+}
+
+
+def lora_needed(name: str) -> str:
+    """What to set so that preset `name` (one of NEEDS_LORA) has its LoRA, for messages."""
+    return (f"preset {name!r} needs {NEEDS_LORA[name]}: put the file in lora_dir and set "
+            f'lora = "FILE.safetensors" in the config\'s [presets.{name}] table')
+
 
 KEYS: tuple[str, ...] = tuple(SidecarValues.model_fields)
 
@@ -357,7 +386,7 @@ def merge(
     """The job's parameters from what the user set over its preset over the config's defaults.
 
     `default_preset` is the folder's preset (or the config's `default_preset`); `defaults` holds
-    the config-level `output_fps`, `interpolation` and `scheduler`. Raises InputError naming keys.
+    the config-level `output_fps`, `interpolation`, `scheduler` and `cache`. Raises InputError naming keys.
     """
     name = values.get("preset") or default_preset
     if name not in presets:
@@ -380,6 +409,12 @@ def merge(
         raise InputError(f"{where}: {err}") from None
     if chosen.get("scheduler") == "default":
         chosen.pop("scheduler")
+    if chosen.get("cache") == "off":
+        chosen.pop("cache")
+    if values.get("lora") is not None and values.get("lora_scale") is None:
+        chosen.pop("lora_scale", None)  # the preset's scale was for the preset's LoRA, not the sidecar's
+    if name in NEEDS_LORA and not chosen.get("lora"):
+        raise InputError(f"{where}: {lora_needed(name)} (or name one with 'lora' here)")
     try:
         return Params(
             **{k: v for k, v in chosen.items() if k in Params.model_fields and k not in _DECIDED},

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from i2v_daemon.errors import ConfigError
 from i2v_daemon.locate import config_path, default_data_dir, read_toml, sqlite_url
-from i2v_daemon.params import BUILTIN_PRESETS, Preset, PresetValues
+from i2v_daemon.params import BUILTIN_PRESETS, NEEDS_LORA, Preset, PresetValues, lora_needed
 from i2v_daemon.weights import TorchaoType, Weights, WeightsKind, missing_package, problem
 
 #: What a JSON environment value looks like, per setting that takes a list or a table.
@@ -156,6 +156,7 @@ class Settings(BaseSettings):
     accelerate: Literal["auto", "on", "off"] = "auto"
     warm_up: bool = True  # with the fast path on: compile the presets' shapes at start, before the first job
     scheduler: Literal["default", "ddim", "dpm++"] = "default"  # default: the family's own
+    cache: Literal["off", "first-block", "pab"] = "off"  # a step cache under every preset (transformer families)
 
     # provenance (INTERFACE.md §10): a signed C2PA manifest in every published video and poster
     provenance: Literal["c2pa", "off"] = "c2pa"
@@ -365,6 +366,13 @@ class Settings(BaseSettings):
                     f"presets.{name}.interpolation: 'rife' needs rife_model, a local RIFE weights file "
                     "(it is never downloaded); set it, or choose 'motion' or 'blend'"
                 )
+            if preset.lora is not None and self.lora_dir is None:
+                raise ValueError(
+                    f"presets.{name}.lora: {preset.lora!r} is read from lora_dir, which is not set; set lora_dir "
+                    "to the folder that holds it"
+                )
+            if preset.lora_scale is not None and preset.lora is None:
+                raise ValueError(f"presets.{name}.lora_scale: is set but the preset has no lora; set lora too")
         self._check_weights()
         if self.interpolation == "rife" and self.rife_model is None:
             raise ValueError(
@@ -376,6 +384,8 @@ class Settings(BaseSettings):
                 f"default_preset: {self.default_preset!r} is not a preset "
                 f"(known: {', '.join(sorted(self.all_presets()))})"
             )
+        if self.default_preset in NEEDS_LORA and self.all_presets()[self.default_preset].lora is None:
+            raise ValueError(f"default_preset: {lora_needed(self.default_preset)}, or choose another default_preset")
         return self
 
     def _check_weights(self) -> None:
@@ -432,8 +442,10 @@ class Settings(BaseSettings):
         return list(dict.fromkeys([*self.notify, *own]))
 
     def job_defaults(self) -> dict[str, Any]:
-        """Config-level defaults under every preset: the delivered frame rate, how to interpolate, the scheduler."""
-        return {"output_fps": self.output_fps, "interpolation": self.interpolation, "scheduler": self.scheduler}
+        """Config-level defaults under every preset: the delivered frame rate, how to interpolate, the scheduler,
+        the step cache."""
+        return {"output_fps": self.output_fps, "interpolation": self.interpolation, "scheduler": self.scheduler,
+                "cache": self.cache}
 
     def model_choices(self) -> dict[str, str]:
         """Every model a sidecar may name: the `[models]` table and "default" (the `model` setting)."""

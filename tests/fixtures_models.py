@@ -38,26 +38,33 @@ def tiny_model(tiny_i2vgen_dir: Path) -> Iterator[VideoModel]:
 
 #: The families besides I2VGen-XL, each with a tiny random build (i2v_daemon/models/tiny_families.py).
 TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox")
+#: Tiny builds beside one per family, by name: (family, the builder's options).
+TINY_VARIANTS = {
+    "wan2.2": ("wan", {"experts": 2}),  # Wan 2.2 A14B: two experts, switched at boundary_ratio
+    "wan-2-blocks": ("wan", {"layers": 2}),  # a first and a last block, as First Block Cache needs
+}
 
 
 @pytest.fixture(scope="session")
 def tiny_family_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """family -> a diffusers folder with its tiny random pipeline, built on first use, once per session."""
+    """family (or a TINY_VARIANTS name) -> a diffusers folder with its tiny random pipeline, built on first use,
+    once per session."""
     from i2v_daemon.models.testing.tiny import build_tiny
 
     built: dict[str, Path] = {}
 
-    def folder(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"))
-        return built[family]
+    def folder(name: str) -> Path:
+        if name not in built:
+            family, options = TINY_VARIANTS.get(name, (name, {}))
+            built[name] = build_tiny(family, tmp_path_factory.mktemp(f"tiny-{name}"), **options)
+        return built[name]
 
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_family_models(tiny_family_dirs: Callable[[str], Path]) -> Iterator[Callable[[str], VideoModel]]:
-    """family -> its tiny pipeline loaded on CPU through `load_model`, once per session."""
+    """family (or a TINY_VARIANTS name) -> its tiny pipeline loaded on CPU through `load_model`, once per session."""
     import torch
 
     from i2v_daemon.models.loader import load_model

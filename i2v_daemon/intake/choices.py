@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from i2v_daemon.settings import Settings
 
 
+
 def check_choices(values: Mapping[str, Any], settings: Settings, where: str) -> None:
-    """The sidecar's `model` is allowed by the config and its `lora` exists in lora_dir; else InputError."""
+    """The sidecar's `model` is allowed by the config and the job's `lora` (its own or its preset's) exists in
+    lora_dir; else InputError."""
     name = values.get("model")
     allowed = settings.model_choices()
     if name is not None and name not in allowed:

@@ -124,7 +124,7 @@ def _request(
         values, presets=settings.all_presets(), default_preset=folder or settings.default_preset,
         defaults=settings.job_defaults(), rife_model=settings.rife_model, where=where,
     )
-    check_choices(values, settings, where)  # a model the config allows, a LoRA that exists
+    check_choices({**values, "lora": params.lora}, settings, where)  # a model the config allows, a LoRA that exists
     _check_name_length(stem, interpolating=params.output_fps is not None)
     if side:
         notes.extend(side.notes)

@@ -26,9 +26,9 @@ def check_path(settings: Settings, path: Path) -> tuple[str, ...]:
         side = parse_sidecar(path, max_bytes=settings.max_sidecar_bytes)
         # The folder it sits in may be a preset's (inbox/fast/), which is then its default preset.
         folder = path.parent.name if path.parent.name in settings.all_presets() else None
-        merge(side.values, presets=settings.all_presets(), default_preset=folder or settings.default_preset,
-              defaults=settings.job_defaults(), rife_model=settings.rife_model, where=path.name)
-        check_choices(side.values, settings, path.name)  # model allowed, LoRA file present
+        params = merge(side.values, presets=settings.all_presets(), default_preset=folder or settings.default_preset,
+                       defaults=settings.job_defaults(), rife_model=settings.rife_model, where=path.name)
+        check_choices({**side.values, "lora": params.lora}, settings, path.name)  # model allowed, LoRA file present
         return side.notes
     if suffix in IMAGE_SUFFIXES:
         info = inspect_image(path, max_pixels=settings.max_image_pixels)

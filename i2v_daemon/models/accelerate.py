@@ -124,7 +124,10 @@ class CompiledDenoiser:
         torch._dynamo.config.automatic_dynamic_shapes = False
         self.compiled = torch.compile(self.eager, backend=backend, fullgraph=True)
         self.shapes: OrderedDict[Any, str] = OrderedDict()  # compiled keys, least recently used first
-        self.broken: dict[Any, str] = {}  # keys whose compile failed: they run eagerly
+        self.broken: dict[Any, str] = {}  # (variant, key) whose compile failed: they run eagerly
+        #: What the module holds this try beyond its shapes (the LoRA and its scale): a compile that fails
+        #: with a LoRA in the blocks must not send the same shape without it to the eager path.
+        self.variant: Any = None
         self.compile_seconds: dict[str, float] = {}  # per shape, as measured here
         self.report: TryReport | None = None
         self.on_phase: Callable[[str], None] = _ignore
@@ -138,9 +141,9 @@ class CompiledDenoiser:
         torch._dynamo.config.recompile_limit = max(limit, 2 * max_graphs + 2)
 
     @contextmanager
-    def installed(self, report: TryReport, on_phase: Callable[[str], None]) -> Iterator[None]:
+    def installed(self, report: TryReport, on_phase: Callable[[str], None], variant: Any = None) -> Iterator[None]:
         """Route the module's calls through the compiled forward for one try."""
-        self.report, self.on_phase, self._calls = report, on_phase, 0
+        self.report, self.on_phase, self._calls, self.variant = report, on_phase, 0, variant
         self.module.forward = self  # an instance attribute: Module.__call__ runs hooks, then this
         try:
             yield
@@ -153,8 +156,8 @@ class CompiledDenoiser:
         if report is None or not report.accelerated:
             return self.eager(*args, **kwargs)
         key = self._key(args, kwargs)
-        if key in self.broken:
-            report.fall_back(self.broken[key])
+        if (self.variant, key) in self.broken:
+            report.fall_back(self.broken[(self.variant, key)])
             return self.eager(*args, **kwargs)
         first = self._calls == 0  # the try's first step: the one place a graph may be compiled
         self._calls += 1
@@ -209,8 +212,9 @@ class CompiledDenoiser:
             if is_oom(err):
                 raise
             first = first_line(err, limit=300)
-            self.broken[key] = f"compiling {type(self.module).__name__} for {label} failed ({first}); it runs eagerly"
-            report.fall_back(self.broken[key])
+            why = f"compiling {type(self.module).__name__} for {label} failed ({first}); it runs eagerly"
+            self.broken[(self.variant, key)] = why
+            report.fall_back(why)
             return self.eager(*args, **kwargs)
         seconds = time.monotonic() - t0
         self.shapes[key] = describe_shape(key)
@@ -346,12 +350,16 @@ class Accelerator:
         self.prepared += ["cudnn_benchmark", "tf32"]
 
     @contextmanager
-    def run(self, report: TryReport, on_phase: Callable[[str], None]) -> Iterator[TryReport]:
-        """One accelerated try: compiled denoisers installed, the scheduler's step kept off the device."""
+    def run(self, report: TryReport, on_phase: Callable[[str], None], variant: Any = None) -> Iterator[TryReport]:
+        """One accelerated try: compiled denoisers installed, the scheduler's step kept off the device.
+
+        `variant` names what the denoisers hold besides their weights (a LoRA and its scale), so that a
+        graph that cannot be compiled with it is not given up for the plain model too.
+        """
         before = self.backend.graphs
         with ExitStack() as stack:
             for denoiser in self.denoisers.values():
-                stack.enter_context(denoiser.installed(report, on_phase))
+                stack.enter_context(denoiser.installed(report, on_phase, variant))
             stack.enter_context(host_timesteps(self.pipeline.scheduler))
             yield report
         if self.backend.graphs != before and self.on_compiled is not None:

@@ -30,6 +30,7 @@ from i2v_daemon.models.base import (
     SizePlan,
     StepCallback,
 )
+from i2v_daemon.models.caches import CACHES, step_cache
 from i2v_daemon.models.gpu import free_memory
 from i2v_daemon.models.placement import PLACEMENTS
 from i2v_daemon.models.precision import DENOISERS, denoisers_of, store_in_fp8
@@ -42,6 +43,7 @@ from i2v_daemon.models.runtime import (
     hub_revision,
     load_pipeline,
     seeded,
+    watch_vae,
 )
 from i2v_daemon.weights import Weights
 
@@ -103,6 +105,7 @@ class DiffusersVideoModel:
             scheduler=loaded,
             schedulers=schedulers.offered(self.family, loaded),
             weights=weights,
+            caches=CACHES if all(hasattr(m, "enable_cache") for m in self._denoisers()) else (),
             **limits,
         )
 
@@ -185,6 +188,14 @@ class DiffusersVideoModel:
                 f"lora cannot be applied to {name} with {info.weights.label()} weights; remove 'lora', or use a "
                 "preset with weights = 'auto'"
             )
+        if request.cache not in (None, "off") and request.cache not in info.caches:
+            raise InputError(
+                f"{name} cannot use cache = {request.cache!r}: "
+                + (f"it offers {', '.join(info.caches)}" if info.caches else
+                   "its denoiser has none of diffusers' step caches (they hook transformer blocks)")
+                + '; set cache = "off" in the preset or the config, or choose a model of a transformer family '
+                "(wan, ltx-video, cogvideox)"
+            )
         values, notes = self._conditioning(request)
         if not info.takes_prompt and (request.prompt or request.negative_prompt):
             notes.append(f"{name} takes no prompt: the video follows the image alone, and the prompt was not used")
@@ -212,6 +223,8 @@ class DiffusersVideoModel:
 
         `request.accelerated` runs the try on the fast path where this model has one (see
         enable_acceleration); `last_run` then says whether it stayed there and what it compiled.
+        Frames decoded with NaN or Inf are made once more with the VAE in float32 (`last_run` says so),
+        then are a GenerationError: never black or white bytes.
         """
         if self.pipeline is None:
             raise GenerationError("the model was closed; load it again with load_model() before generating")
@@ -227,33 +240,81 @@ class DiffusersVideoModel:
             if i == n:
                 phase("decoding")
 
-        callback, hook = self._progress(request.steps, step)
-        report: Any = None
+        reports: list[Any] = []  # the fast path's report of each call (two when the VAE ran again)
         try:
-            with self._lora(request.lora), self._savers(request.savers), self._scheduler(request.scheduler), \
-                    seeded(request.seed, self.device), grad_mode(request.savers):
-                if fast:
-                    from i2v_daemon.models.accelerate import TryReport
-
-                    report = TryReport()
-                runner = self.accelerator.run(report, phase) if fast else nullcontext()
-                with runner:
-                    phase("denoising")
-                    frames = self._call(image, request, conditioning, callback)
-                    video = frames_to_uint8(frames)
-                    del frames
+            video = self._run(image, request, conditioning, step, phase, fast, reports, vae_float32=False)
+            if video is None:
+                video = self._again_with_vae_float32(image, request, conditioning, step, phase, fast, reports)
         finally:
-            if hook is not None:
-                hook.remove()
-            if report is not None:
-                self.last_run = {
-                    "accelerated": report.accelerated, "compiled": list(report.compiled),
-                    "compile_seconds": round(report.compile_seconds, 3), "fell_back": report.fell_back,
-                }
+            if reports:
+                self.last_run.update(
+                    accelerated=all(r.accelerated for r in reports), compiled=[c for r in reports for c in r.compiled],
+                    compile_seconds=round(sum(r.compile_seconds for r in reports), 3),
+                    fell_back=next((r.fell_back for r in reports if r.fell_back), None),
+                )
         if video.shape[0] != request.num_frames:
             raise GenerationError(
                 f"{self.family} made {video.shape[0]} frames where {request.num_frames} were planned; "
                 "this is a bug in i2v-daemon's frame planning for this family, please report it"
+            )
+        return video
+
+    def _run(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
+             on_step: StepCallback, phase: PhaseCallback, fast: bool, reports: list[Any], *,
+             vae_float32: bool) -> np.ndarray | None:
+        """One pipeline call with the request's LoRA, savers, scheduler and cache; None when the VAE decoded
+        NaN or Inf (before the pipeline's clamp would turn Inf into white, and NaN into black bytes)."""
+        callback, hook = self._progress(request.steps, on_step)
+        try:
+            return self._call_once(image, request, conditioning, callback, phase, fast, reports, vae_float32)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _call_once(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
+                   callback: Callable[..., Any] | None, phase: PhaseCallback, fast: bool, reports: list[Any],
+                   vae_float32: bool) -> np.ndarray | None:
+        """The pipeline call itself, inside the request's settings (see _run)."""
+        with self._lora(request.lora), self._savers(request.savers), self._scheduler(request.scheduler), \
+                step_cache(self._denoisers(), request.cache, self.pipeline, self.family), \
+                watch_vae(getattr(self.pipeline, "vae", None), vae_float32) as non_finite, \
+                seeded(request.seed, self.device), grad_mode(request.savers):
+            report: Any = None
+            if fast:
+                from i2v_daemon.models.accelerate import TryReport
+
+                report = TryReport()
+                reports.append(report)
+            variant = None if request.lora is None else (self._lora_loaded, request.lora.scale)
+            runner = self.accelerator.run(report, phase, variant) if fast else nullcontext()
+            with runner:
+                phase("denoising")
+                frames = self._call(image, request, conditioning, callback)
+                if non_finite:
+                    return None
+                return frames_to_uint8(frames)
+
+    def _again_with_vae_float32(self, image: Image.Image, request: GenerationRequest, conditioning: dict[str, Any],
+                                on_step: StepCallback, phase: PhaseCallback, fast: bool,
+                                reports: list[Any]) -> np.ndarray:
+        """The call once more with the VAE in float32, after it decoded NaN or Inf in half precision; a
+        GenerationError if it cannot be upcast or the frames are still not finite."""
+        dtype = str(self.pipeline.vae.dtype).removeprefix("torch.")
+        advice = ("try another seed, a lower guidance_scale or more steps, or dtype = \"float32\" (slower, "
+                  "twice the memory)")
+        if dtype == "float32":
+            raise GenerationError(
+                f"the {self.family} model decoded frames holding NaN or Inf (its numbers overflowed) with its VAE "
+                f"already in float32, so the video would be black or white; {advice}"
+            )
+        self.last_run["vae_float32"] = (
+            f"the VAE decoded NaN or Inf in {dtype}; the try was made again with the VAE in float32"
+        )
+        video = self._run(image, request, conditioning, on_step, phase, fast, reports, vae_float32=True)
+        if video is None:
+            raise GenerationError(
+                f"the {self.family} model decoded frames holding NaN or Inf with its VAE in {dtype} and again in "
+                f"float32 (the denoiser's numbers overflowed), so the video would be black or white; {advice}"
             )
         return video
 
@@ -270,7 +331,7 @@ class DiffusersVideoModel:
         if self.accelerator is not None or self.pipeline is None or self.info.weights.kind != "auto":
             return
         # Fused projections replace the attention processors LoRA adapters hook into: families that
-        # take a LoRA keep theirs.
+        # take a LoRA keep theirs. (Only a UNet is fused, and no UNet family here has a LoRA loader.)
         self.accelerator = Accelerator(
             self.pipeline, self.device, denoisers=DENOISERS, fuse_qkv=not self.info.lora,
             dynamic_dims=self.dynamic_dims, **options,
@@ -385,12 +446,20 @@ class DiffusersVideoModel:
             self.pipeline.to(self.device)
 
     def fast_path_for(self, request: GenerationRequest) -> bool:
-        """Whether this try can run compiled: no LoRA (its scales would change the graph), no saver that
-        rewires the denoiser (chunking, offload hooks), the dtype's own weights, and the weights resident (no
-        offloading placement)."""
-        return (self.placement == "gpu" and request.lora is None
-                and not ({"forward_chunking", "cpu_offload"} & set(request.savers))
-                and self.info.weights.kind == "auto")
+        """Whether this try can run compiled: no saver that rewires the denoiser (chunking, offload hooks), the
+        dtype's own weights, and the weights resident (no offloading placement).
+
+        A LoRA runs compiled: peft's layers are modules inside the blocks, traced with them in one graph
+        (same frames as eager). Its guards (the adapter's modules, its scale, enabled or not) make
+        each LoRA file and scale one more graph of a shape, compiled at the first step of its first
+        job, never inside the step loop; the disk cache brings it back after a restart.
+
+        A step cache runs eagerly: whether a step skips blocks is decided on the host from the tensors
+        (First Block Cache reads a mean with `.item()`, under torch.compiler.disable) and its hooks
+        count steps in Python, a graph break that the fullgraph compile refuses.
+        """
+        return (self.placement == "gpu" and self.info.weights.kind == "auto" and request.cache in (None, "off")
+                and not ({"forward_chunking", "cpu_offload"} & set(request.savers)))
 
     def versions(self) -> dict[str, Any]:
         """Library versions that produced the video, for the manifest."""
@@ -534,7 +603,7 @@ class DiffusersVideoModel:
         if key != self._lora_loaded:
             self._unload_lora()
             try:
-                pipe.load_lora_weights(lora.path, adapter_name=LORA_ADAPTER)
+                self._load_lora(lora.path)
             except torch.cuda.OutOfMemoryError:
                 self._unload_lora()
                 raise
@@ -546,6 +615,16 @@ class DiffusersVideoModel:
         pipe.enable_lora()
         pipe.set_adapters([LORA_ADAPTER], [lora.scale])
         yield
+
+    def _load_lora(self, path: str) -> None:
+        """The file into every denoiser, under the one adapter name (so set_adapters, enable, disable and
+        unload reach them all)."""
+        pipe = self.pipeline
+        pipe.load_lora_weights(path, adapter_name=LORA_ADAPTER)
+        if getattr(pipe, "transformer_2", None) is not None:
+            # Wan 2.2 A14B: the low-noise expert runs the last steps, which settle the detail; a LoRA
+            # in the high-noise expert alone would shape only the first few.
+            pipe.load_lora_weights(path, adapter_name=LORA_ADAPTER, load_into_transformer_2=True)
 
     def _unload_lora(self) -> None:
         if self._lora_loaded is not None or getattr(self.pipeline, "get_list_adapters", lambda: {})():

@@ -53,6 +53,7 @@ class ModelInfo:
     accelerated: bool = False  # whether the fast path (compiled denoiser) is on for this model
     decode_chunks: bool = False  # whether its VAE decodes frames in chunks (GenerationRequest.decode_chunk)
     weights: Weights = field(default_factory=Weights)  # the weights it runs with now (fp8 after use_fp8())
+    caches: tuple[str, ...] = ()  # the step caches a job's `cache` may ask for (transformer families), besides "off"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class GenerationRequest:
     scheduler: str | None = None  # None / "default": the family's own; else a name from ModelInfo.schedulers
     accelerated: bool = False  # run this try on the fast path (compiled denoiser), where the model has one
     decode_chunk: int | None = None  # frames the VAE decodes at once; None: the family's own default
+    cache: str | None = None  # None / "off": none; else one of ModelInfo.caches, on for this try only
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,24 @@ def describe() -> dict[str, Any]:
     return out
 
 
+#: PyTorch's CUDA allocator setting the daemon runs with, unless the environment names one: memory
+#: segments that grow in place, so what a try freed (the out-of-memory ladder) can hold a larger
+#: tensor next instead of staying fragmented.
+ALLOC_CONF = "expandable_segments:True"
+#: Where PyTorch reads its allocator setting from: the current name, then the older CUDA and ROCm ones.
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+
+
+def configure_allocator() -> tuple[str, str] | None:
+    """Set PYTORCH_CUDA_ALLOC_CONF for this process before torch first touches CUDA (the allocator reads it
+    once, at its first use); None, or (variable, value) of the user's own setting, which is kept."""
+    for var in ALLOC_CONF_VARS:
+        if os.environ.get(var):
+            return var, os.environ[var]
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    return None
+
+
 @dataclass(frozen=True)
 class GpuState:
     """What this machine's torch and NVIDIA driver offer now, asked without touching CUDA in this process."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from i2v_daemon.errors import ConfigError, EnvironmentProblem, GenerationError, I2VError, InputError
 from i2v_daemon.logs import get_logger
+from i2v_daemon.params import NEEDS_LORA
 from i2v_daemon.weights import Weights
 
 DEFAULT = "default"
@@ -110,7 +111,9 @@ class ModelHolder:
     ) -> ModelHolder:
         """The holder the daemon uses, built from its settings (the one place that reads them for models/)."""
         presets = settings.all_presets() if hasattr(settings, "all_presets") else {}
-        shapes = [WarmShape(p.resolution, p.num_frames, p.guidance_scale) for p in presets.values()]
+        # Not the presets with a LoRA: their graphs hold the adapter, compiled at their first job.
+        shapes = [WarmShape(p.resolution, p.num_frames, p.guidance_scale) for name, p in presets.items()
+                  if p.lora is None and name not in NEEDS_LORA]
         return cls(
             settings.model, settings.device, settings.dtype, vram_budget_gib=settings.vram_budget_gib,
             memory_margin=settings.memory_margin, history=history, models=settings.model_choices(),

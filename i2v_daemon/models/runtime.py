@@ -19,7 +19,7 @@ from i2v_daemon.weights import Weights
 
 __all__ = [
     "cpu_generator", "disable_forward_chunking", "fit_image", "frames_to_uint8", "grad_mode", "hub_revision",
-    "load_pipeline", "seeded", "to_uint8",
+    "load_pipeline", "seeded", "to_uint8", "watch_vae",
 ]
 
 
@@ -124,6 +124,54 @@ def frames_to_uint8(frames: Any) -> np.ndarray:
         return to_uint8(frames)
     video = (frames.float().clamp(0.0, 1.0) * 255).round().to(torch.uint8)
     return np.ascontiguousarray(video.permute(0, 2, 3, 1).cpu().numpy())
+
+
+@contextmanager
+def watch_vae(vae: Any, float32: bool = False) -> Iterator[list[bool]]:
+    """A list that gets an entry when the VAE's decoder gives NaN or Inf; with `float32`, the VAE runs in
+    float32 for this call (what it is given cast to match) and goes back to its own dtype afterwards.
+
+    The decoder's own output is watched: Wan's VAE clamps it inside `decode`, and every pipeline
+    clamps the frames after, which would hide an Inf."""
+    non_finite: list[bool] = []
+    if vae is None:
+        yield non_finite
+        return
+    dtype, decode, encode = vae.dtype, vae.decode, vae.encode
+
+    def cast(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not float32:
+            return args, kwargs
+        up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        return tuple(up), {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                           for k, v in kwargs.items()}
+
+    def float32_decode(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = cast(args, kwargs)
+        return decode(*args, **kwargs)
+
+    def float32_encode(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = cast(args, kwargs)
+        return encode(*args, **kwargs)
+
+    def check(_module: Any, _args: Any, output: Any) -> None:
+        sample = output[0] if isinstance(output, tuple) else output
+        if isinstance(sample, torch.Tensor) and not bool(torch.isfinite(sample).all()):
+            non_finite.append(True)
+
+    watched = getattr(vae, "decoder", vae)
+    hook = watched.register_forward_hook(check)
+    if float32:  # instance attributes over the class's methods, for this call only
+        vae.decode, vae.encode = float32_decode, float32_encode
+        vae.to(torch.float32)
+    try:
+        yield non_finite
+    finally:
+        hook.remove()
+        vae.__dict__.pop("decode", None)
+        vae.__dict__.pop("encode", None)
+        if float32:
+            vae.to(dtype)
 
 
 def grad_mode(savers: tuple[str, ...]) -> AbstractContextManager[Any]:

@@ -159,6 +159,8 @@ def generate(
             )
         if entry.get("fell_back"):
             notes.append(entry["fell_back"])
+        if entry.get("vae_float32"):
+            notes.append(model.last_run["vae_float32"])
         return Outcome(frames=video, effective=_effective(model, params, plan, rung, entry), notes=notes)
     smallest = rungs[-1]
     raise OutOfMemory(
@@ -191,7 +193,7 @@ def _plan_request(
     base = GenerationRequest(
         image=image, prompt=prompt, negative_prompt=negative_prompt, width=plan.width, height=plan.height,
         num_frames=frame_plan.num_frames, steps=steps, guidance_scale=params.guidance_scale, fps=params.fps,
-        seed=seed, motion=params.motion, lora=lora, scheduler=params.scheduler,
+        seed=seed, motion=params.motion, lora=lora, scheduler=params.scheduler, cache=getattr(params, "cache", None),
     )
     conditioning = model.plan_conditioning(base)  # an unknown scheduler is refused here, before any work
     notes.extend(conditioning.notes)
@@ -262,6 +264,7 @@ def _try_entry(model: VideoModel, req: GenerationRequest, n: int, memory: Memory
         "try": n, "width": req.width, "height": req.height, "num_frames": req.num_frames, "steps": req.steps,
         "savers": list(req.savers), "accelerated": req.accelerated, "gpu": gpu_name(model.device),
         "dtype": model.dtype, "family": model.info.family, "weights": model.info.weights.label(),
+        "cache": req.cache or "off",
     }
     if req.decode_chunk is not None:
         entry["decode_chunk"] = req.decode_chunk
@@ -283,7 +286,7 @@ def _effective(model: VideoModel, params: Params, plan: _Plan, rung: Rung, entry
         "width": rung.width, "height": rung.height, "num_frames": base.num_frames, "steps": base.steps,
         "guidance_scale": params.guidance_scale, "fps": params.fps, "seed": base.seed, "savers": list(rung.savers),
         "model": params.model or "default", "family": model.info.family, "scheduler": plan.scheduler,
-        "accelerated": entry["accelerated"],
+        "accelerated": entry["accelerated"], "cache": entry["cache"],
     }
     if params.motion is not None and model.info.motion:
         effective["motion"] = params.motion
@@ -310,6 +313,8 @@ def _record_run(model: VideoModel, entry: dict[str, Any], stale: Any, *, finishe
         entry.update(compiled=list(run["compiled"]), compile_seconds=run.get("compile_seconds"))
     if run.get("fell_back"):
         entry["fell_back"] = run["fell_back"]
+    if run.get("vae_float32"):  # NaN or Inf decoded in half precision: the try ran again with the VAE in float32
+        entry["vae_float32"] = True
 
 
 __all__ = [

@@ -39,6 +39,36 @@ def test_the_sidecar_wins_over_its_preset_which_wins_over_the_config() -> None:
     assert (p.output_fps, p.interpolation, p.scheduler) == (24, "blend", "dpm++")  # the preset's, not the config's
 
 
+def test_a_step_cache_comes_from_the_preset_over_the_config_and_off_is_none() -> None:
+    cached = {**PRESETS, "quick": Preset(resolution=512, num_frames=16, steps=25, guidance_scale=7.0, fps=8,
+                                          cache="first-block")}
+    assert merge({}, presets=cached, default_preset="quick", defaults={"cache": "off"}).cache == "first-block"
+    assert merge({}, presets=cached, default_preset="fast", defaults={"cache": "pab"}).cache == "pab"
+    assert merge({}, presets=cached, default_preset="fast", defaults={"cache": "off"}).cache is None
+    plain = {**PRESETS, "plain": Preset(resolution=512, num_frames=16, steps=25, guidance_scale=7.0, fps=8,
+                                        cache="off")}
+    assert merge({}, presets=plain, default_preset="plain", defaults={"cache": "pab"}).cache is None
+    with pytest.raises(InputError, match="unknown key 'cache'"):  # the operator's choice, not a sidecar's
+        parse_values({"cache": "pab"})
+
+
+def test_a_job_of_wan_turbo_without_a_lora_is_refused_saying_what_to_set() -> None:
+    with pytest.raises(InputError, match=r"cat.json: preset 'wan-turbo' needs a Wan step-distillation LoRA .*"
+                                         r"\[presets.wan-turbo\] table \(or name one with 'lora' here\)"):
+        merge({}, presets=PRESETS, default_preset="wan-turbo", where="cat.json")
+    own = merge({"lora": "mine.safetensors"}, presets=PRESETS, default_preset="wan-turbo")
+    assert (own.lora, own.steps, own.guidance_scale, own.fps) == ("mine.safetensors", 4, 1.0, 16)
+
+
+def test_a_presets_lora_is_the_jobs_unless_the_sidecar_names_its_own_with_its_own_scale() -> None:
+    turbo = Preset(**{**BUILTIN_PRESETS["wan-turbo"].model_dump(), "lora": "turbo.safetensors", "lora_scale": 0.9})
+    presets = {**PRESETS, "wan-turbo": turbo}
+    p = merge({}, presets=presets, default_preset="wan-turbo")
+    assert (p.lora, p.lora_scale, p.steps) == ("turbo.safetensors", 0.9, 4)
+    other = merge({"lora": "style.safetensors"}, presets=presets, default_preset="wan-turbo")
+    assert (other.lora, other.lora_scale) == ("style.safetensors", None)  # 1.0 when it runs, not turbo's 0.9
+
+
 def test_the_config_defaults_apply_where_neither_the_preset_nor_the_sidecar_says() -> None:
     p = merge({}, presets=PRESETS, default_preset="fast", defaults={"output_fps": 24, "interpolation": "blend",
                                                                      "scheduler": "default"})

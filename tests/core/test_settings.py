@@ -166,6 +166,7 @@ def test_the_builtin_presets_match_the_interface(tmp_path: Path) -> None:
         "fast": (512, 8, 30, 9.0, 8),
         "standard": (512, 16, 50, 9.0, 8),
         "high": (768, 24, 80, 10.0, 8),
+        "wan-turbo": (480, 81, 4, 1.0, 16),
     }
 
 
@@ -176,7 +177,7 @@ def test_a_new_preset_with_every_key_can_be_the_default(tmp_path: Path) -> None:
         "resolution = 64\nnum_frames = 4\nsteps = 2\nguidance_scale = 2.0\nfps = 4\n",
     )
     assert s.default_preset == "tiny" and s.all_presets()["tiny"].steps == 2
-    assert set(s.all_presets()) == {"fast", "standard", "high", "tiny"}
+    assert set(s.all_presets()) == {"fast", "standard", "high", "wan-turbo", "tiny"}
 
 
 def test_a_new_preset_needs_every_key(tmp_path: Path) -> None:
@@ -185,11 +186,32 @@ def test_a_new_preset_needs_every_key(tmp_path: Path) -> None:
     assert "it lacks resolution, num_frames, guidance_scale, fps" in message
 
 
+def test_a_step_cache_is_off_unless_the_config_or_a_preset_turns_it_on(tmp_path: Path) -> None:
+    assert load(tmp_path).cache == "off" and load(tmp_path).job_defaults()["cache"] == "off"
+    s = load(tmp_path, 'cache = "pab"\n[presets.fast]\ncache = "first-block"\n')
+    assert s.job_defaults()["cache"] == "pab" and s.all_presets()["fast"].cache == "first-block"
+    message = config_error(tmp_path, 'cache = "mag"\n')
+    assert "cache / I2V_CACHE: Input should be 'off', 'first-block' or 'pab'" in message
+
+
+def test_wan_turbo_is_usable_once_its_lora_is_set_in_one_line(tmp_path: Path) -> None:
+    s = load(tmp_path, f'lora_dir = "{tmp_path}"\ndefault_preset = "wan-turbo"\n'
+                       '[presets.wan-turbo]\nlora = "lightx2v.safetensors"\n')
+    turbo = s.all_presets()["wan-turbo"]
+    assert (turbo.lora, turbo.steps, turbo.guidance_scale, turbo.num_frames) == ("lightx2v.safetensors", 4, 1.0, 81)
+
+
 @pytest.mark.parametrize(("toml", "words"), [
     ("[presets.fast]\noutput_fps = 4\n", "presets.fast.output_fps: 4 is below the preset's fps = 8"),
     ("[presets.fast]\ninterpolation = 'rife'\n", "presets.fast.interpolation: 'rife' needs rife_model"),
     ("interpolation = 'rife'\n", "rife_model: interpolation = 'rife' needs rife_model"),
     ("interpolation = 'rife'\nrife_model = ''\n", "rife_model: interpolation = 'rife' needs rife_model"),
+    ('default_preset = "wan-turbo"\n', "default_preset: preset 'wan-turbo' needs a Wan step-distillation LoRA"),
+    ('default_preset = "wan-turbo"\n', 'set lora = "FILE.safetensors" in the config\'s [presets.wan-turbo] table'),
+    ("[presets.wan-turbo]\nlora = 'turbo.safetensors'\n", "presets.wan-turbo.lora: 'turbo.safetensors' is read from "
+                                                          "lora_dir, which is not set"),
+    ("[presets.fast]\nlora_scale = 0.5\n", "presets.fast.lora_scale: is set but the preset has no lora"),
+    ("[presets.fast]\nlora = '../x.safetensors'\n", "presets.fast.lora"),
 ])
 def test_a_preset_or_default_that_would_fail_every_job_it_serves_is_a_configuration_error(
     tmp_path: Path, toml: str, words: str,
@@ -290,6 +312,8 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         pytest.param("stepz = 3\n", "stepz", id="unknown key"),
         pytest.param('device = "gpu"\n', "device", id="bad value"),
         pytest.param("x = = 1\n", "{path} is not valid TOML", id="invalid TOML"),
+        pytest.param('default_preset = "wan-turbo"\n', "default_preset: preset 'wan-turbo' needs",
+                     id="a preset without its LoRA"),
     ],
 )
 def test_the_cli_exits_78_with_one_stderr_line_naming_the_key(tmp_path: Path, text: str, key: str) -> None:

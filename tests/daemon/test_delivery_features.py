@@ -109,6 +109,7 @@ def test_a_presets_folder_makes_its_preset_the_default_and_the_manifest_says_whe
                                           "fps": 6, "output_fps": 12}})
     env.cli("run", "--once", check=True)  # creates the built-in presets' folders
     assert all((env.inbox / name).is_dir() for name in ("fast", "standard", "high"))
+    assert not (env.inbox / "wan-turbo").exists()  # not while it has no LoRA: its jobs could only fail
     (env.inbox / "quick").mkdir()  # a preset from the config: taken once its folder exists
     drop_json(env, "cat", {}, folder="quick")
     drop_json(env, "dog", {"num_frames": 2}, folder="quick")  # the sidecar's keys still win

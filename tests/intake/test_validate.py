@@ -61,3 +61,24 @@ def test_a_folder_is_checked_file_by_file_as_intake_would_take_them(env: Env, tm
     said = env.cli("validate", str(empty))
     assert said.returncode == 1 and "not an image" not in said.stdout
     assert said.stdout.startswith(f"invalid {empty}: {empty}: a folder with no file in it to check")
+
+
+def test_a_drop_for_wan_turbo_is_checked_for_the_lora_its_preset_names(env: Env, tmp_path: Path):
+    from tests.conftest import write_config
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    turbo = tmp_path / "wan-turbo"  # a folder named as the preset: its default preset
+    turbo.mkdir()
+    side = turbo / "cat.json"
+    side.write_text('{"prompt": "a cat"}')
+    proc = env.cli("validate", str(side))
+    assert proc.returncode == 1
+    assert (f"invalid {side}: cat.json: preset 'wan-turbo' needs a Wan step-distillation LoRA" in proc.stdout
+            and "[presets.wan-turbo]" in proc.stdout)
+    write_config(env.config, env.data, env.model_dir, lora_dir=str(loras),
+                 presets_extra={"wan-turbo": {"lora": "lightx2v.safetensors"}})
+    proc = env.cli("validate", str(side))  # the preset's file is looked for as a sidecar's would be
+    assert proc.returncode == 1 and "lora 'lightx2v.safetensors': there is no lightx2v.safetensors in" in proc.stdout
+    (loras / "lightx2v.safetensors").write_bytes(b"{}")
+    assert env.cli("validate", str(side)).returncode == 0

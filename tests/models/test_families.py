@@ -210,6 +210,70 @@ def test_a_lora_changes_the_video_at_its_scale_and_is_off_again_for_the_next_job
     assert np.array_equal(wan.generate(request_for(wan), _ignore), plain)  # disabled, not lingering
 
 
+def test_a_lora_reaches_both_wan_2_2_experts_and_neither_keeps_it_for_the_next_job(tiny_family_models, tiny_lora_dir):
+    import torch
+
+    wan = tiny_family_models("wan2.2")
+    pipe = wan.pipeline
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    first_calls: dict[str, tuple[dict, object]] = {}  # expert -> (arguments, output) of its first call in a job
+
+    def recorder(name: str):
+        def hook(_module, _args, kwargs, output):
+            first_calls.setdefault(name, (dict(kwargs), output[0].clone()))
+        return hook
+
+    hooks = [m.register_forward_hook(recorder(n), with_kwargs=True) for n, m in experts.items()]
+    lora = LoraChoice("style", str(tiny_lora_dir / "style.safetensors"), 1.0)
+    try:
+        plain = wan.generate(request_for(wan), _ignore)
+        assert set(first_calls) == set(experts)  # 2 steps: one above the boundary, one below
+        first_calls.clear()
+        styled = wan.generate(request_for(wan, lora=lora), _ignore)
+        in_lora_job = dict(first_calls)
+        after = wan.generate(request_for(wan), _ignore)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not np.array_equal(plain, styled)
+    assert np.array_equal(after, plain)  # both experts ran the last job, and both without the LoRA
+    # Each expert's first call of the LoRA job, replayed through it now (LoRA off), gives other numbers:
+    # the LoRA was on in each of them, not only in the high-noise one.
+    for name, (kwargs, output) in in_lora_job.items():
+        with torch.inference_mode():
+            base = experts[name](**kwargs)[0]
+        assert not torch.allclose(base, output), f"the LoRA did not change {name}"
+
+
+def test_the_wan_turbo_preset_runs_its_lora_in_4_steps_without_guidance(tiny_family_models, tiny_lora_dir, tmp_path):
+    from i2v_daemon.params import merge
+    from i2v_daemon.settings import load_settings
+    from i2v_daemon.work.generate import generate
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'lora_dir = "{tiny_lora_dir}"\ndefault_preset = "wan-turbo"\n'  # the one value to set,
+                      '[presets.wan-turbo]\nlora = "style.safetensors"\n'
+                      "resolution = 64\nnum_frames = 5\n")  # and a size two CPU cores can take
+    settings = load_settings(str(config), data_dir=str(tmp_path / "data"))
+    params = merge({}, presets=settings.all_presets(), default_preset=settings.default_preset)
+    wan = tiny_family_models("wan")
+    image = request_for(wan).image
+    calls: list[int] = []
+    hook = wan.pipeline.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        turbo = generate(wan, image, "a cat turns its head", "", params, ladder=[], on_step=_ignore,
+                         on_try=lambda _t: None, lora_dir=settings.lora_dir)
+    finally:
+        hook.remove()
+    eff = turbo.effective
+    assert (eff["steps"], eff["guidance_scale"], eff["lora"], eff["lora_scale"]) == (4, 1.0, "style.safetensors", 1.0)
+    assert eff["conditioning"]["guidance_scale"] == 1.0
+    assert len(calls) == 4  # guidance 1: one transformer call a step, no unconditional half
+    plain = generate(wan, image, "a cat turns its head", "", params.model_copy(update={"lora": None}), ladder=[],
+                     on_step=_ignore, on_try=lambda _t: None)
+    assert not np.array_equal(turbo.frames, plain.frames)  # the LoRA was applied
+
+
 def test_a_lora_on_a_family_without_a_lora_loader_is_refused(tiny_family_models, tiny_lora_dir):
     svd = tiny_family_models("svd")
     lora = LoraChoice("style", str(tiny_lora_dir / "style.safetensors"))
@@ -225,6 +289,51 @@ def test_a_file_that_is_not_a_lora_is_an_input_error_and_the_model_keeps_working
     with pytest.raises(InputError, match="lora 'junk' does not fit this ltx-video model"):
         ltx.generate(request_for(ltx, lora=LoraChoice("junk", str(junk))), _ignore)
     assert np.array_equal(ltx.generate(request_for(ltx), _ignore), before)
+
+
+# --- step caches --------------------------------------------------------------------------------
+
+
+def _job(model, params):
+    from i2v_daemon.work.generate import generate
+
+    tries: list[dict] = []
+    outcome = generate(model, request_for(model).image, "a cat turns its head", "blurry", params, ladder=[],
+                       on_step=_ignore, on_try=tries.append)
+    return outcome, tries
+
+
+@pytest.mark.parametrize("cache", ["first-block", "pab"])
+def test_a_step_cache_is_on_for_its_job_only_and_recorded_in_the_try(tiny_family_models, cache):
+    from i2v_daemon.params import Params
+
+    wan = tiny_family_models("wan-2-blocks")
+    params = Params(preset="t", resolution=64, num_frames=5, steps=6, guidance_scale=5.0, fps=8, seed=1)
+    # The last block's self-attention projection runs only when that block's attention is computed.
+    computed: list[int] = []
+    hook = wan.pipeline.transformer.blocks[-1].attn1.to_q.register_forward_hook(lambda *_: computed.append(1))
+    try:
+        plain, tries = _job(wan, params)
+        assert tries[0]["cache"] == "off" and plain.effective["cache"] == "off"
+        full = len(computed)
+        assert full == 12  # 6 steps, each with its conditional and unconditional call
+        computed.clear()
+        cached, tries = _job(wan, params.model_copy(update={"cache": cache}))
+    finally:
+        hook.remove()
+    assert tries[0]["cache"] == cache and cached.effective["cache"] == cache and tries[0]["outcome"] == "succeeded"
+    assert 0 < len(computed) < full  # some steps reused the cached work
+    assert not any(m.is_cache_enabled for m in wan._denoisers())
+    assert np.array_equal(_job(wan, params)[0].frames, plain.frames)  # the next job runs plain
+    assert not wan.fast_path_for(request_for(wan, cache=cache)) and wan.fast_path_for(request_for(wan))
+
+
+def test_a_step_cache_on_a_unet_family_is_refused_before_any_work(tiny_family_models):
+    svd = tiny_family_models("svd")
+    assert svd.info.caches == () and tiny_family_models("wan").info.caches == ("first-block", "pab")
+    with pytest.raises(InputError, match=r"svd cannot use cache = 'pab': its denoiser has none of diffusers' step "
+                                         r"caches .*set cache = \"off\" in the preset or the config"):
+        svd.generate(request_for(svd, cache="pab"), _ignore)
 
 
 def test_a_family_without_measured_anchors_tries_every_rung_until_its_own_tries_are_recorded():

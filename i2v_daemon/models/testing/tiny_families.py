@@ -71,9 +71,11 @@ def _tiny_svd(vae_levels: int = 4) -> Any:
     )
 
 
-def _tiny_wan(head_dim: int = 4, ffn_dim: int = 16, experts: int = 1) -> Any:
+def _tiny_wan(head_dim: int = 4, ffn_dim: int = 16, experts: int = 1, layers: int = 1) -> Any:
     """`head_dim` 16 and `ffn_dim` 32 make layers 32 wide, GGUF's block (tests of `weights = "gguf"`);
-    `experts=2` is Wan 2.2 A14B's shape: two transformers switched at `boundary_ratio`, no image encoder."""
+    `experts=2` is Wan 2.2 A14B's shape: a high-noise `transformer` and a low-noise `transformer_2`
+    switched at `boundary_ratio`, no image encoder (the image enters as latents only); `layers=2` gives
+    the transformer the first and last block that step caches tell apart."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5EncoderModel
 
@@ -85,7 +87,7 @@ def _tiny_wan(head_dim: int = 4, ffn_dim: int = 16, experts: int = 1) -> Any:
     def transformer(image_dim: int | None) -> Any:
         return WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=36,
-            out_channels=16, text_dim=8, freq_dim=16, ffn_dim=ffn_dim, num_layers=1, cross_attn_norm=True,
+            out_channels=16, text_dim=8, freq_dim=16, ffn_dim=ffn_dim, num_layers=layers, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim,
         )
 
