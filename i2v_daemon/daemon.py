@@ -38,6 +38,7 @@ from i2v_daemon.service.signals import Stopper
 from i2v_daemon.service.systemd import Notifier
 from i2v_daemon.settings import Settings
 from i2v_daemon.views.jobs import job_summary
+from i2v_daemon.weights import problem
 from i2v_daemon.work import provenance
 from i2v_daemon.work.closer import Closer
 from i2v_daemon.work.finish import Finisher
@@ -397,6 +398,10 @@ class Daemon:
         weights = self.s.model_weights()
         for name, model in self.s.model_choices().items():
             check_weights(model, weights[name], "" if name == "default" else f"models.{name}.")
+        for name, preset in self.s.all_presets().items():
+            said = problem(preset.weights, None, f"presets.{name}.weights") if preset.weights else None
+            if said:
+                raise ConfigError(said)
 
     def _only_models_missing(self, waiting: list[Job]) -> bool:
         """Every queued job waits for a model that cannot be fetched now (said once, with the reasons)."""

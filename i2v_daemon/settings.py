@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from i2v_daemon.errors import ConfigError
 from i2v_daemon.locate import config_path, default_data_dir, read_toml, sqlite_url
 from i2v_daemon.params import BUILTIN_PRESETS, NEEDS_LORA, Preset, PresetValues, lora_needed
-from i2v_daemon.weights import TorchaoType, Weights, WeightsKind, missing_package, problem
+from i2v_daemon.weights import TorchaoType, Weights, WeightsKind, shape_problem
 
 #: What a JSON environment value looks like, per setting that takes a list or a table.
 _JSON_EXAMPLES = {
@@ -399,7 +399,7 @@ class Settings(BaseSettings):
             if entry.weights is not None or entry.weights_file is not None:
                 checks.append((f"models.{name}.weights", self.entry_weights(entry).kind, entry.weights_file))
         for key, kind, file in checks:
-            said = problem(kind, file, key)
+            said = shape_problem(kind, file, key)  # the package and the file: where the model runs (daemon.py)
             if said:
                 raise ValueError(said)
         for name, override in self.presets.items():
@@ -410,10 +410,6 @@ class Settings(BaseSettings):
                     "set weights = 'gguf' with weights_file for that model (globally for `model`, or in its "
                     "`models` entry), and use 'auto', 'fp8' or 'torchao' in presets"
                 )
-            missing = missing_package(asked) if asked is not None else None
-            if missing:
-                raise ValueError(f"presets.{name}.weights: {asked!r} needs the {asked} package, which is not "
-                                 f"installed: {missing}")
 
     def entry_weights(self, entry: ModelEntry) -> Weights:
         """The weights a `[models]` entry runs with: its own, else the global ones (gguf's file is `model`'s only)."""

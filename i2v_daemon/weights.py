@@ -84,12 +84,26 @@ def missing_package(kind: str) -> str | None:
     return f"pip install 'i2v-daemon[{package}]' (or pip install {package}) into the daemon's environment"
 
 
-def problem(kind: str, file: Path | None, key: str) -> str | None:
-    """Why `kind` with `file` cannot be used, said with `key` (e.g. "weights" or "models.wan.weights"); None: fine."""
+def shape_problem(kind: str, file: Path | None, key: str) -> str | None:
+    """What is wrong with `kind` and `file` as written, whatever host reads them (checked at config load)."""
     file_key = key + "_file"
     if file is not None and kind != "gguf":
         return (f"{file_key}: it is set but {key} is {kind!r}; set {key} = 'gguf' to load that file, "
                 f"or remove {file_key}")
+    if kind == "gguf" and file is None:
+        return (f"{file_key}: {key} = 'gguf' needs {file_key}, the path of a .gguf file of this model's "
+                "transformer (e.g. a Q8_0 quantization of it)")
+    return None
+
+
+def problem(kind: str, file: Path | None, key: str) -> str | None:
+    """Why `kind` with `file` cannot be used on this host, said with `key` (e.g. "weights" or
+    "models.wan.weights"); None: fine. Checked where the model runs (`run`, `doctor`), not at config load:
+    `serve` or `status` on a host without the package or the file reads the same config."""
+    file_key = key + "_file"
+    shape = shape_problem(kind, file, key)
+    if shape:
+        return shape
     missing = missing_package(kind)
     if missing:
         return f"{key}: {kind!r} needs the {PACKAGES[kind]} package, which is not installed: {missing}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from i2v_daemon.errors import ConfigError, I2VError, ModelUnavailable, first_line
-from i2v_daemon.weights import Weights
+from i2v_daemon.weights import Weights, problem
 
 if TYPE_CHECKING:
     from i2v_daemon.models.base import VideoModel
@@ -81,6 +81,10 @@ def check_weights(model: str, weights: Weights, prefix: str = "") -> None:
     whose denoiser diffusers cannot read from one file, Wan 2.2's two experts (one file names one),
     a file that is not GGUF or holds another architecture. `prefix` names the setting ("models.wan.").
     """
+    file = Path(weights.file) if weights.file is not None else None
+    said = problem(weights.kind, file, f"{prefix}weights")  # the package, the file, on this host
+    if said:
+        raise ConfigError(said)
     if weights.kind != "gguf" or local_folder(model) is None:
         return
     family = detect_family(model)
