@@ -16,6 +16,14 @@ process on the same compile cache measures a warm restart: seconds from its star
 step. Memory hygiene over repeated jobs, and the capped 1024²×32 run through the OOM ladder,
 close the run.
 
+A time budget (`--budget-s`, and `--deadline-s`: when the caller's time limit will stop this
+process) decides what starts: each path is estimated from the anchors' seconds per step, plus one
+cold compile for each new shape the fast path has not compiled yet (each (size, frames) pair on
+torch < 2.13, where the frame count is not symbolic in the graph on a GPU; each size from 2.13 on).
+What would not fit is skipped and said so; when the fast path's compile would not fit after the
+eager path, the eager path is skipped first. A failure, a timeout of the warm-restart child, or
+the caller's SIGINT is recorded in bench.json, which is written after every path.
+
     python bench/bench_gpu.py --cases standard,fast            # on the GPU; writes $OUT/bench.json
     python bench/bench_gpu.py --tiny --device cpu               # the same code on a tiny model (CI)
     python bench/bench_gpu.py --render bench.json               # bench.json -> bench/RESULTS.md's table
@@ -75,8 +83,12 @@ TINY_CASES = {
 }
 #: Eager seconds per step and fixed seconds on an H200 (shared/anchors), to skip what would not fit.
 ANCHOR_S = {"fast": (0.143, 0.3), "standard": (0.205, 0.64), "high": (0.695, 1.47), "1024x32": (1.646, 3.51)}
-#: A cold compile of the full-size UNet for one size (shared/anchors: 180 s at 512²×16), for the same.
-COLD_COMPILE_S = 200.0
+#: A cold compile of the full-size UNet for one shape: the anchors' 180 s at 512²×16 (H200, torch 2.11), for the same.
+COLD_COMPILE_S = 180.0
+#: The warm-restart child: start, build one model, load the compile cache, a warm compile and one job.
+WARM_CHILD_S = 90.0
+#: What a run needs after its last piece of work: the table, bench.json, the exit.
+RESERVE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hygiene-jobs", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", "480")),
                     help="stop starting new work past this many seconds (what would not fit is skipped, and said so)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="seconds after this process starts at which the caller stops it (SIGINT): nothing is "
+                         "started that would not end before it, and the warm-restart child's timeout ends before it")
     ap.add_argument("--cache-dir", type=Path, default=None, help="compile cache root (default: a fresh temp folder)")
     ap.add_argument("--cuda-graphs", action="store_true", help="the fast path with CUDA graphs (off in the daemon)")
     ap.add_argument("--no-warm-child", action="store_true", help="skip the second-process warm restart")
@@ -312,46 +327,89 @@ def timed(run: Any, repeats: int, device: str, resident: int = 0) -> tuple[dict[
 
 
 class Budget:
-    def __init__(self, seconds: float) -> None:
+    """Seconds left for new work: the budget, and no later than the deadline less a reserve for the results."""
+
+    def __init__(self, seconds: float, deadline: float | None = None) -> None:
         self.seconds = seconds
+        self.deadline = deadline
+
+    def until_deadline(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - (time.perf_counter() - T0)
 
     def left(self) -> float:
-        return self.seconds - (time.perf_counter() - T0)
+        return min(self.seconds - (time.perf_counter() - T0), self.until_deadline() - RESERVE_S)
 
     def allows(self, estimate: float) -> bool:
         return self.left() >= estimate
 
 
 def estimate(case: Case, variants: int, repeats: int, tiny: bool, compile_s: float = 0.0) -> float:
+    """Seconds for `variants` paths of `case` (a warm-up job and `repeats` timed ones each), by the anchors."""
     if tiny:
         return 0.0
     per, fixed = ANCHOR_S[case.name]
     return variants * (repeats + 0.2) * (fixed + case.steps * per) + compile_s
 
 
+def frames_symbolic() -> bool:
+    """Whether one compiled graph serves every frame count at a size: from torch 2.13 on. Before it, each new
+    (size, frames) pair is budgeted as a cold compile (the GPU's convolution guards may split frame counts)."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 13)
+
+
+def compile_key(case: Case) -> tuple[int, ...]:
+    """The shape a cold compile is budgeted for: (width, height), and the frames on torch < 2.13."""
+    if frames_symbolic():
+        return (case.width, case.height)
+    return (case.width, case.height, case.frames)
+
+
+def failure(err: BaseException) -> dict[str, Any]:
+    """An exception as bench.json records it: the run goes on with the next piece of work."""
+    import traceback
+
+    return {"error": f"{type(err).__name__}: {err}"[:500],
+            "traceback": "".join(traceback.format_exception(err))[-2000:]}
+
+
 def run_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, image: Any, budget: Budget,
-             compiled_sizes: set[tuple[int, int]]) -> dict[str, Any]:
+             compiled: set[tuple[int, ...]], row: dict[str, Any], save: Any = lambda: None) -> dict[str, Any]:
+    """Plain, eager and fast paths of `case` into `row` (saved after each path: a run stopped keeps them)."""
     from i2v_daemon.models.gpu import memory_model_for
 
-    row: dict[str, Any] = {"case": case.name, "width": case.width, "height": case.height, "frames": case.frames,
-                           "steps": case.steps}
+    row.update({"case": case.name, "width": case.width, "height": case.height, "frames": case.frames,
+                "steps": case.steps})
     device = args.device
-    if not budget.allows(estimate(case, 2, args.repeats, args.tiny)):
-        row["skipped"] = f"time budget: {budget.left():.0f} s left"
+    key = compile_key(case)
+    cold = 0.0 if key in compiled else COLD_COMPILE_S
+    one = estimate(case, 1, args.repeats, args.tiny)
+    if not budget.allows(one):
+        row["skipped"] = f"time budget: {budget.left():.0f} s left, about {one:.0f} s needed for plain diffusers"
         return row
     fast_flags(False)
     plain_job(base, image, case, 1)  # warm-up: cuDNN handles, lazy allocations
     row["plain"], plain_frames, _ = timed(lambda: plain_job(base, image, case, case.steps), args.repeats, device,
                                          base.resident)
-    daemon_job(base, image, case, 1)
-    row["eager"], eager_frames, tries = timed(lambda: daemon_job(base, image, case, case.steps), args.repeats, device,
-                                       base.resident)
-    row["eager"]["vs_plain"] = compare(eager_frames, plain_frames)
-    row["eager"]["accelerated"] = [t.get("accelerated") for t in tries]
-    size = (case.width, case.height)
-    cold = 0.0 if size in compiled_sizes else COLD_COMPILE_S
-    if not budget.allows(estimate(case, 1, args.repeats, args.tiny, cold)):
-        row["fast"] = {"skipped": f"time budget: {budget.left():.0f} s left, about {cold:.0f} s of compiling needed"}
+    save()
+    if budget.allows(2 * one + cold) or not budget.allows(one + cold):
+        if budget.allows(one):
+            daemon_job(base, image, case, 1)
+            row["eager"], eager_frames, tries = timed(lambda: daemon_job(base, image, case, case.steps),
+                                                      args.repeats, device, base.resident)
+            row["eager"]["vs_plain"] = compare(eager_frames, plain_frames)
+            row["eager"]["accelerated"] = [t.get("accelerated") for t in tries]
+        else:
+            row["eager"] = {"skipped": f"time budget: {budget.left():.0f} s left, about {one:.0f} s needed"}
+    else:  # the fast path (and its compile) fits only without the eager path: the fast path matters more here
+        row["eager"] = {"skipped": f"time budget: {budget.left():.0f} s left, kept for the fast path "
+                                   f"(about {one + cold:.0f} s with a {cold:.0f} s cold compile)"}
+    save()
+    if not budget.allows(one + cold):
+        row["fast"] = {"skipped": f"time budget: {budget.left():.0f} s left, about {one + cold:.0f} s needed "
+                                  f"({cold:.0f} s of it compiling {'x'.join(map(str, key))} cold)"}
         return row
     fast_flags(True)
     memory = memory_model_for(fast, None, 0.10)
@@ -361,7 +419,9 @@ def run_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, image: 
     compile_info = {"first_job_s": round(time.perf_counter() - t, 2),
                     "compile_s": first[-1].get("compile_seconds", 0.0), "compiled": first[-1].get("compiled", []),
                     "cache": {k: v - hits.get(k, 0) for k, v in inductor_counters().items() if v != hits.get(k, 0)}}
-    compiled_sizes.add(size)
+    compiled.add(key)
+    row["fast"] = dict(compile_info)  # kept if the time limit stops the timed jobs
+    save()
     row["fast"], fast_frames, tries = timed(
         lambda: daemon_job(fast, image, case, case.steps, memory=memory), args.repeats, device, fast.resident)
     row["fast"].update(compile_info)
@@ -395,23 +455,25 @@ def capped_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, imag
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(cap / total)
-    fast_flags(False)
     try:
-        plain_job(base, image, case, 2)
-        out["plain"] = "finished"
-    except torch.cuda.OutOfMemoryError:
-        out["plain"] = "out of memory"
-    base.close()
-    gc.collect()
-    torch.cuda.empty_cache()
-    fast.unpark()
-    fast_flags(True)
-    memory = MemoryModel(budget_bytes=cap, resident_bytes=allocated(args.device))
-    _, _, seconds, tries = daemon_job(fast, image, case, 2, memory=memory, ladder=[1024, 896, 768, 640, 512])
-    out.update(seconds=round(seconds, 1), finished=tries[-1]["outcome"] == "succeeded",
-               tries=[{k: t.get(k) for k in ("width", "height", "savers", "accelerated", "outcome", "peak_vram_bytes")}
-                      for t in tries])
-    torch.cuda.set_per_process_memory_fraction(1.0)
+        fast_flags(False)
+        try:
+            plain_job(base, image, case, 2)
+            out["plain"] = "finished"
+        except torch.cuda.OutOfMemoryError:
+            out["plain"] = "out of memory"
+        base.close()
+        gc.collect()
+        torch.cuda.empty_cache()
+        fast.unpark()
+        fast_flags(True)
+        memory = MemoryModel(budget_bytes=cap, resident_bytes=allocated(args.device))
+        _, _, seconds, tries = daemon_job(fast, image, case, 2, memory=memory, ladder=[1024, 896, 768, 640, 512])
+        out.update(seconds=round(seconds, 1), finished=tries[-1]["outcome"] == "succeeded",
+                   tries=[{k: t.get(k) for k in ("width", "height", "savers", "accelerated", "outcome",
+                                                 "peak_vram_bytes")} for t in tries])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
     return out
 
 
@@ -446,10 +508,21 @@ def warm_child(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tail(text: str | bytes | None, n: int = 1500) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return (text or "")[-n:]
+
+
 def run_warm_child(args: argparse.Namespace, tiny_dir: Path | None, budget: Budget) -> dict[str, Any]:
-    estimate_s = 60.0 if args.tiny else 90.0
+    """The warm restart in a second process; its own timeout ends before the caller's deadline, and a child
+    that times out, fails or prints no figures is recorded as such (the run goes on)."""
+    estimate_s = 0.0 if args.tiny else WARM_CHILD_S
     if not budget.allows(estimate_s):
-        return {"skipped": f"time budget: {budget.left():.0f} s left"}
+        return {"skipped": f"time budget: {budget.left():.0f} s left, about {estimate_s:.0f} s needed"}
+    limit = max(60.0, budget.left()) if budget.deadline is None else budget.until_deadline() - RESERVE_S
+    if limit < 10:
+        return {"skipped": f"{budget.until_deadline():.0f} s left before the caller's deadline"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--warm-child", "--device", args.device,
            "--dtype", args.dtype, "--cache-dir", str(args.cache_dir)]
     if args.tiny:
@@ -457,22 +530,45 @@ def run_warm_child(args: argparse.Namespace, tiny_dir: Path | None, budget: Budg
     if args.cuda_graphs:
         cmd.append("--cuda-graphs")
     env = {**os.environ, "I2V_BENCH_TINY_DIR": str(tiny_dir or "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60.0, budget.left()), env=env)
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
+    except subprocess.TimeoutExpired as err:  # run() has killed the child
+        return {"error": f"timed out: no result within its own limit of {limit:.0f} s",
+                "timeout_s": round(limit, 1), "stdout_tail": _tail(err.stdout), "stderr_tail": _tail(err.stderr)}
+    seconds = round(time.perf_counter() - t, 1)
     if proc.returncode != 0:
-        return {"error": proc.stderr[-1500:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"error": f"exit status {proc.returncode} after {seconds} s", "stderr_tail": _tail(proc.stderr)}
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"error": f"no JSON line in its output after {seconds} s", "stdout_tail": _tail(proc.stdout),
+                "stderr_tail": _tail(proc.stderr)}
+
+
+#: Memory a job may leave allocated behind it and still count as clean.
+HYGIENE_LIMIT = 64 * 2**20
 
 
 def hygiene(model: Any, image: Any, case: Case, jobs: int, device: str) -> dict[str, Any]:
+    """VRAM left allocated after each of `jobs` short jobs, recorded (a leak is a finding, not an abort)."""
     resident = allocated(device)
     growth = []
     for _ in range(jobs):
         daemon_job(model, image, case, 2)
         gc.collect()
         growth.append(allocated(device) - resident)
-    out = {"jobs": jobs, "max_growth_mib": round(max(growth, default=0) / 2**20, 1)}
-    assert max(growth, default=0) < 64 * 2**20, f"VRAM grew by {max(growth) / 2**20:.0f} MiB over {jobs} jobs"
-    return out
+    worst = max(growth, default=0)
+    return {"jobs": jobs, "growth_mib": [round(g / 2**20, 1) for g in growth],
+            "max_growth_mib": round(worst / 2**20, 1), "clean": worst < HYGIENE_LIMIT,
+            "limit_mib": HYGIENE_LIMIT // 2**20}
+
+
+def hygiene_estimate(case: Case, jobs: int, tiny: bool) -> float:
+    if tiny:
+        return 0.0
+    per, fixed = ANCHOR_S[case.name]
+    return 1.5 * jobs * (fixed + 2 * per)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,9 +586,55 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in wanted if c not in cases_all]
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; choose from {', '.join(cases_all)}")
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, args.deadline_s)
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
-    print(f"torch {torch.__version__} on {gpu}; compile cache {args.cache_dir}", flush=True)
+    print(f"torch {torch.__version__} on {gpu}; compile cache {args.cache_dir}; budget {args.budget_s:.0f} s, "
+          f"deadline {'none' if args.deadline_s is None else f'{args.deadline_s:.0f} s'}", flush=True)
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "gpu": gpu, "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "repeats": args.repeats,
+        "cases": wanted, "budget_s": args.budget_s, "deadline_s": args.deadline_s,
+        "compile_budgeted_per": "size" if frames_symbolic() else "size and frames",
+        "cuda_graphs": args.cuda_graphs, "rows": rows, "compile_cache": str(args.cache_dir),
+        "cache_notes": cache.notes, "warm_restart": {}, "hygiene": {}, "capped": {}, "errors": [],
+    }
+
+    def save() -> None:  # after every path: a run stopped at its time limit keeps what it measured
+        result["total_s"] = round(time.perf_counter() - T0, 1)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "bench.json").write_text(json.dumps(result, indent=2))
+            try:
+                text = table(result)
+            except Exception as err:  # bench.json holds the figures; the table is only their view
+                text = f"the table could not be made: {type(err).__name__}: {err}\n"
+                print(text, flush=True)
+            Path(os.environ["OUT"], "table.md").write_text(text)
+
+    def failed(where: str, err: BaseException) -> dict[str, Any]:
+        out = {"where": where, **failure(err)}
+        result["errors"].append(out)
+        print(json.dumps({"failed": out}), flush=True)
+        if args.device.startswith("cuda"):  # an OOM or a failed job must not leave the next one short of memory
+            gc.collect()
+            torch.cuda.empty_cache()
+        return out
+
+    try:
+        run(args, cases_all, wanted, budget, cache, result, save, failed)
+    except KeyboardInterrupt:  # the caller's time limit (timeout --signal=INT): keep what was measured
+        result["interrupted"] = f"SIGINT after {time.perf_counter() - T0:.0f} s (the caller's time limit)"
+        print(result["interrupted"], flush=True)
+        save()
+        return 124
+    save()
+    print(table(result), flush=True)
+    print(f"total {result['total_s']} s", flush=True)
+    return 1 if result["errors"] else 0
+
+
+def run(args: argparse.Namespace, cases_all: dict[str, Case], wanted: list[str], budget: Budget, cache: Any,
+        result: dict[str, Any], save: Any, failed: Any) -> None:
+    """Build, then each case, the warm restart, hygiene and the capped run, each recorded as it ends."""
     tiny_dir = None
     if args.tiny:
         from i2v_daemon.models.testing.tiny import build_tiny_i2vgen_xl
@@ -507,58 +649,57 @@ def main(argv: list[str] | None = None) -> int:
         models.append(model)
     base, fast = models
     fast.enable_acceleration(on_compiled=cache.save, cuda_graphs=args.cuda_graphs)
+    result.update(resident_gib=round(base.resident / GIB, 2), prepared=list(fast.accelerator.prepared),
+                  build_s=round(time.perf_counter() - T0, 1))
     print(f"built in {time.perf_counter() - T0:.1f} s; resident {base.resident / GIB:.2f} GiB each; "
           f"fast path prepared: {fast.accelerator.prepared}", flush=True)
+    save()
     image = image_for()
-    rows: list[dict[str, Any]] = []
-    compiled_sizes: set[tuple[int, int]] = set()
-    warm: dict[str, Any] = {}
-    result: dict[str, Any] = {
-        "gpu": gpu, "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "repeats": args.repeats,
-        "cuda_graphs": args.cuda_graphs, "resident_gib": round(base.resident / GIB, 2), "rows": rows,
-        "prepared": list(fast.accelerator.prepared), "compile_cache": str(args.cache_dir),
-        "cache_notes": cache.notes, "warm_restart": {}, "hygiene": {}, "capped": {},
-    }
-
-    def save() -> None:  # after every case: a run stopped at its time limit keeps what it measured
-        result["total_s"] = round(time.perf_counter() - T0, 1)
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "bench.json").write_text(json.dumps(result, indent=2))
-            Path(os.environ["OUT"], "table.md").write_text(table(result))
-
+    compiled: set[tuple[int, ...]] = set()
     for name in wanted:
         case = cases_all[name]
         if case.capped:
             continue
-        row = run_case(case, args, base, fast, image, budget, compiled_sizes)
-        rows.append(row)
+        row: dict[str, Any] = {"case": case.name}
+        result["rows"].append(row)
+        try:
+            run_case(case, args, base, fast, image, budget, compiled, row, save)
+        except Exception as err:  # recorded; the next case may still run
+            row["error"] = failed(f"case {name}", err)["error"]
         print(json.dumps(row), flush=True)
         save()
-        if name == "standard" and not args.no_warm_child and "fast" in row and "skipped" not in row["fast"]:
-            warm = run_warm_child(args, tiny_dir, budget)
-            result["warm_restart"] = warm
-            print(json.dumps({"warm_restart": warm}), flush=True)
+        fast_ran = "e2e_s" in (row.get("fast") or {})
+        if name == "standard" and not args.no_warm_child and fast_ran:
+            try:
+                result["warm_restart"] = run_warm_child(args, tiny_dir, budget)
+            except Exception as err:
+                result["warm_restart"] = {"error": failed("warm restart", err)["error"]}
+            print(json.dumps({"warm_restart": result["warm_restart"]}), flush=True)
             save()
-    hyg = {}
-    if budget.allows(0 if args.tiny else 20):
-        hyg = hygiene(base, image, cases_all["fast"], args.hygiene_jobs, args.device)
-        result["hygiene"] = hyg
-        print(json.dumps({"hygiene": hyg}), flush=True)
+    hygiene_case = cases_all["fast"]
+    if budget.allows(hygiene_estimate(hygiene_case, args.hygiene_jobs, args.tiny)):
+        try:
+            result["hygiene"] = hygiene(base, image, hygiene_case, args.hygiene_jobs, args.device)
+        except Exception as err:
+            result["hygiene"] = {"error": failed("hygiene", err)["error"]}
+    else:
+        result["hygiene"] = {"skipped": f"time budget: {budget.left():.0f} s left"}
+    print(json.dumps({"hygiene": result["hygiene"]}), flush=True)
+    save()
     capped: dict[str, Any] = {}
     if "1024x32" in wanted:
         case = cases_all["1024x32"]
         if not args.device.startswith("cuda"):
             capped = {"case": case.name, "skipped": "no GPU: the cap needs CUDA's allocator"}
         elif budget.allows(60):
-            capped = capped_case(case, args, base, fast, image)
+            try:
+                capped = capped_case(case, args, base, fast, image)
+            except Exception as err:
+                capped = {"case": case.name, "error": failed("capped run", err)["error"]}
         else:
             capped = {"case": case.name, "skipped": f"time budget: {budget.left():.0f} s left"}
         print(json.dumps({"capped": capped}), flush=True)
     result["capped"] = capped
-    save()
-    print(table(result), flush=True)
-    print(f"total {result['total_s']} s", flush=True)
-    return 0
 
 
 # ---- the table -------------------------------------------------------------------------------------
@@ -575,14 +716,27 @@ def table(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
+        if "width" not in row:  # failed before it started
+            lines.append(f"| {row['case']} | | | all | {row.get('error', 'not run')} | | | | | | | |")
+            continue
         size = f"{row['width']}x{row['height']}x{row['frames']}"
         if "skipped" in row:
             lines.append(f"| {row['case']} | {size} | {row['steps']} | all | {row['skipped']} | | | | | | | |")
             continue
         for path in ("plain", "eager", "fast"):
+            if path not in row:
+                if "error" in row:
+                    lines.append(f"| {row['case']} | {size} | {row['steps']} | {path} | not run: {row['error']} "
+                                 "| | | | | | | |")
+                    break
+                continue
             fig = row.get(path) or {}
             if "skipped" in fig:
                 lines.append(f"| {row['case']} | {size} | {row['steps']} | {path} | {fig['skipped']} | | | | | | | |")
+                continue
+            if "e2e_s" not in fig:  # the fast path's compiling job ran, its timed jobs did not finish
+                lines.append(f"| {row['case']} | {size} | {row['steps']} | {path} | not finished | | | | "
+                             f"{fig.get('compile_s', '')} | | | |")
                 continue
             diff = fig.get("vs_plain", {})
             speed = fig.get("speedup_vs_plain") or (round(row["plain"]["e2e_s"] / fig["e2e_s"], 2) if fig else "")
@@ -601,6 +755,10 @@ def table(result: dict[str, Any]) -> str:
         lines += ["", f"Capped run: {json.dumps(result['capped'])}"]
     if result.get("hygiene"):
         lines += ["", f"Memory hygiene: {json.dumps(result['hygiene'])}"]
+    for err in result.get("errors") or []:
+        lines += ["", f"Failed ({err['where']}): {err['error']}"]
+    if result.get("interrupted"):
+        lines += ["", f"Interrupted: {result['interrupted']}; what is above was measured before it."]
     return "\n".join(lines) + "\n"
 
 
