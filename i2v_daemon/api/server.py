@@ -147,11 +147,23 @@ class _Needs:
 
     def _database(self) -> None:
         if self.store is None:
+            _check_data_dir(self.s.data_dir)
             self.store = _open_store(self.s)
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def _check_data_dir(data: Path) -> None:
+    """A data folder that is a file (or under one) can never hold the database or the token: ConfigError at
+    once. One that is not there yet is waited for, never made here (`run` makes it)."""
+    for part in (data, *data.parents):
+        if part.exists():
+            if not part.is_dir():
+                above = "" if part == data else f" ({part}, a folder above it)"
+                raise ConfigError(f"data_dir / I2V_DATA_DIR: {data}{above} is a file, not a folder")
+            return
 
 
 def _open_store(settings: Settings) -> Store:
