@@ -71,7 +71,7 @@ test: install-test lint layers typecheck
 test-fast: install-test
 	$(BIN)/ruff check i2v_daemon tests $(wildcard bench)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .mypy_cache
