@@ -11,44 +11,15 @@ the H200 measurements in shared/anchors (0.616 GiB per million pixel-frames abov
 from __future__ import annotations
 
 import sys
-import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from i2v_daemon.models.sizing import LivePeak
 
 GIB = 2**30
-
-
-class LivePeak(TorchDispatchMode):
-    """Bytes of the storages created under it that are still referenced, and their maximum."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: set[int] = set()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = storage._cdata  # the C++ storage's address: the same for every view of it
-            if key in self._seen:  # a view of a storage already counted
-                continue
-            self._seen.add(key)
-            size = storage.nbytes()
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, size, key)
-        return out
-
-    def _release(self, size: int, key: int) -> None:
-        self.live -= size
-        self._seen.discard(key)
 
 
 def main() -> int:

@@ -45,12 +45,11 @@ from i2v_daemon.models.runtime import (
     seeded,
     watch_vae,
 )
+from i2v_daemon.models.sizing import ENCODERS
 from i2v_daemon.weights import Weights
 
 #: The name our one LoRA adapter has inside a pipeline.
 LORA_ADAPTER = "i2v_daemon_lora"
-#: Attributes that hold an encoder run once per job.
-ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder")
 
 
 class DiffusersVideoModel:

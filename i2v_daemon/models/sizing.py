@@ -14,7 +14,6 @@ Pure arithmetic on these numbers (which placement fits) lives in `placement.py`.
 from __future__ import annotations
 
 import importlib
-import json
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from i2v_daemon.errors import ConfigError, first_line
+from i2v_daemon.models.loader import read_model_index
+from i2v_daemon.models.precision import DENOISERS
 
-#: Attributes of a pipeline that hold a denoising network (Wan 2.2 A14B has two experts).
-DENOISERS = ("unet", "transformer", "transformer_2")
 #: Components that run once per job, before denoising.
 ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder")
 #: Submodule lists that hold a denoiser's repeated blocks (what group offloading moves one at a time).
@@ -103,21 +102,6 @@ class MetaPipeline:
 
     def denoisers(self) -> list[ComponentSize]:
         return [c for c in self.components.values() if c.role == "denoiser"]
-
-
-def read_index(folder: Path) -> dict[str, Any]:
-    index = folder / "model_index.json"
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(
-            f"{folder}: no readable model_index.json ({err.strerror}); point at a diffusers folder"
-        ) from None
-    except ValueError as err:
-        raise ConfigError(f"{index}: not JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{index}: not a JSON object")
-    return data
 
 
 def _role(name: str) -> str | None:
@@ -215,7 +199,7 @@ def _meta_pipeline(folder: str, dtype: str, float32: tuple[str, ...]) -> MetaPip
     import diffusers
 
     path = Path(folder)
-    index = read_index(path)
+    index = read_model_index(str(path))
     class_name = str(index.get("_class_name"))
     pipeline_class = getattr(diffusers, class_name, None)
     if pipeline_class is None:
