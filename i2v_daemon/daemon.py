@@ -186,7 +186,7 @@ class Daemon:
         self.housekeeper = Housekeeper(settings, self.store, self.closer, worker_id=make_worker_id("housekeeping"))
         self.intake = Intake(
             settings, self.store, owner=make_worker_id("intake"), host=self.worker.host,
-            finish_rejected=self._finish_rejected, on_queued=self._wake_worker,
+            finish_rejected=self._finish_rejected, on_queued=self._wake_worker, fit=self.worker.cards.at_intake,
         )
         self.sender = self._sender()
         self.intake_wake = threading.Event()
@@ -359,6 +359,7 @@ class Daemon:
             self.sender.drain()
             self.sender.close()
             self.service.close()
+            self.worker.cards.retire()
             self.store.control.resolve_all(by=self.intake.owner)
             self._forget_old_events()  # a host that only ever runs `run --once` (a timer) prunes it too
 
@@ -389,6 +390,11 @@ class Daemon:
             waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED])
             if self._only_models_missing(waiting):
                 return EX_CONFIG  # as for the default model: waiting out backoffs here would not fetch it
+            larger = [j.id for j in waiting if not self.worker.cards.fits(j)]
+            if larger:  # this card will never take them: not worth waiting for (their error says why)
+                self.worker.cards.explain_waiting()
+                log.warning("jobs_left_for_a_larger_card", job_ids=larger)
+                waiting = [j for j in waiting if j.id not in larger]
             if not self._wait_for_backoff(waiting):
                 break
         return 0
@@ -471,6 +477,7 @@ class Daemon:
             self.sender.close()
             self.service.close()
             self.models.unload()
+            self.worker.cards.retire()
             for owner in (self.worker.worker_id, self.intake.owner):
                 try:
                     self.store.control.resolve_all(by=owner)

@@ -83,6 +83,12 @@ class NotReady(EnvironmentProblem):
         self.fix = fix
 
 
+class CardTooSmall(I2VError):
+    """This worker's card is smaller than the least the job needs: it goes back to the queue for a larger one."""
+
+    kind = "needs_larger_card"
+
+
 class JobStalled(I2VError):
     """The running job showed no progress for `stall_seconds`."""
 

@@ -159,6 +159,7 @@ class Intake:
     def __init__(
         self, settings: Settings, store: Store, *, owner: str, host: str, finish_rejected: Callable[[Job, str], None],
         scanner: InboxScanner | None = None, on_queued: Callable[[], None] = lambda: None,
+        fit: Callable[[JobRequest, Path], JobRequest] | None = None,
     ) -> None:
         self.s = settings
         self.store = store
@@ -166,6 +167,7 @@ class Intake:
         self.host = host
         self.finish_rejected = finish_rejected  # (job, owner) → published into failed/ (see finish.py)
         self.on_queued = on_queued
+        self.fit = fit  # (request, image) → the request with its need, or refused: no card could take it
         self.scanner = scanner or InboxScanner(
             settings.filled("inbox_dir"), stable_seconds=settings.stable_seconds,
             sidecar_wait_seconds=settings.sidecar_wait_seconds, preset_folders=tuple(settings.all_presets()),
@@ -256,6 +258,7 @@ class Intake:
                 return None
             key = intake_key(self.source_folder("inbox/" + group.folder if group.folder else None), files)
             request = build_request(group.stem, group.images, group.sidecars, self.s, key, folder=group.folder)
+            request = self._fitted(request, group.images[0])
         except FileNotFoundError:
             return None  # moved away between the scan and now; the next scan decides again
         except Exception as err:  # one group's trouble never stops the others
@@ -263,6 +266,16 @@ class Intake:
             return None
         self._resolved(keys[0])
         return _Taken(group, files, request)
+
+    def _fitted(self, request: JobRequest, image: Path) -> JobRequest:
+        """`fit`'s answer; a need that cannot be worked out now is left to the first worker that claims the job."""
+        if self.fit is None or request.rejection is not None:
+            return request
+        try:
+            return self.fit(request, image)
+        except Exception as err:
+            log.warning("need_not_planned", file=display(image.name), error=f"{type(err).__name__}: {err}")
+            return request
 
     def _move_in(self, item: _Taken, job: Job) -> bool:
         """Move the group's files into work/<id>/input/; on failure put back what moved and forget the row."""

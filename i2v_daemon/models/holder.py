@@ -356,6 +356,57 @@ class ModelHolder:
         return _Warm(_test_seam(model), memory, max(0, gpu.allocated_bytes(device) - before), time.monotonic(),
                      weights=weights)
 
+    def card_budget(self) -> int | None:
+        """The bytes this worker's card offers a job, or None where there is no card to plan for (the CPU).
+
+        The card's memory, or `vram_budget_gib` of it where that is smaller; on the CPU the test seam
+        I2V_TEST_DEVICE_BUDGET_GIB pretends a card of that size (and `vram_budget_gib` caps it as on a GPU).
+        """
+        from i2v_daemon.models.loader import resolve_device
+
+        try:
+            return self._budget(resolve_device(self.device))
+        except I2VError:
+            return None
+
+    def _budget(self, device: str) -> int | None:
+        from i2v_daemon.models import gpu
+        from i2v_daemon.models.memory import GIB
+
+        seam = os.environ.get("I2V_TEST_DEVICE_BUDGET_GIB")
+        if seam:
+            card = int(float(seam) * GIB)
+            return min(card, int(self.vram_budget_gib * GIB)) if self.vram_budget_gib else card
+        if device.startswith("cuda"):
+            return gpu.gpu_budget_bytes(device, self.vram_budget_gib)
+        return None
+
+    def need(self, name: str, params: Any, image_size: tuple[int, int], ladder: list[int]) -> Any:
+        """The smallest card this job can run on (`planner.Need`), from the model's configs; None: unknown.
+
+        Unknown where the model's configs are not on this host (a Hub model not yet downloaded) or its
+        configs cannot be planned; the job is then left to the out-of-memory ladder, as before plans.
+        """
+        from i2v_daemon.models import loader, planner
+
+        model_id = self.choices.get(name)
+        if model_id is None:
+            return None
+        weights = self.weights[name].asking(getattr(params, "weights", None))
+        try:
+            folder = loader.config_folder(model_id)
+            if folder is None:
+                return None
+            return planner.need(
+                str(folder), num_frames=params.num_frames, resolution=params.resolution, width=params.width,
+                height=params.height, image_size=image_size, ladder=ladder, dtype=self.dtype,
+                weights=weights.kind, allow_fp8_fallback=self.allow_fp8_fallback and weights.kind == "auto",
+                margin=self.memory_margin,
+            )
+        except I2VError as err:  # an unplannable job is left to the ladder, never failed by the plan
+            get_logger().warning("need_not_planned", model=model_id, error=str(err))
+            return None
+
     def _plan_placement(self, model_id: str, device: str, weights: Weights) -> dict[str, Any]:
         """Where the weights go, decided before they are loaded (models/planner.py), for the largest preset.
 
@@ -363,17 +414,10 @@ class ModelHolder:
         the test seam I2V_TEST_DEVICE_BUDGET_GIB says how big a card to pretend it is. {} when no plan
         is made (the CPU, a model without configs at hand); then everything goes on the device.
         """
-        from i2v_daemon.models import gpu, loader, planner
-        from i2v_daemon.models.memory import GIB
+        from i2v_daemon.models import loader, planner
 
-        seam = os.environ.get("I2V_TEST_DEVICE_BUDGET_GIB")
-        if seam:
-            budget = int(float(seam) * GIB)
-        elif device.startswith("cuda"):
-            budget = gpu.gpu_budget_bytes(device, self.vram_budget_gib)
-        else:
-            return {}
-        if not self.warm_shapes:
+        budget = self._budget(device)
+        if budget is None or not self.warm_shapes:
             return {}
         shape = max(self.warm_shapes, key=lambda s: s.resolution * s.resolution * s.num_frames)
         try:

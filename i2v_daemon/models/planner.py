@@ -10,6 +10,7 @@ no GPU: `i2v-daemon plan`, `doctor` and the worker all ask it.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -150,6 +151,52 @@ def plan(
         width=size.width, height=size.height, num_frames=frames.num_frames, components=meta.components,
         costs=costs, predictions=preds, chosen=chosen, notes=notes, smaller=smaller,
     )
+
+
+@dataclass(frozen=True)
+class Need:
+    """The smallest card a job can run on: its leanest placement at the smallest size it may step down to."""
+
+    budget_bytes: int  # the card's budget that placement needs: its predicted peak plus the margin
+    placement: str  # the leanest placement's name (fp8 variants carry "+fp8")
+    peak_bytes: int
+    width: int
+    height: int
+    num_frames: int
+
+    def describe(self) -> str:
+        return (f"{gib(self.budget_bytes)} ({self.placement} at {self.width}x{self.height}, {self.num_frames} frames, "
+                f"predicted peak {gib(self.peak_bytes)})")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"budget_bytes": self.budget_bytes, "placement": self.placement, "peak_bytes": self.peak_bytes,
+                "width": self.width, "height": self.height, "num_frames": self.num_frames}
+
+
+def need(
+    model: str, *, num_frames: int, resolution: int = 512, width: int | None = None, height: int | None = None,
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, ladder: list[int] | None = None, dtype: str = "auto",
+    weights: str = "auto", allow_fp8_fallback: bool = False, margin: float = DEFAULT_MARGIN,
+) -> Need:
+    """The least a card must offer for this job to run at all, from the model's configs alone.
+
+    The job may step down to the smallest rung of `ladder` below its size (the out-of-memory ladder's
+    last resort) and to any placement, fp8 storage included where `weights` or `allow_fp8_fallback`
+    allow it; the need is the leanest of those, with `margin` of the card kept free as a job keeps it.
+    """
+    view, meta, resolved = meta_model(model, dtype)
+    size = view.plan_size(image_size, resolution, width, height)
+    frames = view.plan_frames(num_frames).num_frames
+    w, h = size.width, size.height
+    lower = [r for r in ladder or [] if r < min(w, h)]
+    if lower:
+        step = view.plan_size((w, h), min(lower), None, None)
+        w, h = step.width, step.height
+    fp8 = "only" if weights == "fp8" else ("fallback" if allow_fp8_fallback else "no")
+    costs = _costs(str(meta.folder), resolved, w, h, frames)
+    leanest = min(placement.predictions(weights_of(meta.components), costs, 0, fp8=fp8), key=lambda p: p.peak_bytes)
+    return Need(budget_bytes=math.ceil(leanest.peak_bytes / (1 - margin)), placement=leanest.name,
+                peak_bytes=leanest.peak_bytes, width=w, height=h, num_frames=frames)
 
 
 def gib(n: float) -> str:

@@ -1,14 +1,19 @@
-"""Rows every daemon sharing the database obeys or shows: the pause switch and reported problems.
+"""Rows every daemon sharing the database obeys or shows: the pause switch, reported problems, the cards.
 
 A problem is something that keeps work from progressing that is not one job's fault (a model
 that cannot be fetched, an inbox file that cannot be moved, a full disk): the daemon that hit
 it writes one row, `status` on any host prints it, and the daemon removes it once it is fixed.
+
+A card is a GPU worker's advertisement of the memory it offers a job (`card:` rows, refreshed while
+it runs, marked stopped when it stops; a killed worker's stays live for CARD_LIVE_SECONDS): a job
+whose need no live card meets says so, and intake refuses a job no card ever seen here could take.
+Rows not refreshed for CARD_FORGET_SECONDS are forgotten.
 """
 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
@@ -18,6 +23,12 @@ from i2v_daemon.queue.clock import aware, db_time, utcnow
 from i2v_daemon.queue.schema import control
 
 PROBLEM = "problem:"
+CARD = "card:"
+#: A card whose worker refreshed it this recently is live (its worker refreshes it every CARD_REFRESH_SECONDS).
+CARD_LIVE_SECONDS = 120.0
+CARD_REFRESH_SECONDS = 30.0
+#: A card not seen for a week is forgotten: intake no longer counts on it.
+CARD_FORGET_SECONDS = 7 * 86400.0
 
 
 class Control:
@@ -75,6 +86,44 @@ class Control:
                 select(control).where(control.c.key.like(f"{PROBLEM}%")).order_by(control.c.updated_at)
             ).mappings().all()
         return [_problem(r) for r in rows]
+
+
+    # ---- cards -------------------------------------------------------------------------------------
+
+    def advertise_card(self, worker_id: str, *, host: str, device: str, budget_bytes: int,
+                       now: datetime | None = None) -> None:
+        """This worker offers `budget_bytes` of its card to jobs (written again while it runs)."""
+        now = now or utcnow()
+        value = {"worker": worker_id, "host": host, "device": device, "budget_bytes": int(budget_bytes)}
+        self._put(CARD + hashlib.sha256(worker_id.encode()).hexdigest()[:48], value, by=worker_id, now=now)
+        forgotten = db_time(now - timedelta(seconds=CARD_FORGET_SECONDS))
+        with self.engine.begin() as conn:
+            conn.execute(delete(control).where(control.c.key.like(f"{CARD}%"), control.c.updated_at < forgotten))
+
+    def retire_card(self, worker_id: str, *, now: datetime | None = None) -> None:
+        """The worker stopped: its card is no longer live, and still known (as when it was last seen)."""
+        key = CARD + hashlib.sha256(worker_id.encode()).hexdigest()[:48]
+        with self.engine.begin() as conn:
+            row = conn.execute(select(control.c.value).where(control.c.key == key)).first()
+            if row is not None:
+                value = {**(row[0] or {}), "stopped": True}
+                conn.execute(update(control).where(control.c.key == key).values(value=value))
+
+    def cards(self, *, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Every card seen within CARD_FORGET_SECONDS, largest first: `{worker, host, device, budget_bytes,
+        seen, live}` (the advertisements delete older rows)."""
+        now = now or utcnow()
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            rows = conn.execute(select(control).where(control.c.key.like(f"{CARD}%"))).mappings().all()
+        out = []
+        for row in rows:
+            seen = aware(row["updated_at"])
+            age = (now - seen).total_seconds() if seen is not None else float("inf")
+            if age <= CARD_FORGET_SECONDS:
+                value = row["value"] or {}
+                live = age <= CARD_LIVE_SECONDS and not value.get("stopped")
+                out.append({**value, "seen": seen, "live": live})
+        return sorted(out, key=lambda c: -int(c.get("budget_bytes") or 0))
 
 
 def _key(what: str, by: str) -> str:

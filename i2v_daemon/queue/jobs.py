@@ -70,6 +70,7 @@ class JobRequest:
     rejection: dict[str, str] | None = None  # {"type", "message"}: invalid input, fails without running
     source: str = "inbox"  # "inbox", "inbox/NAME" (a preset's folder), "api"
     idempotency_key: str | None = None  # the API's Idempotency-Key
+    need_bytes: int | None = None  # the smallest card budget it runs on, when intake could work it out
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Job:
     phase_started_at: datetime | None = None
     source: str | None = None  # "inbox", "inbox/NAME", "api"
     notes: tuple[str, ...] = ()  # adjustments made (rounding, conversions, fallbacks), as in the manifest
+    need_bytes: int | None = None  # the smallest card budget it runs on; None: not known yet
     extra: dict[str, Any] = field(default_factory=dict)
 
     @cached_property

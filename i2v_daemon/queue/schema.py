@@ -27,7 +27,7 @@ from i2v_daemon.queue.clock import aware
 from i2v_daemon.queue.jobs import Job, JobStatus
 
 #: The schema revision this release reads and writes (`migrate.head()` says the same; a test checks).
-HEAD = "0005"
+HEAD = "0006"
 
 metadata = MetaData()
 
@@ -73,6 +73,9 @@ jobs = Table(
     Column("source", String(255)),  # "inbox", "inbox/fast" (a preset's folder), "api"
     Column("idempotency_key", String(255)),  # the API's Idempotency-Key header, unique where set
     Column("notes", JSON(none_as_null=True)),  # adjustments made (rounding, conversions), as in the manifest
+    # The smallest card budget (bytes) the job can run on: its leanest placement at its smallest size
+    # (revision 0006). NULL: not known yet (the first worker with a card to plan for works it out).
+    Column("need_bytes", BigInteger),
     Index("ix_jobs_idempotency_key", "idempotency_key", unique=True),
 )
 
@@ -158,5 +161,6 @@ def job_from_row(row: Any) -> Job:
         phase_started_at=aware(row.get("phase_started_at")),
         source=row.get("source"),
         notes=tuple(row.get("notes") or ()),
+        need_bytes=row.get("need_bytes"),
         extra=extra,
     )

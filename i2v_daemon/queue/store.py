@@ -126,7 +126,7 @@ def _row(job: JobRequest, status: JobStatus, now: datetime, host: str | None, **
         "params": job.params.as_dict() if job.params else None, "rejection": job.rejection, "attempts": 0,
         "created_at": db_time(now), "progress": 0.0, "step": 0, "total_steps": 0, "cancel_requested": False,
         "tries": [], "intake_host": host, "source": job.source, "idempotency_key": job.idempotency_key,
-        "notes": list(job.notes),
+        "notes": list(job.notes), "need_bytes": job.need_bytes,
         "updated_us": now_us(), **extra,
     }
 
@@ -364,11 +364,13 @@ class Store:
     def claim_next(
         self, worker_id: str, *, lease_seconds: float, now: datetime | None = None, host: str | None = None,
         device: str | None = None, job_id: int | None = None, housekeeping: bool = False,
+        budget_bytes: int | None = None,
     ) -> Job | None:
         """Take the next queued job: rejections, cancels and exhausted jobs first, then priority, then FIFO.
 
         `housekeeping`: only jobs that need no GPU (a rejection, a cancel, one out of attempts, one
         whose finish was interrupted), so they end at once even while the GPU worker is busy.
+        `budget_bytes`: the claiming worker's card; a job known to need more is left to a larger card.
         Attempts are counted only for jobs that will generate.
         """
         now = now or utcnow()
@@ -384,6 +386,8 @@ class Store:
             pick = pick.where((jobs.c.not_before.is_(None)) | (jobs.c.not_before <= db_time(now)) | asked)
         if housekeeping:
             pick = pick.where(no_gpu)
+        elif budget_bytes is not None:
+            pick = pick.where(no_gpu | jobs.c.need_bytes.is_(None) | (jobs.c.need_bytes <= budget_bytes))
         pick = pick.order_by(no_gpu.desc(), jobs.c.priority.desc(), jobs.c.id).limit(1).with_for_update(
             skip_locked=True
         )
@@ -439,6 +443,7 @@ class Store:
     def update_running(self, job_id: int, worker_id: str, **fields: Any) -> None:
         """Record facts about a job this worker holds (effective params, tries, chosen folder); fenced."""
         allowed = {"effective", "tries", "final_dir", "output", "model", "previous_dir", "prompt", "error", "notes",
+                   "need_bytes",  # worked out by the first worker with a card to plan for
                    "params", "rejection", "negative_prompt", "priority"}  # the last four: inputs read again
         bad = set(fields) - allowed
         if bad:
@@ -486,6 +491,28 @@ class Store:
         if refund_attempt:  # not the job's fault: a shutdown, a full disk, a database that went away
             values["attempts"] = case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0)
         self._transition(job_id, JobStatus.RUNNING, JobStatus.QUEUED, worker_id=worker_id, values=values)
+
+    def explain_needs(self, most_bytes: int, reason: Callable[[int], dict[str, str]]) -> list[int]:
+        """Queued jobs that need more than `most_bytes` (the largest live card) get `reason(need)` as their error.
+
+        Returns the ids whose error changed; a job already saying so is left alone (no write, no event).
+        """
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.need_bytes, jobs.c.error)
+                .where(jobs.c.status == _Q, jobs.c.need_bytes > most_bytes)
+            ).all()
+        changed = []
+        for job_id, need, error in rows:
+            wanted = reason(int(need))
+            if error == wanted:
+                continue
+            with self.engine.begin() as conn:
+                n = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == _Q)
+                                 .values(error=wanted, updated_us=now_us())).rowcount
+            if n:
+                changed.append(job_id)
+        return changed
 
     # ---- housekeeping ---------------------------------------------------------------------
 

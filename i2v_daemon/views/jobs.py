@@ -56,6 +56,7 @@ def job_summary(job: Job, *, now: datetime | None = None) -> dict[str, Any]:
         "cancel_requested": job.cancel_requested,
         "updated_us": job.updated_us,
         "lease_expired_seconds": lease_expired_seconds(job, now),
+        "need_bytes": job.need_bytes,  # the smallest card budget it runs on (None: not worked out yet)
     }
 
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, assert_never
 
-from i2v_daemon.errors import GenerationError, StopDaemon
+from i2v_daemon.errors import CardTooSmall, GenerationError, StopDaemon
 from i2v_daemon.logs import get_logger
 from i2v_daemon.queue.clock import utcnow
 from i2v_daemon.queue.jobs import Job, JobStatus
@@ -132,8 +132,10 @@ class Closer:
                     log.debug("retry_cause", job_id=job.id, error=repr(err))
                 self.requeue(job, verdict, worker_id=worker_id)
             case Action.WAIT:
-                jlog.error("waiting", error=(verdict.error or {}).get("message"), attempt=job.attempts,
-                           of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
+                # A card too small is routing, not trouble: the job waits for a larger one.
+                say = jlog.warning if isinstance(err, CardTooSmall) else jlog.error
+                say("waiting", error=(verdict.error or {}).get("message"), attempt=job.attempts,
+                    of=job.max_attempts, in_seconds=round(verdict.delay, 1), phase=where)
                 self.requeue(job, verdict, worker_id=worker_id)
             case Action.STOP:
                 jlog.error("daemon_stopping", error=(verdict.error or {}).get("message"))

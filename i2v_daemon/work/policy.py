@@ -4,8 +4,8 @@
     retry    it may pass (an encoder killed, an unknown library error): try again after a backoff,
              counted against `max_attempts`; past it the job fails, quoting the last error
     wait     the machine is in the way (disk full, no permission, database gone, model not
-             reachable): keep the job, show why on it, try again later without using an attempt,
-             so it recovers by itself once the cause is fixed
+             reachable, a card too small for it): keep the job, show why on it, try again later
+             without using an attempt, so it recovers by itself once the cause is fixed
     cancel / requeue / drop
              a person canceled it; a shutdown stopped it (back to the queue, attempt refunded);
              another worker owns it now (touch nothing)
@@ -23,6 +23,7 @@ from enum import Enum
 from typing import Any
 
 from i2v_daemon.errors import (
+    CardTooSmall,
     ConfigError,
     DatabaseGone,
     EnvironmentProblem,
@@ -78,6 +79,10 @@ def decide(
         return Verdict(Action.REQUEUE, refund=True)
     if isinstance(err, DatabaseGone | ConfigError):
         return Verdict(Action.STOP, error={"type": getattr(err, "kind", "config"), "message": str(err)}, refund=True)
+    if isinstance(err, CardTooSmall):
+        # Not the job's fault and not this worker's to run: back at once, the attempt given back; the claim's
+        # filter (`need_bytes`) keeps this card from taking it again, a larger one takes it.
+        return Verdict(Action.WAIT, err.as_dict(), 0.0, True)
     if isinstance(err, JobStalled):
         # The call the job is stuck in still holds its folder: only the queue may take the job back (a
         # finish would move the folder from under it), even on its last attempt; the attempt counts, and

@@ -24,6 +24,7 @@ from i2v_daemon.logs import JobLog, get_logger
 from i2v_daemon.queue.jobs import Job, JobStatus
 from i2v_daemon.queue.store import Store
 from i2v_daemon.work import postprocess
+from i2v_daemon.work.cards import Cards
 from i2v_daemon.work.closer import Attempt, Closer, call_hook
 from i2v_daemon.work.policy import decide
 from i2v_daemon.work.progress import JobProgress
@@ -87,6 +88,9 @@ class Worker:
         self.stop_now = False  # set when the grace period is over: stop at the next step
         self.attempt: Attempt | None = None  # the job in hand (read by the daemon's timer threads too)
         self.paused = False  # `i2v-daemon pause` is in force: run_once claims nothing
+        # This worker's card: what it advertises, and the need of the jobs it claims (work/cards.py).
+        self.cards = Cards(settings, store, models if hasattr(models, "card_budget") else None,
+                           worker_id=self.worker_id, host=self.host, device=self.device)
 
     @property
     def current(self) -> int | None:
@@ -106,10 +110,13 @@ class Worker:
         """Claim and process one job; True if one was processed (more may be waiting)."""
         if self._check_paused():
             return False
+        self.cards.advertise()
         job = self.store.claim_next(
             self.worker_id, lease_seconds=self.s.lease_seconds, now=now, host=self.host, device=self.device,
+            budget_bytes=self.cards.budget_bytes,
         )
         if job is None:
+            self.cards.explain_waiting()
             return False
         self.attempt = Attempt(job)
         try:
@@ -140,6 +147,7 @@ class Worker:
         if self.closer.end_without_gpu(attempt, worker_id=self.worker_id):
             return
         job = attempt.job
+        self.cards.check_claimed(job, job_dir(self.s.filled("work_dir"), job.id) / "input" / job.inputs[0])
         jlog = JobLog(job_dir(self.s.filled("work_dir"), job.id) / "job.log", job.id, job.name)
         jlog.info("started", attempt=job.attempts, of=job.max_attempts, worker=self.worker_id, device=self.device)
         self._run(attempt, jlog)
@@ -237,6 +245,7 @@ class Worker:
 
     def beat(self) -> None:
         """Renew the running job's lease while it progresses; a stalled job is put back in the queue."""
+        self.cards.advertise()  # a long job keeps this card live
         attempt = self.attempt
         if attempt is None or attempt.progress is None or attempt.stalled_at is not None:
             return

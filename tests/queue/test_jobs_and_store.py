@@ -200,6 +200,55 @@ def test_claim_by_job_id_takes_that_job_even_when_others_come_first(store: Store
     assert store.claim_next("cli", lease_seconds=LEASE, now=at(1), job_id=low.id) is None
 
 
+def test_a_card_claims_only_jobs_whose_need_fits_it_or_is_not_known_yet(store: Store) -> None:
+    from dataclasses import replace
+
+    gib = 1024**3
+    big = store.enqueue(replace(request("big"), need_bytes=30 * gib, priority=9))[0]
+    unknown = store.enqueue(request("unknown", priority=5))[0]
+    small = store.enqueue(replace(request("small"), need_bytes=10 * gib))[0]
+    rejected = store.enqueue(replace(request("broken", rejected=True), need_bytes=99 * gib))[0]
+    assert store.get(big.id).need_bytes == 30 * gib  # type: ignore[union-attr]
+
+    card = 24 * gib
+    taken = [store.claim_next("w24", lease_seconds=LEASE, budget_bytes=card) for _ in range(4)]
+    # A rejection is ended by anyone; the 30 GiB job is left for a larger card; the rest by priority.
+    assert [j.id if j else None for j in taken] == [rejected.id, unknown.id, small.id, None]
+    assert store.claim_next("w80", lease_seconds=LEASE, budget_bytes=80 * gib).id == big.id  # type: ignore[union-attr]
+
+
+def test_queued_jobs_no_live_card_can_take_say_so_once(store: Store) -> None:
+    from dataclasses import replace
+
+    gib = 1024**3
+    big = store.enqueue(replace(request("big"), need_bytes=30 * gib))[0]
+    fits = store.enqueue(replace(request("fits"), need_bytes=10 * gib))[0]
+    reason = lambda need: {"type": "needs_larger_card", "message": f"needs {need // gib} GiB"}  # noqa: E731
+    assert store.explain_needs(24 * gib, reason) == [big.id]
+    assert store.get(big.id).error == {"type": "needs_larger_card", "message": "needs 30 GiB"}  # type: ignore[union-attr]
+    assert store.get(fits.id).error is None  # type: ignore[union-attr]
+    assert store.explain_needs(24 * gib, reason) == []  # said already: no second write
+
+
+def test_cards_are_live_while_advertised_not_once_stopped_and_forgotten_after_a_week(store: Store) -> None:
+    from i2v_daemon.queue.control import CARD_FORGET_SECONDS, CARD_LIVE_SECONDS
+
+    gib = 1024**3
+    store.control.advertise_card("a/1/cuda:0", host="a", device="cuda:0", budget_bytes=24 * gib, now=T0)
+    store.control.advertise_card("b/2/cuda:0", host="b", device="cuda:0", budget_bytes=80 * gib, now=T0)
+    cards = store.control.cards(now=at(1))
+    assert [(c["worker"], c["budget_bytes"], c["live"]) for c in cards] == [
+        ("b/2/cuda:0", 80 * gib, True), ("a/1/cuda:0", 24 * gib, True)]  # largest first
+    store.control.retire_card("b/2/cuda:0")
+    assert [c["live"] for c in store.control.cards(now=at(1))] == [False, True]  # stopped, still known
+    assert [c["live"] for c in store.control.cards(now=at(CARD_LIVE_SECONDS + 1))] == [False, False]  # killed: aged
+    assert store.control.cards(now=at(CARD_FORGET_SECONDS + 1)) == []
+    store.control.advertise_card("c/3/cuda:0", host="c", device="cuda:0", budget_bytes=gib,
+                                 now=at(CARD_FORGET_SECONDS + 2))
+    assert [c["worker"] for c in store.control.cards(now=at(CARD_FORGET_SECONDS + 3))] == ["c/3/cuda:0"]
+    assert "card:" not in str(store.control.problems())  # cards are not problems
+
+
 def test_a_job_in_backoff_is_not_claimed_until_now_passes_its_not_before(store: Store) -> None:
     job_id = running(store, "cat", now=T0)
     store.requeue(job_id, "w1", error={"type": "transient", "message": "disk full"}, not_before=at(30))
