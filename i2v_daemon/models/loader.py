@@ -29,6 +29,7 @@ FAMILIES: dict[str, str] = {
     # loads the very same components, as diffusers' own LTX documentation does.
     "LTXPipeline": "ltx-video",
     "CogVideoXImageToVideoPipeline": "cogvideox",
+    "SkyReelsV2ImageToVideoPipeline": "skyreels-v2",
 }
 
 #: family name -> "module:Class" of its adapter; imported only when that family is loaded.
@@ -38,11 +39,14 @@ ADAPTERS: dict[str, str] = {
     "wan": "i2v_daemon.models.wan:WanModel",
     "ltx-video": "i2v_daemon.models.ltx:LTXModel",
     "cogvideox": "i2v_daemon.models.cogvideox:CogVideoXModel",
+    "skyreels-v2": "i2v_daemon.models.skyreels:SkyReelsV2Model",
 }
 
 #: dtype "auto" on a GPU, by family: the T5/umT5 text encoders of the newer families overflow in
 #: float16, so their model cards run them in bfloat16; the UNet families were released in fp16.
-HALF_DTYPES: dict[str, str] = {"wan": "bfloat16", "ltx-video": "bfloat16", "cogvideox": "bfloat16"}
+HALF_DTYPES: dict[str, str] = {
+    "wan": "bfloat16", "ltx-video": "bfloat16", "cogvideox": "bfloat16", "skyreels-v2": "bfloat16",
+}
 
 DTYPES = ("float16", "bfloat16", "float32")
 

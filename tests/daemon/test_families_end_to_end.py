@@ -14,7 +14,7 @@ from tests.conftest import Env, write_config
 pytestmark = pytest.mark.slow
 
 #: The config's names for the tiny models -> their families.
-MODELS = {"svd": "svd", "wan": "wan", "ltx": "ltx-video", "cog": "cogvideox"}
+MODELS = {"svd": "svd", "wan": "wan", "ltx": "ltx-video", "cog": "cogvideox", "sky": "skyreels-v2"}
 
 
 @pytest.fixture()
@@ -43,6 +43,7 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
         "cat": {"prompt": "a cat turns", "model": "wan", "lora": "style", "lora_scale": 0.5, "motion": 0.5},
         "dog": {"prompt": "a dog wags", "model": "ltx", "width": 100, "height": 70, "fps": 8},
         "owl": {"prompt": "an owl blinks", "model": "cog", "resolution": 128},
+        "fox": {"prompt": "a fox runs", "model": "sky", "num_frames": 6},
     }
     for stem, doc in jobs.items():
         drop(stem, (".json", json.dumps(doc)))
@@ -51,6 +52,7 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
 
     expected = {  # (width, height, frames, fps) the video has; the tiny preset asks for 4 frames at 4 fps
         "calm": (96, 64, 4, 4), "cat": (96, 64, 5, 4), "dog": (96, 64, 9, 8), "owl": (96, 64, 9, 4),
+        "fox": (96, 64, 5, 4),
     }
     docs = {}
     for stem, (w, h, frames, fps) in expected.items():
@@ -64,7 +66,7 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
         eff = doc["effective"]
         assert (eff["width"], eff["height"], eff["num_frames"], eff["model"], eff["family"]) == (
             w, h, frames, name, MODELS[name])
-        assert doc["requested"]["model"] == name and doc["requested"]["num_frames"] == 4
+        assert doc["requested"]["model"] == name and doc["requested"]["num_frames"] == jobs[stem].get("num_frames", 4)
 
     calm = docs["calm"]
     assert calm["effective"]["motion"] == 0.25 and calm["effective"]["conditioning"]["motion_bucket_id"] == 65
@@ -79,6 +81,9 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
     assert dog["effective"]["conditioning"]["frame_rate"] == 8
     assert any("cogvideox makes only 96×64 videos" in n for n in docs["owl"]["notes"])
     assert "num_frames 4 rounded to 9" in (family_env.output / "owl" / "job.log").read_text()
+    fox = docs["fox"]
+    assert "num_frames 6 rounded to 5 (skyreels-v2 makes 1 + a multiple of 4 frames, at least 5)" in fox["notes"]
+    assert any("skyreels-v2 makes motion for about 24 fps" in n for n in fox["notes"])
     by_name = {j["name"]: j for j in family_env.status()["jobs"]}
     assert {n: by_name[n]["num_frames"] for n in expected} == {n: e[2] for n, e in expected.items()}
 

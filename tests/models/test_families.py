@@ -20,7 +20,7 @@ from i2v_daemon.work.generate import plan_rungs
 from tests.fixtures_models import TINY_FAMILIES
 
 #: What each tiny family makes when asked for 4 frames at resolution 64 from a 96×64 image.
-PLANNED_FRAMES = {"svd": 4, "wan": 5, "ltx-video": 9, "cogvideox": 9}
+PLANNED_FRAMES = {"svd": 4, "wan": 5, "ltx-video": 9, "cogvideox": 9, "skyreels-v2": 5}
 
 
 def request_for(model, **changes: object) -> GenerationRequest:
@@ -53,8 +53,9 @@ def test_each_family_is_detected_from_the_class_name_in_its_model_index(family, 
 
 
 def test_auto_dtype_on_a_gpu_is_bfloat16_for_the_t5_families_and_float16_for_the_unet_ones():
-    assert [resolve_dtype("auto", "cuda", f) for f in ("i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox")] == [
-        "float16", "float16", "bfloat16", "bfloat16", "bfloat16"]
+    families = ("i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox", "skyreels-v2")
+    assert [resolve_dtype("auto", "cuda", f) for f in families] == [
+        "float16", "float16", "bfloat16", "bfloat16", "bfloat16", "bfloat16"]
     assert resolve_dtype("auto", "cpu", "wan") == "float32"
 
 
@@ -75,12 +76,15 @@ def test_more_frames_than_a_family_can_make_is_refused_rather_than_cut():
 
 def test_each_tiny_family_reports_the_limits_of_its_released_architecture(tiny_family_models):
     infos = {f: tiny_family_models(f).info for f in TINY_FAMILIES}
-    assert {f: i.size_multiple for f, i in infos.items()} == {"svd": 16, "wan": 16, "ltx-video": 32, "cogvideox": 16}
-    assert {f: i.frame_step for f, i in infos.items()} == {"svd": 1, "wan": 4, "ltx-video": 8, "cogvideox": 8}
+    assert {f: i.size_multiple for f, i in infos.items()} == {
+        "svd": 16, "wan": 16, "ltx-video": 32, "cogvideox": 16, "skyreels-v2": 16}
+    assert {f: i.frame_step for f, i in infos.items()} == {
+        "svd": 1, "wan": 4, "ltx-video": 8, "cogvideox": 8, "skyreels-v2": 4}
     assert {f: i.max_prompt_tokens for f, i in infos.items()} == {
-        "svd": None, "wan": 512, "ltx-video": 128, "cogvideox": 16}
+        "svd": None, "wan": 512, "ltx-video": 128, "cogvideox": 16, "skyreels-v2": 512}
+    assert {f: i.native_fps for f, i in infos.items() if i.native_fps} == {"wan": 16, "cogvideox": 8, "skyreels-v2": 24}
     assert not infos["svd"].takes_prompt and infos["svd"].motion
-    assert [f for f, i in infos.items() if i.lora] == ["wan", "ltx-video", "cogvideox"]
+    assert [f for f, i in infos.items() if i.lora] == ["wan", "ltx-video", "cogvideox", "skyreels-v2"]
     assert infos["cogvideox"].fixed_size == (96, 64) and infos["cogvideox"].max_frames == 9
     assert infos["svd"].savers == ("vae_slicing", "forward_chunking")  # its VAE "slices" by decoding fewer frames
 
@@ -124,7 +128,7 @@ def test_svd_maps_motion_onto_its_buckets_takes_no_prompt_and_ramps_guidance(tin
     assert not np.array_equal(calm, lively)  # the bucket reaches the UNet
 
 
-@pytest.mark.parametrize("family", ["wan", "ltx-video", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "ltx-video", "cogvideox", "skyreels-v2"])
 def test_families_without_a_motion_knob_say_that_motion_was_not_used(family, tiny_family_models):
     model = tiny_family_models(family)
     notes = model.plan_conditioning(request_for(model, motion=0.7)).notes
@@ -361,6 +365,37 @@ def test_wan_in_half_precision_keeps_its_vae_and_image_encoder_in_float32_and_ru
         wan.close()
 
 
+def test_skyreels_v2_in_half_precision_keeps_its_vae_in_float32_and_runs(tiny_family_dirs):
+    import torch
+
+    from i2v_daemon.models.loader import load_model
+
+    sky = load_model(str(tiny_family_dirs("skyreels-v2")), device="cpu", dtype="bfloat16")
+    try:
+        pipe = sky.pipeline
+        assert type(pipe).__name__ == "SkyReelsV2ImageToVideoPipeline"
+        assert (pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.image_encoder.dtype) == (torch.bfloat16,) * 3
+        assert pipe.vae.dtype == torch.float32
+        assert sky.generate(request_for(sky), _ignore).shape == (5, 64, 96, 3)
+    finally:
+        sky.close()
+
+
+def test_skyreels_v2_sees_the_image_through_its_clip_tokens_as_well_as_its_latents(tiny_family_models):
+    sky = tiny_family_models("skyreels-v2")
+    seen: list[tuple[int, ...]] = []
+    # The pipeline takes the penultimate layer's hidden states, as Wan 2.1 does.
+    hook = sky.pipeline.image_encoder.register_forward_hook(
+        lambda _m, _a, out: seen.append(tuple(out.hidden_states[-2].shape)))
+    try:
+        frames = sky.generate(request_for(sky), _ignore)
+    finally:
+        hook.remove()
+    assert seen == [(1, 5, 8)]  # one encode per job: 4 patches and the class token, 8 wide
+    darker = request_for(sky, image=Image.fromarray((np.asarray(request_for(sky).image) // 2).astype(np.uint8)))
+    assert not np.array_equal(sky.generate(darker, _ignore), frames)
+
+
 def test_ltx_video_published_as_its_text_to_video_pipeline_runs_as_image_to_video(tiny_family_dirs, tmp_path: Path):
     import json
     import shutil
@@ -385,8 +420,8 @@ def test_ltx_video_published_as_its_text_to_video_pipeline_runs_as_image_to_vide
 def test_each_family_offers_the_schedulers_its_noise_schedule_supports(tiny_family_models):
     offered = {f: tiny_family_models(f).info.schedulers for f in TINY_FAMILIES}
     assert offered == {"svd": ("euler",), "wan": ("dpm++", "unipc"), "ltx-video": ("flow-match-euler",),
-                       "cogvideox": ("ddim", "dpm++")}
-    for family in ("wan", "cogvideox"):
+                       "cogvideox": ("ddim", "dpm++"), "skyreels-v2": ("dpm++", "unipc")}
+    for family in ("wan", "cogvideox", "skyreels-v2"):
         model = tiny_family_models(family)
         default = model.generate(request_for(model), _ignore)
         dpm = model.generate(request_for(model, scheduler="dpm++"), _ignore)
