@@ -42,7 +42,10 @@ TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox", "skyreels-v2")
 TINY_VARIANTS = {
     "wan2.2": ("wan", {"experts": 2}),  # Wan 2.2 A14B: two experts, switched at boundary_ratio
     "wan-2-blocks": ("wan", {"layers": 2}),  # a first and a last block, as First Block Cache needs
+    "ltx-condition": ("ltx-video", {"condition": True}),  # LTX-Video 0.9.5+: LTXConditionPipeline
 }
+#: Builds of a family through another pipeline, run by the tests of every family beside TINY_FAMILIES.
+TINY_PIPELINES = ("ltx-condition",)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,8 @@ FAMILIES: dict[str, str] = {
     # Lightricks/LTX-Video is published as the text-to-video pipeline; its image-to-video pipeline
     # loads the very same components, as diffusers' own LTX documentation does.
     "LTXPipeline": "ltx-video",
+    # LTX-Video 0.9.5 and later: the same components, the image as a keyframe condition (ltx.py).
+    "LTXConditionPipeline": "ltx-video",
     "CogVideoXImageToVideoPipeline": "cogvideox",
     "SkyReelsV2ImageToVideoPipeline": "skyreels-v2",
 }
@@ -41,6 +43,9 @@ ADAPTERS: dict[str, str] = {
     "cogvideox": "i2v_daemon.models.cogvideox:CogVideoXModel",
     "skyreels-v2": "i2v_daemon.models.skyreels:SkyReelsV2Model",
 }
+
+#: `_class_name` -> "module:Class" of the adapter that runs it, where not its family's own (same limits, another call).
+PIPELINE_ADAPTERS: dict[str, str] = {"LTXConditionPipeline": "i2v_daemon.models.ltx:LTXConditionModel"}
 
 #: dtype "auto" on a GPU, by family: the T5/umT5 text encoders of the newer families overflow in
 #: float16, so their model cards run them in bfloat16; the UNet families were released in fp16.
@@ -138,9 +143,15 @@ def load_model(
     resolved_dtype = resolve_dtype(dtype, resolved_device, family)
     weights = weights or Weights()
     check_weights(model, weights)
-    module_name, class_name = ADAPTERS[family].split(":")
-    adapter = getattr(importlib.import_module(module_name), class_name)
-    return adapter(model, device=resolved_device, dtype=resolved_dtype, weights=weights, placement=placement)
+    return adapter_class(model)(model, device=resolved_device, dtype=resolved_dtype, weights=weights,
+                                placement=placement)
+
+
+def adapter_class(model: str) -> Any:
+    """The adapter class that runs `model`: its pipeline's own where PIPELINE_ADAPTERS names one, else its family's."""
+    path = PIPELINE_ADAPTERS.get(str(read_model_index(model).get("_class_name"))) or ADAPTERS[detect_family(model)]
+    module_name, class_name = path.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def config_folder(model: str) -> Path | None:

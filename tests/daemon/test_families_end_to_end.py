@@ -14,7 +14,10 @@ from tests.conftest import Env, write_config
 pytestmark = pytest.mark.slow
 
 #: The config's names for the tiny models -> their families.
-MODELS = {"svd": "svd", "wan": "wan", "ltx": "ltx-video", "cog": "cogvideox", "sky": "skyreels-v2"}
+MODELS = {"svd": "svd", "wan": "wan", "ltx": "ltx-video", "cog": "cogvideox", "sky": "skyreels-v2",
+          "ltxc": "ltx-video"}
+#: Names whose tiny build is not their family's first one (tests/fixtures_models.py TINY_VARIANTS).
+BUILDS = {"ltxc": "ltx-condition"}
 
 
 @pytest.fixture()
@@ -27,7 +30,8 @@ def family_env(env: Env, tiny_family_dirs, tiny_lora_dir: Path, tmp_path: Path) 
     (loras / "evil.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
     write_config(env.config, env.data, env.model_dir, lora_dir=str(loras), max_loaded_models=1)
     with env.config.open("a") as fh:
-        fh.write("[models]\n" + "".join(f'{name} = "{tiny_family_dirs(f)}"\n' for name, f in MODELS.items()))
+        fh.write("[models]\n" + "".join(f'{name} = "{tiny_family_dirs(BUILDS.get(name, f))}"\n'
+                                          for name, f in MODELS.items()))
     return env
 
 
@@ -44,6 +48,7 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
         "dog": {"prompt": "a dog wags", "model": "ltx", "width": 100, "height": 70, "fps": 8},
         "owl": {"prompt": "an owl blinks", "model": "cog", "resolution": 128},
         "fox": {"prompt": "a fox runs", "model": "sky", "num_frames": 6},
+        "elk": {"prompt": "an elk turns", "model": "ltxc", "fps": 12},
     }
     for stem, doc in jobs.items():
         drop(stem, (".json", json.dumps(doc)))
@@ -52,7 +57,7 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
 
     expected = {  # (width, height, frames, fps) the video has; the tiny preset asks for 4 frames at 4 fps
         "calm": (96, 64, 4, 4), "cat": (96, 64, 5, 4), "dog": (96, 64, 9, 8), "owl": (96, 64, 9, 4),
-        "fox": (96, 64, 5, 4),
+        "fox": (96, 64, 5, 4), "elk": (96, 64, 9, 12),
     }
     docs = {}
     for stem, (w, h, frames, fps) in expected.items():
@@ -61,7 +66,8 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
         assert (meta["width"], meta["height"], meta["num_frames"], meta["fps"]) == (w, h, frames, fps), stem
         doc = docs[stem] = manifest(folder)
         name = jobs[stem]["model"]
-        assert doc["model"] == {"name": name, "id": str(tiny_family_dirs(MODELS[name])), "family": MODELS[name],
+        build = BUILDS.get(name, MODELS[name])
+        assert doc["model"] == {"name": name, "id": str(tiny_family_dirs(build)), "family": MODELS[name],
                                 "revision": None, "weights": "auto"}
         eff = doc["effective"]
         assert (eff["width"], eff["height"], eff["num_frames"], eff["model"], eff["family"]) == (
@@ -84,6 +90,8 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
     fox = docs["fox"]
     assert "num_frames 6 rounded to 5 (skyreels-v2 makes 1 + a multiple of 4 frames, at least 5)" in fox["notes"]
     assert any("skyreels-v2 makes motion for about 24 fps" in n for n in fox["notes"])
+    elk = docs["elk"]["effective"]["conditioning"]
+    assert (elk["frame_rate"], elk["max_sequence_length"], elk["image_cond_noise_scale"]) == (12, 256, 0.025)
     by_name = {j["name"]: j for j in family_env.status()["jobs"]}
     assert {n: by_name[n]["num_frames"] for n in expected} == {n: e[2] for n, e in expected.items()}
 

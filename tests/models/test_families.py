@@ -17,7 +17,7 @@ from i2v_daemon.models.loader import detect_family, resolve_dtype
 from i2v_daemon.models.planning import plan_frames
 from i2v_daemon.models.svd import motion_bucket_id
 from i2v_daemon.work.generate import plan_rungs
-from tests.fixtures_models import TINY_FAMILIES
+from tests.fixtures_models import TINY_FAMILIES, TINY_PIPELINES
 
 #: What each tiny family makes when asked for 4 frames at resolution 64 from a 96×64 image.
 PLANNED_FRAMES = {"svd": 4, "wan": 5, "ltx-video": 9, "cogvideox": 9, "skyreels-v2": 5}
@@ -39,7 +39,7 @@ def _ignore(_step: int, _total: int) -> None:
     """A progress callback that does nothing."""
 
 
-@pytest.fixture(params=TINY_FAMILIES)
+@pytest.fixture(params=(*TINY_FAMILIES, *TINY_PIPELINES))
 def family_model(request: pytest.FixtureRequest, tiny_family_models):
     return tiny_family_models(request.param)
 
@@ -363,6 +363,34 @@ def test_wan_in_half_precision_keeps_its_vae_and_image_encoder_in_float32_and_ru
         assert wan.generate(request_for(wan), _ignore).shape == (5, 64, 96, 3)
     finally:
         wan.close()
+
+
+def test_ltx_video_0_9_5_and_later_run_the_condition_pipeline_with_the_image_as_frame_0s_keyframe(
+    tiny_family_dirs, tiny_family_models
+):
+    from i2v_daemon.models.ltx import LTXConditionModel
+
+    assert detect_family(str(tiny_family_dirs("ltx-condition"))) == "ltx-video"
+    ltx = tiny_family_models("ltx-condition")
+    assert isinstance(ltx, LTXConditionModel) and type(ltx.pipeline).__name__ == "LTXConditionPipeline"
+    info, older = ltx.info, tiny_family_models("ltx-video").info
+    assert (info.size_multiple, info.frame_step, info.min_frames, info.fps_conditioning, info.lora) == (
+        older.size_multiple, older.frame_step, older.min_frames, older.fps_conditioning, older.lora)
+    assert info.max_prompt_tokens == 256  # the condition pipeline's T5 length (128 for the other)
+    values = ltx.plan_conditioning(request_for(ltx, fps=12)).values
+    assert (values["frame_rate"], values["max_sequence_length"], values["image_cond_noise_scale"]) == (12, 256, 0.025)
+    timesteps: list = []
+    hook = ltx.pipeline.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: timesteps.append(kwargs["timestep"].clone()), with_kwargs=True)
+    try:
+        frames = ltx.generate(request_for(ltx), _ignore)
+    finally:
+        hook.remove()
+    first = (64 // 32) * (96 // 32)  # tokens of the first latent frame: the image's
+    for t in timesteps:  # the keyframe is clean at every step, the rest is being denoised
+        assert (t[:, :first] == 0).all() and (t[:, first:] > 0).all()
+    darker = request_for(ltx, image=Image.fromarray((np.asarray(request_for(ltx).image) // 2).astype(np.uint8)))
+    assert not np.array_equal(ltx.generate(darker, _ignore), frames)
 
 
 def test_skyreels_v2_in_half_precision_keeps_its_vae_in_float32_and_runs(tiny_family_dirs):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from i2v_daemon.models.loader import load_model
-from tests.fixtures_models import TINY_FAMILIES
+from tests.fixtures_models import TINY_FAMILIES, TINY_PIPELINES
 from tests.models.test_families import _ignore, request_for
 
 pytestmark = pytest.mark.xdist_group("placements")
 
 
-@pytest.fixture(params=("i2vgen-xl", *TINY_FAMILIES))
+@pytest.fixture(params=("i2vgen-xl", *TINY_FAMILIES, *TINY_PIPELINES))
 def fresh_model(request: pytest.FixtureRequest, tiny_family_dirs, tiny_i2vgen_dir):
     import torch
 

@@ -82,6 +82,22 @@ def test_on_an_80_gib_card_whatever_fits_whole_stays_whole(name):
         assert result.chosen.placement == "gpu"
 
 
+def test_ltx_video_folders_published_for_the_condition_pipeline_are_planned_through_it(tmp_path: Path):
+    import shutil
+
+    folder = shutil.copytree(CONFIGS / "ltx-video", tmp_path / "ltx-video-condition")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "LTXConditionPipeline"}))
+    w, h, f = MODEL_CARD_SIZES["ltx-video"]
+    condition = planner.plan(str(folder), budget_bytes=24 * GIB, width=w, height=h, num_frames=f)
+    older = plan("ltx-video", 24)
+    assert condition.family == "ltx-video" and condition.chosen is not None
+    assert condition.chosen.peak_bytes <= 24 * GIB * (1 - condition.margin)
+    assert condition.components.keys() == older.components.keys()  # the same weights
+    # 256 text tokens where the image-to-video pipeline passes 128: a step costs a little more, never less.
+    assert older.costs.denoise < condition.costs.denoise < older.costs.denoise * 1.1
+
+
 def test_fp8_comes_after_every_exact_placement_and_stores_the_denoiser_in_half_the_bytes():
     exact = plan("wan2.1-i2v-14b-480p", 24)
     both = plan("wan2.1-i2v-14b-480p", 24, allow_fp8_fallback=True)

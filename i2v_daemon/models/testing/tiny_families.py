@@ -111,11 +111,14 @@ def _tiny_wan(head_dim: int = 4, ffn_dim: int = 16, experts: int = 1, layers: in
     )
 
 
-def _tiny_ltx(vae_patch_size: int = 4) -> Any:
-    """`vae_patch_size` below 4 makes a VAE that compresses space less than the released one (8·patch)."""
+def _tiny_ltx(vae_patch_size: int = 4, condition: bool = False) -> Any:
+    """`vae_patch_size` below 4 makes a VAE that compresses space less than the released one (8·patch);
+    `condition=True` is LTX-Video 0.9.5's shape: `LTXConditionPipeline`, a timestep-aware VAE decoder and
+    0.9.5's scheduler (no dynamic shifting: the pipeline passes its own linear-quadratic schedule)."""
     from diffusers import (
         AutoencoderKLLTXVideo,
         FlowMatchEulerDiscreteScheduler,
+        LTXConditionPipeline,
         LTXImageToVideoPipeline,
         LTXVideoTransformer3DModel,
     )
@@ -128,7 +131,7 @@ def _tiny_ltx(vae_patch_size: int = 4) -> Any:
         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
         spatio_temporal_scaling=(True, True, True, False), decoder_spatio_temporal_scaling=(True, True, True, False),
         decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        timestep_conditioning=False, patch_size=vae_patch_size, patch_size_t=1,
+        timestep_conditioning=condition, patch_size=vae_patch_size, patch_size_t=1,
     )
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=4,
@@ -138,6 +141,12 @@ def _tiny_ltx(vae_patch_size: int = 4) -> Any:
         base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05, shift_terminal=0.1,
         use_dynamic_shifting=True,
     )
+    if condition:
+        return LTXConditionPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False), vae=vae,
+            text_encoder=T5EncoderModel(_t5_config(len(tokenizer))), tokenizer=t5_tokenizer(256),
+            transformer=transformer,
+        )
     return LTXImageToVideoPipeline(
         scheduler=scheduler, vae=vae, text_encoder=T5EncoderModel(_t5_config(len(tokenizer))), tokenizer=tokenizer,
         transformer=transformer,
