@@ -32,6 +32,7 @@ FAMILIES: dict[str, str] = {
     "LTXConditionPipeline": "ltx-video",
     "CogVideoXImageToVideoPipeline": "cogvideox",
     "SkyReelsV2ImageToVideoPipeline": "skyreels-v2",
+    "HunyuanVideoImageToVideoPipeline": "hunyuanvideo-i2v",
 }
 
 #: family name -> "module:Class" of its adapter; imported only when that family is loaded.
@@ -42,6 +43,7 @@ ADAPTERS: dict[str, str] = {
     "ltx-video": "i2v_daemon.models.ltx:LTXModel",
     "cogvideox": "i2v_daemon.models.cogvideox:CogVideoXModel",
     "skyreels-v2": "i2v_daemon.models.skyreels:SkyReelsV2Model",
+    "hunyuanvideo-i2v": "i2v_daemon.models.hunyuan_video:HunyuanVideoI2VModel",
 }
 
 #: `_class_name` -> "module:Class" of the adapter that runs it, where not its family's own (same limits, another call).
@@ -51,6 +53,7 @@ PIPELINE_ADAPTERS: dict[str, str] = {"LTXConditionPipeline": "i2v_daemon.models.
 #: float16, so their model cards run them in bfloat16; the UNet families were released in fp16.
 HALF_DTYPES: dict[str, str] = {
     "wan": "bfloat16", "ltx-video": "bfloat16", "cogvideox": "bfloat16", "skyreels-v2": "bfloat16",
+    "hunyuanvideo-i2v": "bfloat16",  # its Llama-3 encoder too; the model card's example loads them in fp16
 }
 
 DTYPES = ("float16", "bfloat16", "float32")

@@ -32,6 +32,7 @@ MODEL_CARD_SIZES = {
     "ltx-video": (768, 512, 121),
     "cogvideox-5b-i2v": (720, 480, 49),
     "skyreels-v2-i2v-14b-540p": (960, 544, 97),  # its pipeline's defaults and the 540P model card
+    "hunyuanvideo-i2v": (1280, 720, 129),  # its pipeline's defaults (720p, 129 frames, as Tencent's card)
 }
 
 

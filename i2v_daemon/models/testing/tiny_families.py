@@ -227,6 +227,12 @@ def _tiny_skyreels_v2() -> Any:
     )
 
 
+def _tiny_hunyuan_video_i2v(latent_concat: bool = False) -> Any:
+    from i2v_daemon.models.testing.tiny_hunyuan import tiny_hunyuan_video_i2v
+
+    return tiny_hunyuan_video_i2v(latent_concat)
+
+
 #: family -> its tiny pipeline's builder (keyword options change its down-sampling, for planning tests).
 TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "svd": _tiny_svd,
@@ -234,4 +240,5 @@ TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "ltx-video": _tiny_ltx,
     "cogvideox": _tiny_cogvideox,
     "skyreels-v2": _tiny_skyreels_v2,
+    "hunyuanvideo-i2v": _tiny_hunyuan_video_i2v,
 }
