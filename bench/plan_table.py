@@ -24,6 +24,8 @@ MODELS = {  # folder -> (label, width, height, frames) as the model card makes t
     "cogvideox-5b-i2v": ("CogVideoX-5b-I2V", 720, 480, 49),
     "wan2.1-i2v-14b-480p": ("Wan 2.1 I2V 14B 480P", 832, 480, 81),
     "wan2.2-i2v-a14b": ("Wan 2.2 I2V A14B", 1280, 720, 81),
+    "skyreels-v2-i2v-14b-540p": ("SkyReels-V2 I2V 14B 540P", 960, 544, 97),
+    "hunyuanvideo-i2v": ("HunyuanVideo-I2V", 1280, 720, 129),
 }
 CARDS = (16, 24, 80)
 

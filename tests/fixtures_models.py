@@ -37,12 +37,16 @@ def tiny_model(tiny_i2vgen_dir: Path) -> Iterator[VideoModel]:
 
 
 #: The families besides I2VGen-XL, each with a tiny random build (i2v_daemon/models/tiny_families.py).
-TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox")
+TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v")
 #: Tiny builds beside one per family, by name: (family, the builder's options).
 TINY_VARIANTS = {
     "wan2.2": ("wan", {"experts": 2}),  # Wan 2.2 A14B: two experts, switched at boundary_ratio
     "wan-2-blocks": ("wan", {"layers": 2}),  # a first and a last block, as First Block Cache needs
+    "ltx-condition": ("ltx-video", {"condition": True}),  # LTX-Video 0.9.5+: LTXConditionPipeline
+    "hunyuanvideo-i2v-33ch": ("hunyuanvideo-i2v", {"latent_concat": True}),  # true guidance, latents concatenated
 }
+#: Builds of a family through another pipeline, run by the tests of every family beside TINY_FAMILIES.
+TINY_PIPELINES = ("ltx-condition",)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,11 @@ FAMILIES: dict[str, str] = {
     # Lightricks/LTX-Video is published as the text-to-video pipeline; its image-to-video pipeline
     # loads the very same components, as diffusers' own LTX documentation does.
     "LTXPipeline": "ltx-video",
+    # LTX-Video 0.9.5 and later: the same components, the image as a keyframe condition (ltx.py).
+    "LTXConditionPipeline": "ltx-video",
     "CogVideoXImageToVideoPipeline": "cogvideox",
+    "SkyReelsV2ImageToVideoPipeline": "skyreels-v2",
+    "HunyuanVideoImageToVideoPipeline": "hunyuanvideo-i2v",
 }
 
 #: family name -> "module:Class" of its adapter; imported only when that family is loaded.
@@ -38,11 +42,19 @@ ADAPTERS: dict[str, str] = {
     "wan": "i2v_daemon.models.wan:WanModel",
     "ltx-video": "i2v_daemon.models.ltx:LTXModel",
     "cogvideox": "i2v_daemon.models.cogvideox:CogVideoXModel",
+    "skyreels-v2": "i2v_daemon.models.skyreels:SkyReelsV2Model",
+    "hunyuanvideo-i2v": "i2v_daemon.models.hunyuan_video:HunyuanVideoI2VModel",
 }
+
+#: `_class_name` -> "module:Class" of the adapter that runs it, where not its family's own (same limits, another call).
+PIPELINE_ADAPTERS: dict[str, str] = {"LTXConditionPipeline": "i2v_daemon.models.ltx:LTXConditionModel"}
 
 #: dtype "auto" on a GPU, by family: the T5/umT5 text encoders of the newer families overflow in
 #: float16, so their model cards run them in bfloat16; the UNet families were released in fp16.
-HALF_DTYPES: dict[str, str] = {"wan": "bfloat16", "ltx-video": "bfloat16", "cogvideox": "bfloat16"}
+HALF_DTYPES: dict[str, str] = {
+    "wan": "bfloat16", "ltx-video": "bfloat16", "cogvideox": "bfloat16", "skyreels-v2": "bfloat16",
+    "hunyuanvideo-i2v": "bfloat16",  # its Llama-3 encoder too; the model card's example loads them in fp16
+}
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -134,9 +146,15 @@ def load_model(
     resolved_dtype = resolve_dtype(dtype, resolved_device, family)
     weights = weights or Weights()
     check_weights(model, weights)
-    module_name, class_name = ADAPTERS[family].split(":")
-    adapter = getattr(importlib.import_module(module_name), class_name)
-    return adapter(model, device=resolved_device, dtype=resolved_dtype, weights=weights, placement=placement)
+    return adapter_class(model)(model, device=resolved_device, dtype=resolved_dtype, weights=weights,
+                                placement=placement)
+
+
+def adapter_class(model: str) -> Any:
+    """The adapter class that runs `model`: its pipeline's own where PIPELINE_ADAPTERS names one, else its family's."""
+    path = PIPELINE_ADAPTERS.get(str(read_model_index(model).get("_class_name"))) or ADAPTERS[detect_family(model)]
+    module_name, class_name = path.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def config_folder(model: str) -> Path | None:

@@ -9,7 +9,6 @@ no GPU: `i2v-daemon plan`, `doctor` and the worker all ask it.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -59,11 +58,6 @@ class Plan:
         }
 
 
-def adapter_class(family: str) -> Any:
-    module_name, class_name = loader.ADAPTERS[family].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
 def weights_of(components: dict[str, sizing.ComponentSize]) -> placement.Weights:
     denoisers = [c for c in components.values() if c.role == "denoiser"]
     biggest = max(denoisers, key=lambda c: c.bytes, default=None)
@@ -80,8 +74,7 @@ def weights_of(components: dict[str, sizing.ComponentSize]) -> placement.Weights
 
 @lru_cache(maxsize=64)
 def _costs(folder: str, dtype: str, width: int, height: int, num_frames: int) -> placement.Costs:
-    family = loader.detect_family(folder)
-    adapter = adapter_class(family)
+    adapter = loader.adapter_class(folder)
     meta = sizing.meta_pipeline(folder, dtype, adapter.float32_components)
     try:
         denoise = sizing.replay_peak(adapter.meta_step(meta.pipeline, width, height, num_frames))
@@ -103,7 +96,7 @@ def meta_model(model: str, dtype: str = "auto") -> tuple[Any, sizing.MetaPipelin
         raise ConfigError(f"model {model!r}: `plan` needs a local folder (the configs are enough, no weights)")
     family = loader.detect_family(str(folder))
     resolved = loader.resolve_dtype(dtype, "cuda", family)  # planned for a GPU, wherever it runs
-    adapter = adapter_class(family)
+    adapter = loader.adapter_class(str(folder))
     meta = sizing.meta_pipeline(folder, resolved, adapter.float32_components)
     try:
         model_view = adapter(str(folder), device="meta", dtype=resolved, pipeline=meta.pipeline)

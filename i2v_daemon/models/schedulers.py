@@ -72,6 +72,7 @@ ALTERNATIVES: dict[str, dict[str, Callable[[Any], Any]]] = {
     "i2vgen-xl": {"ddim": _ddim_from_dpmpp, "dpm++": _dpmpp_from_ddim},
     "cogvideox": {"ddim": _cogvideox_ddim, "dpm++": _cogvideox_dpm},
     "wan": {"dpm++": _dpmpp_flow},
+    "skyreels-v2": {"dpm++": _dpmpp_flow},  # Wan's scheduler and sigmas
 }
 
 

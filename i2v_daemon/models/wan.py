@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,7 +22,7 @@ class WanModel(DiffusersVideoModel):
     pipeline_class = "WanImageToVideoPipeline"
     pipeline_size_multiple = 16  # its check_inputs
     # As the model card loads it: the VAE and CLIP image encoder in float32, the rest in bf16.
-    float32_components = ("vae", "image_encoder")
+    float32_components: ClassVar[tuple[str, ...]] = ("vae", "image_encoder")
 
     def _limits(self) -> dict[str, Any]:
         pipe = self.pipeline

@@ -14,7 +14,10 @@ from tests.conftest import Env, write_config
 pytestmark = pytest.mark.slow
 
 #: The config's names for the tiny models -> their families.
-MODELS = {"svd": "svd", "wan": "wan", "ltx": "ltx-video", "cog": "cogvideox"}
+MODELS = {"svd": "svd", "wan": "wan", "ltx": "ltx-video", "cog": "cogvideox", "sky": "skyreels-v2",
+          "ltxc": "ltx-video", "hy": "hunyuanvideo-i2v"}
+#: Names whose tiny build is not their family's first one (tests/fixtures_models.py TINY_VARIANTS).
+BUILDS = {"ltxc": "ltx-condition"}
 
 
 @pytest.fixture()
@@ -27,7 +30,8 @@ def family_env(env: Env, tiny_family_dirs, tiny_lora_dir: Path, tmp_path: Path) 
     (loras / "evil.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
     write_config(env.config, env.data, env.model_dir, lora_dir=str(loras), max_loaded_models=1)
     with env.config.open("a") as fh:
-        fh.write("[models]\n" + "".join(f'{name} = "{tiny_family_dirs(f)}"\n' for name, f in MODELS.items()))
+        fh.write("[models]\n" + "".join(f'{name} = "{tiny_family_dirs(BUILDS.get(name, f))}"\n'
+                                          for name, f in MODELS.items()))
     return env
 
 
@@ -43,6 +47,9 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
         "cat": {"prompt": "a cat turns", "model": "wan", "lora": "style", "lora_scale": 0.5, "motion": 0.5},
         "dog": {"prompt": "a dog wags", "model": "ltx", "width": 100, "height": 70, "fps": 8},
         "owl": {"prompt": "an owl blinks", "model": "cog", "resolution": 128},
+        "fox": {"prompt": "a fox runs", "model": "sky", "num_frames": 6},
+        "elk": {"prompt": "an elk turns", "model": "ltxc", "fps": 12},
+        "bee": {"prompt": "a bee lands", "model": "hy", "width": 100, "height": 70},
     }
     for stem, doc in jobs.items():
         drop(stem, (".json", json.dumps(doc)))
@@ -51,6 +58,7 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
 
     expected = {  # (width, height, frames, fps) the video has; the tiny preset asks for 4 frames at 4 fps
         "calm": (96, 64, 4, 4), "cat": (96, 64, 5, 4), "dog": (96, 64, 9, 8), "owl": (96, 64, 9, 4),
+        "fox": (96, 64, 5, 4), "elk": (96, 64, 9, 12), "bee": (96, 64, 5, 4),
     }
     docs = {}
     for stem, (w, h, frames, fps) in expected.items():
@@ -59,12 +67,13 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
         assert (meta["width"], meta["height"], meta["num_frames"], meta["fps"]) == (w, h, frames, fps), stem
         doc = docs[stem] = manifest(folder)
         name = jobs[stem]["model"]
-        assert doc["model"] == {"name": name, "id": str(tiny_family_dirs(MODELS[name])), "family": MODELS[name],
+        build = BUILDS.get(name, MODELS[name])
+        assert doc["model"] == {"name": name, "id": str(tiny_family_dirs(build)), "family": MODELS[name],
                                 "revision": None, "weights": "auto"}
         eff = doc["effective"]
         assert (eff["width"], eff["height"], eff["num_frames"], eff["model"], eff["family"]) == (
             w, h, frames, name, MODELS[name])
-        assert doc["requested"]["model"] == name and doc["requested"]["num_frames"] == 4
+        assert doc["requested"]["model"] == name and doc["requested"]["num_frames"] == jobs[stem].get("num_frames", 4)
 
     calm = docs["calm"]
     assert calm["effective"]["motion"] == 0.25 and calm["effective"]["conditioning"]["motion_bucket_id"] == 65
@@ -79,6 +88,14 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
     assert dog["effective"]["conditioning"]["frame_rate"] == 8
     assert any("cogvideox makes only 96×64 videos" in n for n in docs["owl"]["notes"])
     assert "num_frames 4 rounded to 9" in (family_env.output / "owl" / "job.log").read_text()
+    fox = docs["fox"]
+    assert "num_frames 6 rounded to 5 (skyreels-v2 makes 1 + a multiple of 4 frames, at least 5)" in fox["notes"]
+    assert any("skyreels-v2 makes motion for about 24 fps" in n for n in fox["notes"])
+    bee = docs["bee"]
+    assert "width 100 rounded to 96 (the model needs multiples of 16)" in bee["notes"]
+    assert bee["effective"]["conditioning"]["true_cfg_scale"] == 1.0  # guidance embedded
+    elk = docs["elk"]["effective"]["conditioning"]
+    assert (elk["frame_rate"], elk["max_sequence_length"], elk["image_cond_noise_scale"]) == (12, 256, 0.025)
     by_name = {j["name"]: j for j in family_env.status()["jobs"]}
     assert {n: by_name[n]["num_frames"] for n in expected} == {n: e[2] for n, e in expected.items()}
 
@@ -88,7 +105,8 @@ def test_requests_a_family_cannot_honour_fail_with_what_to_ask_for_and_the_daemo
         "cogsize": ({"model": "cog", "width": 128, "height": 128}, "cogvideox makes only 96×64 videos"),
         "coglong": ({"model": "cog", "num_frames": 20}, "num_frames 20 is more than cogvideox can make (at most 9)"),
         "svdlora": ({"model": "svd", "lora": "style"}, "svd cannot apply a LoRA"),
-        "nomodel": ({"model": "nope"}, "model 'nope' is not one the config allows; use one of cog, default, ltx"),
+        "nomodel": ({"model": "nope"},
+                    "model 'nope' is not one the config allows; use one of cog, default, hy, ltx, ltxc, sky, svd, wan"),
         "escape": ({"model": "wan", "lora": "evil"}, "evil.safetensors is a link that leads outside"),
         "absent": ({"model": "wan", "lora": "other"}, "there is no other.safetensors in"),
     }

@@ -17,10 +17,10 @@ from i2v_daemon.models.loader import detect_family, resolve_dtype
 from i2v_daemon.models.planning import plan_frames
 from i2v_daemon.models.svd import motion_bucket_id
 from i2v_daemon.work.generate import plan_rungs
-from tests.fixtures_models import TINY_FAMILIES
+from tests.fixtures_models import TINY_FAMILIES, TINY_PIPELINES
 
 #: What each tiny family makes when asked for 4 frames at resolution 64 from a 96×64 image.
-PLANNED_FRAMES = {"svd": 4, "wan": 5, "ltx-video": 9, "cogvideox": 9}
+PLANNED_FRAMES = {"svd": 4, "wan": 5, "ltx-video": 9, "cogvideox": 9, "skyreels-v2": 5, "hunyuanvideo-i2v": 5}
 
 
 def request_for(model, **changes: object) -> GenerationRequest:
@@ -39,7 +39,7 @@ def _ignore(_step: int, _total: int) -> None:
     """A progress callback that does nothing."""
 
 
-@pytest.fixture(params=TINY_FAMILIES)
+@pytest.fixture(params=(*TINY_FAMILIES, *TINY_PIPELINES))
 def family_model(request: pytest.FixtureRequest, tiny_family_models):
     return tiny_family_models(request.param)
 
@@ -53,8 +53,9 @@ def test_each_family_is_detected_from_the_class_name_in_its_model_index(family, 
 
 
 def test_auto_dtype_on_a_gpu_is_bfloat16_for_the_t5_families_and_float16_for_the_unet_ones():
-    assert [resolve_dtype("auto", "cuda", f) for f in ("i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox")] == [
-        "float16", "float16", "bfloat16", "bfloat16", "bfloat16"]
+    families = ("i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v")
+    assert [resolve_dtype("auto", "cuda", f) for f in families] == [
+        "float16", "float16", "bfloat16", "bfloat16", "bfloat16", "bfloat16", "bfloat16"]
     assert resolve_dtype("auto", "cpu", "wan") == "float32"
 
 
@@ -75,12 +76,17 @@ def test_more_frames_than_a_family_can_make_is_refused_rather_than_cut():
 
 def test_each_tiny_family_reports_the_limits_of_its_released_architecture(tiny_family_models):
     infos = {f: tiny_family_models(f).info for f in TINY_FAMILIES}
-    assert {f: i.size_multiple for f, i in infos.items()} == {"svd": 16, "wan": 16, "ltx-video": 32, "cogvideox": 16}
-    assert {f: i.frame_step for f, i in infos.items()} == {"svd": 1, "wan": 4, "ltx-video": 8, "cogvideox": 8}
+    assert {f: i.size_multiple for f, i in infos.items()} == {
+        "svd": 16, "wan": 16, "ltx-video": 32, "cogvideox": 16, "skyreels-v2": 16, "hunyuanvideo-i2v": 16}
+    assert {f: i.frame_step for f, i in infos.items()} == {
+        "svd": 1, "wan": 4, "ltx-video": 8, "cogvideox": 8, "skyreels-v2": 4, "hunyuanvideo-i2v": 4}
     assert {f: i.max_prompt_tokens for f, i in infos.items()} == {
-        "svd": None, "wan": 512, "ltx-video": 128, "cogvideox": 16}
+        "svd": None, "wan": 512, "ltx-video": 128, "cogvideox": 16, "skyreels-v2": 512, "hunyuanvideo-i2v": 256}
+    assert {f: i.native_fps for f, i in infos.items() if i.native_fps} == {
+        "wan": 16, "cogvideox": 8, "skyreels-v2": 24, "hunyuanvideo-i2v": 24}
     assert not infos["svd"].takes_prompt and infos["svd"].motion
-    assert [f for f, i in infos.items() if i.lora] == ["wan", "ltx-video", "cogvideox"]
+    assert [f for f, i in infos.items() if i.lora] == [
+        "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v"]
     assert infos["cogvideox"].fixed_size == (96, 64) and infos["cogvideox"].max_frames == 9
     assert infos["svd"].savers == ("vae_slicing", "forward_chunking")  # its VAE "slices" by decoding fewer frames
 
@@ -124,7 +130,7 @@ def test_svd_maps_motion_onto_its_buckets_takes_no_prompt_and_ramps_guidance(tin
     assert not np.array_equal(calm, lively)  # the bucket reaches the UNet
 
 
-@pytest.mark.parametrize("family", ["wan", "ltx-video", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v"])
 def test_families_without_a_motion_knob_say_that_motion_was_not_used(family, tiny_family_models):
     model = tiny_family_models(family)
     notes = model.plan_conditioning(request_for(model, motion=0.7)).notes
@@ -181,10 +187,12 @@ def test_a_cancel_at_a_step_stops_each_family_and_the_next_job_is_unaffected(fam
 def test_each_familys_savers_apply_for_one_call_and_are_undone_after(family_model):
     savers = tuple(s for s in family_model.info.savers if s != "cpu_offload")
     assert savers and "cpu_offload" not in family_model.info.savers  # only useful on a GPU
+    pipe = family_model.pipeline
+    own = (getattr(pipe.vae, "use_slicing", False), getattr(pipe.vae, "use_tiling", False))
+    assert own == (False, family_model.info.family == "hunyuanvideo-i2v")  # its model card decodes tiled
     frames = family_model.generate(request_for(family_model, savers=savers), _ignore)
     assert frames.shape[0] == PLANNED_FRAMES[family_model.info.family]
-    pipe = family_model.pipeline
-    assert not getattr(pipe.vae, "use_slicing", False) and not getattr(pipe.vae, "use_tiling", False)
+    assert (getattr(pipe.vae, "use_slicing", False), getattr(pipe.vae, "use_tiling", False)) == own
     chunked = [m for d in family_model._denoisers() for m in d.modules() if getattr(m, "_chunk_size", None)]
     assert chunked == []
 
@@ -361,6 +369,111 @@ def test_wan_in_half_precision_keeps_its_vae_and_image_encoder_in_float32_and_ru
         wan.close()
 
 
+def test_ltx_video_0_9_5_and_later_run_the_condition_pipeline_with_the_image_as_frame_0s_keyframe(
+    tiny_family_dirs, tiny_family_models
+):
+    from i2v_daemon.models.ltx import LTXConditionModel
+
+    assert detect_family(str(tiny_family_dirs("ltx-condition"))) == "ltx-video"
+    ltx = tiny_family_models("ltx-condition")
+    assert isinstance(ltx, LTXConditionModel) and type(ltx.pipeline).__name__ == "LTXConditionPipeline"
+    info, older = ltx.info, tiny_family_models("ltx-video").info
+    assert (info.size_multiple, info.frame_step, info.min_frames, info.fps_conditioning, info.lora) == (
+        older.size_multiple, older.frame_step, older.min_frames, older.fps_conditioning, older.lora)
+    assert info.max_prompt_tokens == 256  # the condition pipeline's T5 length (128 for the other)
+    values = ltx.plan_conditioning(request_for(ltx, fps=12)).values
+    assert (values["frame_rate"], values["max_sequence_length"], values["image_cond_noise_scale"]) == (12, 256, 0.025)
+    timesteps: list = []
+    hook = ltx.pipeline.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: timesteps.append(kwargs["timestep"].clone()), with_kwargs=True)
+    try:
+        frames = ltx.generate(request_for(ltx), _ignore)
+    finally:
+        hook.remove()
+    first = (64 // 32) * (96 // 32)  # tokens of the first latent frame: the image's
+    for t in timesteps:  # the keyframe is clean at every step, the rest is being denoised
+        assert (t[:, :first] == 0).all() and (t[:, first:] > 0).all()
+    darker = request_for(ltx, image=Image.fromarray((np.asarray(request_for(ltx).image) // 2).astype(np.uint8)))
+    assert not np.array_equal(ltx.generate(darker, _ignore), frames)
+
+
+def test_hunyuanvideo_i2v_keeps_the_images_latent_frame_and_reads_the_image_in_its_prompt(tiny_family_models):
+    import torch
+
+    hy = tiny_family_models("hunyuanvideo-i2v")
+    pipe = hy.pipeline
+    inputs: list = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: inputs.append((kwargs["hidden_states"].clone(), kwargs["guidance"].clone(),
+                                              kwargs["encoder_hidden_states"].shape)), with_kwargs=True)
+    seen: list = []
+    vision = pipe.text_encoder.model.vision_tower.register_forward_hook(lambda *_: seen.append(1))
+    try:
+        frames = hy.generate(request_for(hy, steps=3, guidance_scale=6.0), _ignore)
+    finally:
+        hook.remove()
+        vision.remove()
+    assert len(inputs) == 3  # guidance is embedded: one pass a step, no unconditional one
+    assert all(g.tolist() == [6000.0] for _, g, _ in inputs)  # the scale, as the model was distilled with it
+    first = inputs[0][0][:, :, 0]
+    assert all(torch.equal(h[:, :, 0], first) for h, _, _ in inputs)  # token_replace: the image's frame stays
+    assert not torch.equal(inputs[0][0][:, :, 1:], inputs[-1][0][:, :, 1:])  # the others are denoised
+    assert inputs[0][2][1] == 576 // 4 + 256 - 4  # every 4th of the image's 576 LLaVA tokens, then the text
+    assert seen == [1]  # the LLaVA vision tower read the image once, for the prompt
+    notes = hy.plan_conditioning(request_for(hy)).notes
+    assert any("the negative prompt was not used" in n for n in notes)
+    darker = request_for(hy, image=Image.fromarray((np.asarray(request_for(hy).image) // 2).astype(np.uint8)))
+    assert not np.array_equal(hy.generate(darker, _ignore), frames)
+
+
+def test_hunyuanvideo_i2v_33ch_runs_true_guidance_and_makes_the_planned_frames(tiny_family_models):
+    hy = tiny_family_models("hunyuanvideo-i2v-33ch")
+    assert hy.pipeline.transformer.config.image_condition_type == "latent_concat"
+    values = hy.plan_conditioning(request_for(hy, guidance_scale=4.0)).values
+    assert (values["guidance_scale"], values["true_cfg_scale"]) == (1.0, 4.0)
+    calls: list = []
+    hook = hy.pipeline.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: calls.append(kwargs["guidance"]), with_kwargs=True)
+    try:
+        frames = hy.generate(request_for(hy, steps=2, guidance_scale=4.0), _ignore)
+    finally:
+        hook.remove()
+    assert calls == [None] * 4  # no guidance embedding: a conditional and an unconditional pass a step
+    # The pipeline decodes 4 leading frames more and cuts them off; asked for 4 more, it gives the planned 5.
+    assert frames.shape == (5, 64, 96, 3)
+
+
+def test_skyreels_v2_in_half_precision_keeps_its_vae_in_float32_and_runs(tiny_family_dirs):
+    import torch
+
+    from i2v_daemon.models.loader import load_model
+
+    sky = load_model(str(tiny_family_dirs("skyreels-v2")), device="cpu", dtype="bfloat16")
+    try:
+        pipe = sky.pipeline
+        assert type(pipe).__name__ == "SkyReelsV2ImageToVideoPipeline"
+        assert (pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.image_encoder.dtype) == (torch.bfloat16,) * 3
+        assert pipe.vae.dtype == torch.float32
+        assert sky.generate(request_for(sky), _ignore).shape == (5, 64, 96, 3)
+    finally:
+        sky.close()
+
+
+def test_skyreels_v2_sees_the_image_through_its_clip_tokens_as_well_as_its_latents(tiny_family_models):
+    sky = tiny_family_models("skyreels-v2")
+    seen: list[tuple[int, ...]] = []
+    # The pipeline takes the penultimate layer's hidden states, as Wan 2.1 does.
+    hook = sky.pipeline.image_encoder.register_forward_hook(
+        lambda _m, _a, out: seen.append(tuple(out.hidden_states[-2].shape)))
+    try:
+        frames = sky.generate(request_for(sky), _ignore)
+    finally:
+        hook.remove()
+    assert seen == [(1, 5, 8)]  # one encode per job: 4 patches and the class token, 8 wide
+    darker = request_for(sky, image=Image.fromarray((np.asarray(request_for(sky).image) // 2).astype(np.uint8)))
+    assert not np.array_equal(sky.generate(darker, _ignore), frames)
+
+
 def test_ltx_video_published_as_its_text_to_video_pipeline_runs_as_image_to_video(tiny_family_dirs, tmp_path: Path):
     import json
     import shutil
@@ -385,8 +498,9 @@ def test_ltx_video_published_as_its_text_to_video_pipeline_runs_as_image_to_vide
 def test_each_family_offers_the_schedulers_its_noise_schedule_supports(tiny_family_models):
     offered = {f: tiny_family_models(f).info.schedulers for f in TINY_FAMILIES}
     assert offered == {"svd": ("euler",), "wan": ("dpm++", "unipc"), "ltx-video": ("flow-match-euler",),
-                       "cogvideox": ("ddim", "dpm++")}
-    for family in ("wan", "cogvideox"):
+                       "cogvideox": ("ddim", "dpm++"), "skyreels-v2": ("dpm++", "unipc"),
+                       "hunyuanvideo-i2v": ("flow-match-euler",)}
+    for family in ("wan", "cogvideox", "skyreels-v2"):
         model = tiny_family_models(family)
         default = model.generate(request_for(model), _ignore)
         dpm = model.generate(request_for(model, scheduler="dpm++"), _ignore)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from i2v_daemon.models.loader import load_model
-from tests.fixtures_models import TINY_FAMILIES
+from tests.fixtures_models import TINY_FAMILIES, TINY_PIPELINES
 from tests.models.test_families import _ignore, request_for
 
 pytestmark = pytest.mark.xdist_group("placements")
 
 
-@pytest.fixture(params=("i2vgen-xl", *TINY_FAMILIES))
+@pytest.fixture(params=("i2vgen-xl", *TINY_FAMILIES, *TINY_PIPELINES))
 def fresh_model(request: pytest.FixtureRequest, tiny_family_dirs, tiny_i2vgen_dir):
     import torch
 
@@ -30,10 +30,11 @@ def fresh_model(request: pytest.FixtureRequest, tiny_family_dirs, tiny_i2vgen_di
 
 def same_frames(frames: np.ndarray, plain: np.ndarray) -> bool:
     """Equal, or off by one level in a handful of pixels: once diffusers' model CPU offload has run, the
-    I2VGen-XL pipeline rounds about 1 value in 70,000 differently (seen on the CPU, even after the
-    weights are resident again); every other placement and family gives the same bytes."""
+    I2VGen-XL pipeline rounds about 1 value in 70,000 differently, and HunyuanVideo-I2V's transformer gives
+    outputs 2e-7 apart from the same inputs, about 1 value in 8,000 of the frames (seen on the CPU, even after
+    the weights are resident again); every other placement and family gives the same bytes."""
     differ = frames != plain
-    return bool(np.abs(frames.astype(int) - plain).max() <= 1 and differ.mean() < 1e-4)
+    return bool(np.abs(frames.astype(int) - plain).max() <= 1 and differ.mean() < 1e-3)
 
 
 def test_each_placement_gives_the_plain_frames_and_can_be_changed_on_a_warm_model(fresh_model):

@@ -31,6 +31,8 @@ MODEL_CARD_SIZES = {
     "wan2.2-i2v-a14b": (1280, 720, 81),
     "ltx-video": (768, 512, 121),
     "cogvideox-5b-i2v": (720, 480, 49),
+    "skyreels-v2-i2v-14b-540p": (960, 544, 97),  # its pipeline's defaults and the 540P model card
+    "hunyuanvideo-i2v": (1280, 720, 129),  # its pipeline's defaults (720p, 129 frames, as Tencent's card)
 }
 
 
@@ -66,7 +68,7 @@ def test_every_model_has_a_placement_under_a_24_gib_budget_at_its_model_cards_si
     assert not result.chosen.fp8  # fp8 only where the user allows it
     cheaper = result.predictions[:result.predictions.index(result.chosen)]
     assert all(not p.fits for p in cheaper)  # the cheapest that fits, never a slower one
-    if name.startswith("wan"):  # 14 B parameters in bf16 are 26-31 GiB: the weights cannot all stay
+    if name.startswith(("wan", "skyreels")):  # 14 B parameters in bf16 are 26-31 GiB: the weights cannot all stay
         assert result.chosen.placement not in ("gpu", "encoders_offloaded")
 
 
@@ -79,6 +81,22 @@ def test_on_an_80_gib_card_whatever_fits_whole_stays_whole(name):
         assert result.predictions[0].peak_bytes > 72 * GIB
     else:
         assert result.chosen.placement == "gpu"
+
+
+def test_ltx_video_folders_published_for_the_condition_pipeline_are_planned_through_it(tmp_path: Path):
+    import shutil
+
+    folder = shutil.copytree(CONFIGS / "ltx-video", tmp_path / "ltx-video-condition")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "LTXConditionPipeline"}))
+    w, h, f = MODEL_CARD_SIZES["ltx-video"]
+    condition = planner.plan(str(folder), budget_bytes=24 * GIB, width=w, height=h, num_frames=f)
+    older = plan("ltx-video", 24)
+    assert condition.family == "ltx-video" and condition.chosen is not None
+    assert condition.chosen.peak_bytes <= 24 * GIB * (1 - condition.margin)
+    assert condition.components.keys() == older.components.keys()  # the same weights
+    # 256 text tokens where the image-to-video pipeline passes 128: a step costs a little more, never less.
+    assert older.costs.denoise < condition.costs.denoise < older.costs.denoise * 1.1
 
 
 def test_fp8_comes_after_every_exact_placement_and_stores_the_denoiser_in_half_the_bytes():

@@ -28,7 +28,8 @@ from i2v_daemon.work.generate import generate, plan_rungs
 IMAGES = [(96, 64), (64, 96), (100, 100), (160, 90), (300, 100)]
 RESOLUTIONS = [48, 80]
 #: What the pipelines' own check_inputs demand.
-PIPELINE_MULTIPLE = {"i2vgen-xl": 8, "svd": 8, "wan": 16, "ltx-video": 32, "cogvideox": 8}
+PIPELINE_MULTIPLE = {"i2vgen-xl": 8, "svd": 8, "wan": 16, "ltx-video": 32, "cogvideox": 8, "skyreels-v2": 16,
+                     "hunyuanvideo-i2v": 16}
 
 #: Builds whose config-derived size step is finer than their pipeline accepts.
 VARIANTS = {
@@ -79,7 +80,8 @@ def _run_planned(model, image_size: tuple[int, int], resolution: int, num_frames
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox", *VARIANTS])
+@pytest.mark.parametrize("name", ["i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox", "skyreels-v2",
+                                  "hunyuanvideo-i2v", *VARIANTS])
 def test_every_planned_size_is_one_the_familys_pipeline_accepts(name, tiny_model, tiny_family_models,
                                                                   variant_models):
     model = _model(name, tiny_model, tiny_family_models, variant_models)

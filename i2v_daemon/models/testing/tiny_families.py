@@ -1,4 +1,4 @@
-"""Tiny random SVD, Wan, LTX-Video and CogVideoX pipelines, built in code for tests (see tiny.py).
+"""Tiny random SVD, Wan, LTX-Video, CogVideoX and SkyReels-V2 pipelines, built in code for tests (see tiny.py).
 
 Each keeps its released model's down-sampling (so sizes and frame counts round as they do on the
 real weights) with a handful of channels, so a 96×64, 9-frame, 2-step job takes well under a
@@ -111,11 +111,14 @@ def _tiny_wan(head_dim: int = 4, ffn_dim: int = 16, experts: int = 1, layers: in
     )
 
 
-def _tiny_ltx(vae_patch_size: int = 4) -> Any:
-    """`vae_patch_size` below 4 makes a VAE that compresses space less than the released one (8·patch)."""
+def _tiny_ltx(vae_patch_size: int = 4, condition: bool = False) -> Any:
+    """`vae_patch_size` below 4 makes a VAE that compresses space less than the released one (8·patch);
+    `condition=True` is LTX-Video 0.9.5's shape: `LTXConditionPipeline`, a timestep-aware VAE decoder and
+    0.9.5's scheduler (no dynamic shifting: the pipeline passes its own linear-quadratic schedule)."""
     from diffusers import (
         AutoencoderKLLTXVideo,
         FlowMatchEulerDiscreteScheduler,
+        LTXConditionPipeline,
         LTXImageToVideoPipeline,
         LTXVideoTransformer3DModel,
     )
@@ -128,7 +131,7 @@ def _tiny_ltx(vae_patch_size: int = 4) -> Any:
         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
         spatio_temporal_scaling=(True, True, True, False), decoder_spatio_temporal_scaling=(True, True, True, False),
         decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        timestep_conditioning=False, patch_size=vae_patch_size, patch_size_t=1,
+        timestep_conditioning=condition, patch_size=vae_patch_size, patch_size_t=1,
     )
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=4,
@@ -138,6 +141,12 @@ def _tiny_ltx(vae_patch_size: int = 4) -> Any:
         base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05, shift_terminal=0.1,
         use_dynamic_shifting=True,
     )
+    if condition:
+        return LTXConditionPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False), vae=vae,
+            text_encoder=T5EncoderModel(_t5_config(len(tokenizer))), tokenizer=t5_tokenizer(256),
+            transformer=transformer,
+        )
     return LTXImageToVideoPipeline(
         scheduler=scheduler, vae=vae, text_encoder=T5EncoderModel(_t5_config(len(tokenizer))), tokenizer=tokenizer,
         transformer=transformer,
@@ -177,10 +186,59 @@ def _tiny_cogvideox() -> Any:
     )
 
 
+def _tiny_skyreels_v2() -> Any:
+    """Wan 2.1's shape with SkyReels' transformer: CLIP image tokens enter through their own K/V projections
+    (`added_kv_proj_dim`, as in the released I2V models), and the image processor is a CLIPProcessor."""
+    from diffusers import (
+        AutoencoderKLWan,
+        SkyReelsV2ImageToVideoPipeline,
+        SkyReelsV2Transformer3DModel,
+        UniPCMultistepScheduler,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        UMT5EncoderModel,
+    )
+
+    from i2v_daemon.models.testing.tiny import byte_level_tokenizer
+
+    tokenizer = t5_tokenizer(512)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4, in_channels=36, out_channels=16,
+        text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, image_dim=8, added_kv_proj_dim=8,
+    )
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=8, projection_dim=8, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        intermediate_size=16, patch_size=16,
+    ))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(crop_size=32, size=32),
+                              tokenizer=byte_level_tokenizer()[0])
+    # The I2V models' flow shift (the pipeline's example: 5.0 for I2V).
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    return SkyReelsV2ImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=UMT5EncoderModel(_t5_config(len(tokenizer), umt5=True)), vae=vae,
+        image_encoder=image_encoder, image_processor=processor, transformer=transformer, scheduler=scheduler,
+    )
+
+
+def _tiny_hunyuan_video_i2v(latent_concat: bool = False) -> Any:
+    from i2v_daemon.models.testing.tiny_hunyuan import tiny_hunyuan_video_i2v
+
+    return tiny_hunyuan_video_i2v(latent_concat)
+
+
 #: family -> its tiny pipeline's builder (keyword options change its down-sampling, for planning tests).
 TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "svd": _tiny_svd,
     "wan": _tiny_wan,
     "ltx-video": _tiny_ltx,
     "cogvideox": _tiny_cogvideox,
+    "skyreels-v2": _tiny_skyreels_v2,
+    "hunyuanvideo-i2v": _tiny_hunyuan_video_i2v,
 }
