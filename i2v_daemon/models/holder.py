@@ -352,6 +352,7 @@ class ModelHolder:
             memory.learn(
                 t for t in self._history()
                 if t.get("gpu") == gpu.gpu_name(model.device) and t.get("family", "i2vgen-xl") == family
+                and t.get("placement", "gpu") == model.placement  # per family and placement
             )
         return _Warm(_test_seam(model), memory, max(0, gpu.allocated_bytes(device) - before), time.monotonic(),
                      weights=weights)

@@ -155,11 +155,17 @@ class MemoryModel:
 def choose_start(
     memory: MemoryModel | None, rungs: list[Any], num_frames: int
 ) -> tuple[int, list[str]]:
-    """Index of the first rung predicted to fit, and notes on the ones skipped."""
+    """Index of the first rung predicted to fit, and notes on the ones skipped.
+
+    A rung with a heavier placement than the planned one is past what this model predicts (it learns the
+    weights resident where they were placed): it is tried, not skipped.
+    """
     if memory is None:
         return 0, []
     notes: list[str] = []
     for i, rung in enumerate(rungs):
+        if getattr(rung, "placement", None) is not None:
+            return i, notes
         accelerated = bool(getattr(rung, "accelerated", False))
         if memory.fits(rung.width, rung.height, num_frames, rung.savers, accelerated):
             return i, notes

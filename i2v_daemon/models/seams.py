@@ -23,11 +23,15 @@ class OOMAbove:
     so a test can make only the fast path run out.
     """
 
-    def __init__(self, inner: Any, pixel_frames: int, saver_factor: float = 1.0, fast_factor: float = 1.0) -> None:
+    def __init__(self, inner: Any, pixel_frames: int, saver_factor: float = 1.0, fast_factor: float = 1.0,
+                 placement_factor: float = 1.0) -> None:
         self.inner = inner
         self.pixel_frames = pixel_frames
         self.saver_factor = saver_factor
         self.fast_factor = fast_factor
+        #: each placement after `gpu` (models/placement.py's order) multiplies the budget by this once more
+        self.placement_factor = placement_factor
+        self.placements: list[str] = []  # per call: where the weights were
         self.calls: list[tuple[int, int, int, tuple[str, ...]]] = []
         self.accelerated_calls: list[bool] = []
         #: A weak reference to the tensor each failing call allocated before it ran out: a test can
@@ -39,7 +43,11 @@ class OOMAbove:
         return getattr(self.inner, name)
 
     def allowed(self, savers: tuple[str, ...], accelerated: bool = False) -> float:
-        return self.pixel_frames * self.saver_factor ** len(savers) * (self.fast_factor if accelerated else 1.0)
+        from i2v_daemon.models.placement import PLACEMENTS
+
+        heavier = PLACEMENTS.index(getattr(self.inner, "placement", "gpu"))
+        return (self.pixel_frames * self.saver_factor ** len(savers) * (self.fast_factor if accelerated else 1.0)
+                * self.placement_factor**heavier)
 
     def generate(
         self, request: GenerationRequest, on_step: StepCallback, on_phase: PhaseCallback | None = None
@@ -47,6 +55,7 @@ class OOMAbove:
         self.alive_at_start.append(sum(ref() is not None for ref in self.failed_allocations))
         self.calls.append((request.width, request.height, request.num_frames, request.savers))
         self.accelerated_calls.append(request.accelerated)
+        self.placements.append(getattr(self.inner, "placement", "gpu"))
         if request.width * request.height * request.num_frames > self.allowed(request.savers, request.accelerated):
             # Fail part-way, as a real OOM does: after allocating activations and a step of progress.
             activations = torch.empty(request.num_frames, 4, request.height // 8 or 1, request.width // 8 or 1)

@@ -38,6 +38,7 @@ from i2v_daemon.models.gpu import (
     reset_peak,
 )
 from i2v_daemon.models.memory import DEFAULT_FAST_DECODE_CHUNK, MemoryModel, choose_start
+from i2v_daemon.models.placement import PLACEMENTS
 
 if TYPE_CHECKING:
     # Only its attributes are read: the benchmark passes a plain stand-in where pydantic is missing.
@@ -65,12 +66,18 @@ class Rung:
     height: int
     savers: tuple[str, ...]
     accelerated: bool = False  # the fast path; an OOM there retries eagerly at the same size first
+    placement: str | None = None  # a heavier placement than the planned one (None: the weights stay put)
 
 
 def plan_rungs(
     model: VideoModel, plan_w: int, plan_h: int, ladder: list[int], *, accelerate: bool = False
 ) -> list[Rung]:
-    """The tries in order: (the fast path,) the planned size with ever more savers, then smaller sizes with all."""
+    """The tries in order: (the fast path,) the planned size with ever more savers, then with each heavier
+    placement, then smaller sizes with all savers and the heaviest placement.
+
+    Heavier placements are rungs only where a placement was planned for a card (models/holder.py): a
+    model on the CPU has nothing to offload to.
+    """
     supported = set(model.info.savers)
     if not model.device.startswith("cuda"):
         supported.discard("cpu_offload")
@@ -84,13 +91,26 @@ def plan_rungs(
         # Only the saver-free try at the planned size: once a job has run out of memory the eager
         # path's smaller peak is worth more than the compiled one's speed.
         rungs.insert(0, Rung(plan_w, plan_h, (), accelerated=True))
+    heavier = heavier_placements(model)
+    savers = steps[-1]
+    if heavier:  # whole-component CPU offload is a placement of its own (model_offload): not on top of one
+        savers = tuple(x for x in savers if x != "cpu_offload")
+        rungs += [Rung(plan_w, plan_h, savers, placement=p) for p in heavier]
     short = min(plan_w, plan_h)
     for r in ladder:
         if r < short:
             smaller = model.plan_size((plan_w, plan_h), r, None, None)
             if min(smaller.width, smaller.height) < short:
-                rungs.append(Rung(smaller.width, smaller.height, steps[-1]))
+                rungs.append(Rung(smaller.width, smaller.height, savers, placement=heavier[-1] if heavier else None))
     return rungs
+
+
+def heavier_placements(model: VideoModel) -> list[str]:
+    """The placements after the model's own, in order of cost, where one was planned for a card; else none."""
+    if not getattr(model, "placement_plan", None) or not hasattr(model, "place"):
+        return []
+    current = getattr(model, "placement", "gpu")
+    return list(PLACEMENTS[PLACEMENTS.index(current) + 1:]) if current in PLACEMENTS else []
 
 
 def decode_chunk_for(model: VideoModel, rung: Rung, num_frames: int, memory: MemoryModel | None) -> int | None:
@@ -144,24 +164,31 @@ def generate(
     start, skipped = choose_start(memory, rungs, base.num_frames)
     notes = [*plan.notes, *skipped]
     last_error = ""
-    for n, rung in enumerate(rungs[start:], start + 1):
-        tried = _try_rung(model, plan, rung, n, memory, on_step=on_step, on_phase=on_phase, on_try=on_try)
-        if isinstance(tried, str):  # out of memory: on to the next rung
-            last_error = tried
-            continue
-        video, entry = tried
-        if n > 1:
-            first = rungs[start]
-            where = " on the fast path" if first.accelerated and n > start + 1 else ""
-            notes.append(
-                f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}{where}; "
-                f"made it at {rung.width}x{rung.height} with savers {list(rung.savers) or 'none'}"
-            )
-        if entry.get("fell_back"):
-            notes.append(entry["fell_back"])
-        if entry.get("vae_float32"):
-            notes.append(model.last_run["vae_float32"])
-        return Outcome(frames=video, effective=_effective(model, params, plan, rung, entry), notes=notes)
+    placed = getattr(model, "placement", None)
+    try:
+        for n, rung in enumerate(rungs[start:], start + 1):
+            tried = _try_rung(model, plan, rung, n, memory, on_step=on_step, on_phase=on_phase, on_try=on_try)
+            if isinstance(tried, str):  # out of memory: on to the next rung
+                last_error = tried
+                continue
+            video, entry = tried
+            if n > 1:
+                first = rungs[start]
+                where = " on the fast path" if first.accelerated and n > start + 1 else ""
+                moved = f" and the weights placed {rung.placement}" if rung.placement else ""
+                notes.append(
+                    f"ran out of GPU memory at {rungs[0].width}x{rungs[0].height}{where}; "
+                    f"made it at {rung.width}x{rung.height} with savers {list(rung.savers) or 'none'}{moved}"
+                )
+            if entry.get("fell_back"):
+                notes.append(entry["fell_back"])
+            if entry.get("vae_float32"):
+                notes.append(model.last_run["vae_float32"])
+            return Outcome(frames=video, effective=_effective(model, params, plan, rung, entry), notes=notes)
+    finally:
+        if placed is not None and getattr(model, "placement", placed) != placed:
+            free_memory(model.device)
+            model.place(placed)  # the next job starts where the plan put the weights
     smallest = rungs[-1]
     raise OutOfMemory(
         f"out of GPU memory even at {smallest.width}x{smallest.height}, {base.num_frames} frames, with "
@@ -219,6 +246,9 @@ def _try_rung(
     Every try is reported to `on_try` (and taught to the memory model, whatever its outcome but an
     error); an error other than out-of-memory is reported, then propagates.
     """
+    if rung.placement is not None and getattr(model, "placement", None) != rung.placement:
+        free_memory(model.device)
+        model.place(rung.placement)  # heavier than planned: less on the GPU at once
     chunk = decode_chunk_for(model, rung, plan.base.num_frames, memory)
     req = replace(plan.base, width=rung.width, height=rung.height, savers=rung.savers, accelerated=rung.accelerated,
                   decode_chunk=chunk)
@@ -244,7 +274,7 @@ def _try_rung(
         free_memory(model.device)
         entry.update(outcome="out_of_memory", error=oom)
         on_try(entry)
-        if memory is not None:
+        if memory is not None and rung.placement is None:  # it models the planned placement only
             memory.learn([entry])
         return oom
     entry.update(
@@ -253,7 +283,7 @@ def _try_rung(
     )
     _record_run(model, entry, stale, finished=True)
     on_try(entry)
-    if memory is not None:
+    if memory is not None and rung.placement is None:
         memory.learn([entry])
     return video, entry
 

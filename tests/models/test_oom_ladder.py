@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -39,6 +40,45 @@ def test_the_rungs_try_savers_at_full_size_before_stepping_down(tiny_model):
     assert smaller and all(min(r.width, r.height) < 64 for r in smaller)
     assert all(r.savers == rungs[2].savers for r in smaller)
     assert [min(r.width, r.height) for r in smaller] == sorted({min(r.width, r.height) for r in smaller}, reverse=True)
+
+
+def test_where_a_placement_was_planned_the_ladder_tries_heavier_placements_before_smaller_sizes(tiny_model):
+    tiny_model.placement_plan = {"placement": "gpu", "planned_for": "96x64x4"}  # as the holder plans for a card
+    try:
+        rungs = plan_rungs(tiny_model, 96, 64, LADDER)
+    finally:
+        tiny_model.placement_plan = {}
+    full = [r for r in rungs if (r.width, r.height) == (96, 64)]
+    assert [r.placement for r in full] == [None, None, None, "encoders_offloaded", "model_offload", "group_offload",
+                                           "group_offload_leaf"]
+    smaller = rungs[len(full):]
+    assert smaller and all(r.placement == "group_offload_leaf" and min(r.width, r.height) < 64 for r in smaller)
+    assert plan_rungs(tiny_model, 96, 64, LADDER) == [r for r in rungs if r.placement is None] + [
+        r.__class__(r.width, r.height, r.savers) for r in smaller]  # no plan (the CPU): no placement rungs
+
+
+def test_a_job_out_of_memory_at_every_saver_runs_at_full_size_on_a_heavier_placement_and_the_next_starts_planned(
+    tiny_model,
+):
+    n = 96 * 64 * 4
+    # The same try on the GPU placement: only all three savers make it fit there (2 of them: 1.055x, 3: 1.069x).
+    with_savers, saver_tries = run(OOMAbove(tiny_model, pixel_frames=n - 1, saver_factor=(n / (n - 1)) ** 0.4))
+    assert [t["outcome"] for t in saver_tries] == ["out_of_memory", "out_of_memory", "succeeded"]
+    tiny_model.placement_plan = {"placement": "gpu", "planned_for": "96x64x4"}
+    seam = OOMAbove(tiny_model, pixel_frames=n - 1, placement_factor=1.5)  # only off the GPU it fits
+    try:
+        outcome, tries = run(seam)
+    finally:
+        tiny_model.placement_plan = {}
+    assert [(t["placement"], t["outcome"]) for t in tries] == [
+        ("gpu", "out_of_memory"), ("gpu", "out_of_memory"), ("gpu", "out_of_memory"),
+        ("encoders_offloaded", "succeeded")]
+    assert (tries[-1]["width"], tries[-1]["height"]) == (96, 64)  # the size asked for, not a smaller one
+    assert "and the weights placed encoders_offloaded" in outcome.notes[-1]
+    assert np.array_equal(outcome.frames, with_savers.frames)  # the same math, the weights elsewhere
+    assert tiny_model.placement == "gpu"  # put back where the plan had them, for the next job
+    _, again_tries = run(tiny_model)
+    assert [(t["placement"], t["savers"]) for t in again_tries] == [("gpu", [])]
 
 
 def test_a_job_that_fits_runs_once_with_no_savers(tiny_model):
