@@ -337,8 +337,7 @@ class Daemon:
         # `auto` and `cuda` resolve to a real device now; nothing was claimed yet, so the id can follow.
         resolved = getattr(model, "device", None)
         if resolved and resolved != self.worker.device:
-            self.worker.device = resolved
-            self.worker.worker_id = make_worker_id(resolved)
+            self.worker.rename(resolved)
         return True
 
     # ---- running --------------------------------------------------------------------------------
@@ -388,13 +387,13 @@ class Daemon:
                 log.warning("paused", action="queued jobs stay queued; `i2v-daemon resume` lets them run")
                 break
             waiting = self.store.list_jobs(1000, statuses=[JobStatus.QUEUED])
-            if self._only_models_missing(waiting):
-                return EX_CONFIG  # as for the default model: waiting out backoffs here would not fetch it
             larger = [j.id for j in waiting if not self.worker.cards.fits(j)]
             if larger:  # this card will never take them: not worth waiting for (their error says why)
                 self.worker.cards.explain_waiting()
                 log.warning("jobs_left_for_a_larger_card", job_ids=larger)
                 waiting = [j for j in waiting if j.id not in larger]
+            if self._only_models_missing(waiting):
+                return EX_CONFIG  # as for the default model: waiting out backoffs here would not fetch it
             if not self._wait_for_backoff(waiting):
                 break
         return 0

@@ -401,8 +401,7 @@ class ModelHolder:
             return planner.need(
                 str(folder), num_frames=params.num_frames, resolution=params.resolution, width=params.width,
                 height=params.height, image_size=image_size, ladder=ladder, dtype=self.dtype,
-                weights=weights.kind, allow_fp8_fallback=self.allow_fp8_fallback and weights.kind == "auto",
-                margin=self.memory_margin,
+                weights=weights.kind, margin=self.memory_margin,
             )
         except I2VError as err:  # an unplannable job is left to the ladder, never failed by the plan
             get_logger().warning("need_not_planned", model=model_id, error=str(err))

@@ -169,13 +169,14 @@ class Need:
 def need(
     model: str, *, num_frames: int, resolution: int = 512, width: int | None = None, height: int | None = None,
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, ladder: list[int] | None = None, dtype: str = "auto",
-    weights: str = "auto", allow_fp8_fallback: bool = False, margin: float = DEFAULT_MARGIN,
+    weights: str = "auto", margin: float = DEFAULT_MARGIN,
 ) -> Need:
     """The least a card must offer for this job to run at all, from the model's configs alone.
 
     The job may step down to the smallest rung of `ladder` below its size (the out-of-memory ladder's
-    last resort) and to any placement, fp8 storage included where `weights` or `allow_fp8_fallback`
-    allow it; the need is the leanest of those, with `margin` of the card kept free as a job keeps it.
+    last resort) and to any placement; the need is the leanest of those, with `margin` of the card kept
+    free as a job keeps it. fp8 storage counts only with `weights = "fp8"`: `allow_fp8_fallback` decides
+    at load, for the largest preset, and the ladder never switches a loaded model to fp8.
     """
     view, meta, resolved = meta_model(model, dtype)
     size = view.plan_size(image_size, resolution, width, height)
@@ -185,7 +186,7 @@ def need(
     if lower:
         step = view.plan_size((w, h), min(lower), None, None)
         w, h = step.width, step.height
-    fp8 = "only" if weights == "fp8" else ("fallback" if allow_fp8_fallback else "no")
+    fp8 = "only" if weights == "fp8" else "no"
     costs = _costs(str(meta.folder), resolved, w, h, frames)
     leanest = min(placement.predictions(weights_of(meta.components), costs, 0, fp8=fp8), key=lambda p: p.peak_bytes)
     return Need(budget_bytes=math.ceil(leanest.peak_bytes / (1 - margin)), placement=leanest.name,

@@ -495,7 +495,8 @@ class Store:
     def explain_needs(self, most_bytes: int, reason: Callable[[int], dict[str, str]]) -> list[int]:
         """Queued jobs that need more than `most_bytes` (the largest live card) get `reason(need)` as their error.
 
-        Returns the ids whose error changed; a job already saying so is left alone (no write, no event).
+        Returns the ids whose error changed; a job already saying so, or showing another error (an environment
+        wait's, which counts its waits), is left alone.
         """
         with self._read() as conn:
             rows = conn.execute(
@@ -505,8 +506,8 @@ class Store:
         changed = []
         for job_id, need, error in rows:
             wanted = reason(int(need))
-            if error == wanted:
-                continue
+            if error == wanted or (error and error.get("type") != wanted.get("type")):
+                continue  # said already, or another reason (a wait's own count) is on it
             with self.engine.begin() as conn:
                 n = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == _Q)
                                  .values(error=wanted, updated_us=now_us())).rowcount

@@ -92,7 +92,14 @@ class Cards:
         key = (model, params.resolution, params.width, params.height, params.num_frames, params.weights,
                size[0] * 1000 // max(size[1], 1))  # the aspect ratio decides the size, not the pixels
         if key not in self._needs:
-            self._needs[key] = self.models.need(model, params, size, list(self.s.resolution_ladder))
+            try:
+                found = self.models.need(model, params, size, list(self.s.resolution_ladder))
+            except Exception as err:  # a plan that cannot be made leaves the job to the ladder, never fails it
+                log.warning("need_not_planned", model=model, error=f"{type(err).__name__}: {err}")
+                return None
+            if found is None:
+                return None  # not known now (configs not downloaded yet): asked again next time
+            self._needs[key] = found
         return self._needs[key]
 
     def at_intake(self, request: JobRequest, image: Path) -> JobRequest:
@@ -108,7 +115,7 @@ class Cards:
             message = (
                 f"needs a card offering at least {found.describe()}, and the largest card that has worked "
                 f"for this queue offers {gib(biggest['budget_bytes'])} ({biggest['worker']}); ask for a lower "
-                f"resolution or fewer frames, allow fp8 weights (allow_fp8_fallback), or add a larger card"
+                f"resolution or fewer frames, use fp8 weights (weights = \"fp8\"), or add a larger card"
             )
             return replace(request, params=None, rejection={"type": "needs_larger_card", "message": message})
         return replace(request, need_bytes=found.budget_bytes)

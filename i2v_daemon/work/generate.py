@@ -17,6 +17,7 @@ from PIL import Image
 
 from i2v_daemon.errors import OutOfMemory, first_line
 from i2v_daemon.intake.choices import resolve_lora
+from i2v_daemon.logs import get_logger
 from i2v_daemon.models.base import (
     SAVERS,
     ConditioningPlan,
@@ -79,7 +80,8 @@ def plan_rungs(
     model on the CPU has nothing to offload to.
     """
     supported = set(model.info.savers)
-    if not model.device.startswith("cuda"):
+    heavier = heavier_placements(model)
+    if not model.device.startswith("cuda") or heavier:  # with placements, model offload is one of them
         supported.discard("cpu_offload")
     steps: list[tuple[str, ...]] = [()]
     for s in SAVER_STEPS:
@@ -91,11 +93,8 @@ def plan_rungs(
         # Only the saver-free try at the planned size: once a job has run out of memory the eager
         # path's smaller peak is worth more than the compiled one's speed.
         rungs.insert(0, Rung(plan_w, plan_h, (), accelerated=True))
-    heavier = heavier_placements(model)
     savers = steps[-1]
-    if heavier:  # whole-component CPU offload is a placement of its own (model_offload): not on top of one
-        savers = tuple(x for x in savers if x != "cpu_offload")
-        rungs += [Rung(plan_w, plan_h, savers, placement=p) for p in heavier]
+    rungs += [Rung(plan_w, plan_h, savers, placement=p) for p in heavier]
     short = min(plan_w, plan_h)
     for r in ladder:
         if r < short:
@@ -187,14 +186,29 @@ def generate(
             return Outcome(frames=video, effective=_effective(model, params, plan, rung, entry), notes=notes)
     finally:
         if placed is not None and getattr(model, "placement", placed) != placed:
-            free_memory(model.device)
-            model.place(placed)  # the next job starts where the plan put the weights
+            _place_back(model, placed)
     smallest = rungs[-1]
     raise OutOfMemory(
         f"out of GPU memory even at {smallest.width}x{smallest.height}, {base.num_frames} frames, with "
         f"savers {list(smallest.savers) or 'none'} on {card(model.device)}; ask for fewer frames or a lower "
         f"resolution, or free the GPU of other programs ({last_error[:160]})"
     )
+
+
+def _place_back(model: VideoModel, placed: str) -> None:
+    """The weights back where the plan put them, for the next job; never raised over the job's outcome.
+
+    If they do not fit there now (another program took GPU memory meanwhile), they stay on the heavier
+    placement the job ran on, whole, and the log says so: slower jobs, not broken ones.
+    """
+    heavier = model.placement
+    free_memory(model.device)
+    try:
+        model.place(placed)
+    except Exception as err:
+        get_logger().warning("placement_not_restored", planned=placed, kept=heavier, error=first_line(err))
+        free_memory(model.device)
+        model.place(heavier)
 
 
 def _plan_request(

@@ -92,6 +92,11 @@ class Worker:
         self.cards = Cards(settings, store, models if hasattr(models, "card_budget") else None,
                            worker_id=self.worker_id, host=self.host, device=self.device)
 
+    def rename(self, device: str) -> None:
+        """`auto` (or `cuda`) resolved to a real device before the first claim: the id and the card follow it."""
+        self.device = self.cards.device = device
+        self.worker_id = self.cards.worker_id = make_worker_id(device)
+
     @property
     def current(self) -> int | None:
         """The id of the job in hand, None when idle."""

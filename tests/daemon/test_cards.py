@@ -129,3 +129,31 @@ def test_a_worker_that_claims_a_job_of_unknown_need_works_it_out_and_gives_it_ba
     assert store.claim_next("box/1/cpu", lease_seconds=60, budget_bytes=cards.budget_bytes) is None
     assert store.claim_next("big/2/cuda:0", lease_seconds=60, budget_bytes=GIB) is not None
     store.close()
+
+
+def test_a_worker_whose_device_auto_resolved_records_the_need_under_the_name_it_claims_with(
+    tmp_path: Path, tiny_i2vgen_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from i2v_daemon.daemon import Daemon
+    from i2v_daemon.files import job_dir
+
+    monkeypatch.setenv("I2V_TEST_DEVICE_BUDGET_GIB", str(SMALL))
+    settings = load_settings(write_config(tmp_path / "config.toml", tmp_path / "data", tiny_i2vgen_dir,
+                                          device="auto"))
+    daemon = Daemon(settings)
+    try:
+        assert daemon.worker.worker_id.endswith("/auto")
+        params = Params(preset="tiny", resolution=64, num_frames=4, steps=2, guidance_scale=2.0, fps=4)
+        job, _ = daemon.store.enqueue(JobRequest("cat", ("cat.png",), "key-cat", "a cat", "", params))
+        inputs = job_dir(settings.filled("work_dir"), job.id) / "input"
+        inputs.mkdir(parents=True)
+        make_image(inputs / "cat.png")
+        assert daemon._load_model()  # `auto` is the CPU here: the worker is named after it before its first claim
+        assert daemon.worker.worker_id.endswith("/cpu") and daemon.worker.cards.worker_id == daemon.worker.worker_id
+        assert daemon.worker.run_once()
+        back = daemon.store.get(job.id)
+        assert back is not None and back.status is JobStatus.QUEUED and back.attempts == 0  # not dropped, not counted
+        assert back.error is not None and back.error["type"] == "needs_larger_card" and back.need_bytes
+    finally:
+        daemon.models.unload()
+        daemon.store.close()

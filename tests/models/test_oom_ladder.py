@@ -81,6 +81,52 @@ def test_a_job_out_of_memory_at_every_saver_runs_at_full_size_on_a_heavier_place
     assert [(t["placement"], t["savers"]) for t in again_tries] == [("gpu", [])]
 
 
+class _OnCuda:
+    """The tiny model as the ladder sees a CUDA one (only its rungs are asked for here)."""
+
+    device = "cuda"
+
+    def __init__(self, inner, planned: bool) -> None:
+        from dataclasses import replace
+
+        self.inner = inner
+        self.placement_plan = {"placement": "gpu"} if planned else {}
+        # On a GPU the family offers whole-component CPU offload as its last saver.
+        self.info = replace(inner.info, savers=(*inner.info.savers, "cpu_offload"))
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def test_on_a_card_model_offload_is_a_placement_rung_not_a_saver_on_top_of_the_planned_one(tiny_model):
+    unplanned = plan_rungs(_OnCuda(tiny_model, planned=False), 96, 64, LADDER)
+    assert "cpu_offload" in unplanned[3].savers  # no plan: whole-component offload is the last saver, as before
+    planned = plan_rungs(_OnCuda(tiny_model, planned=True), 96, 64, LADDER)
+    assert all("cpu_offload" not in r.savers for r in planned)
+    assert [r.placement for r in planned[:7]] == [None, None, None, "encoders_offloaded", "model_offload",
+                                                  "group_offload", "group_offload_leaf"]
+
+
+def test_weights_that_cannot_go_back_to_the_planned_placement_stay_whole_where_the_job_ran(tiny_model):
+    class BackFails(OOMAbove):
+        def place(self, placement: str) -> None:
+            if placement == "gpu":  # another program took the card meanwhile
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test: the way back)")
+            self.inner.place(placement)
+
+    tiny_model.placement_plan = {"placement": "gpu"}
+    seam = BackFails(tiny_model, pixel_frames=96 * 64 * 4 - 1, placement_factor=1.5)
+    try:
+        outcome, tries = run(seam)
+        assert tries[-1]["outcome"] == "succeeded" and outcome.frames.shape == (4, 64, 96, 3)  # the job keeps it
+        assert tiny_model.placement == "encoders_offloaded"  # whole, and where it worked
+        _, again = run(tiny_model)  # the next job runs there, slower but right
+        assert [(t["placement"], t["outcome"]) for t in again] == [("encoders_offloaded", "succeeded")]
+    finally:
+        tiny_model.placement_plan = {}
+        tiny_model.place("gpu")
+
+
 def test_a_job_that_fits_runs_once_with_no_savers(tiny_model):
     outcome, tries = run(tiny_model)
     assert [t["outcome"] for t in tries] == ["succeeded"]
