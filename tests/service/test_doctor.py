@@ -135,9 +135,11 @@ def test_doctor_says_which_presets_fit_the_card_from_the_models_configs(env: Env
     card = env.cli("doctor", "--json", "--min-free-gib", "0.001", env={"I2V_TEST_DEVICE_BUDGET_GIB": "2"})
     assert card.returncode == 0, card.stdout + card.stderr
     fit = {c["name"]: c for c in json.loads(card.stdout)["checks"]}["fit"]
-    assert fit["level"] == "ok" and fit["message"].startswith(f"{env.model_dir} on a 2 GiB card (predicted): ")
+    assert fit["level"] == "ok", fit
+    head = f"{env.model_dir} on a 2 GiB card (predicted): placed gpu (planned for 1360x768x24); "
+    assert fit["message"].startswith(head), fit["message"]
     for preset in ("fast", "standard", "high", "tiny"):
-        assert re.search(rf"\b{preset} \d+x\d+x\d+ → gpu \(0\.\d GiB\)", fit["message"]), fit["message"]
+        assert re.search(rf"; {preset} \d+x\d+x\d+ \(0\.\d GiB\)", fit["message"]), fit["message"]
     assert "wan-turbo" not in fit["message"]  # not usable without its LoRA
 
     tiny = env.cli("doctor", "--json", "--min-free-gib", "0.001", env={"I2V_TEST_DEVICE_BUDGET_GIB": "0.01"})
