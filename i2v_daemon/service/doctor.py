@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from i2v_daemon.errors import NotReady, first_line
+from i2v_daemon.errors import InputError, NotReady, first_line
 from i2v_daemon.models.hub import HubProbe, hub_cli
 from i2v_daemon.service.readiness import database_problem, model_cache_problem, os_problem
 
@@ -65,6 +65,7 @@ def run_checks(settings: Settings, *, min_free_gib: float = 5.0) -> list[Check]:
         ("database", lambda: check_database(settings)),
         ("model", lambda: check_models(settings)),
         ("model_cache", lambda: check_model_cache(settings)),
+        ("fit", lambda: check_fit(settings)),
         ("rife_model", lambda: check_rife_model(settings)),
         ("on_finish", lambda: check_on_finish(settings)),
         ("api_token_file", lambda: check_api_token_file(settings)),
@@ -372,6 +373,78 @@ def check_models(settings: Settings) -> list[Check]:
     for name, entry in settings.models.items():
         check = _model_check(f"models.{name}", entry.model, hub, name=name)
         out.append(_weights_check(check, entry.model, weights[name], f"models.{name}."))
+    return out
+
+
+def check_fit(settings: Settings) -> list[Check]:
+    """Which presets fit this card, for every model whose configs are here (`i2v-daemon plan`'s answer).
+
+    One line per model: the placement the daemon would load it with (planned for the largest preset, as
+    the holder plans it) and each preset's predicted peak there; a warning for a preset that fits only on
+    a heavier placement of the out-of-memory ladder, only smaller, or not at all. The CPU has no card to
+    plan for.
+    """
+    from i2v_daemon.models import loader, planner
+    from i2v_daemon.models.holder import ModelHolder
+    from i2v_daemon.params import NEEDS_LORA
+
+    budget = ModelHolder(settings.model, settings.device, settings.dtype,
+                         vram_budget_gib=settings.vram_budget_gib).card_budget()
+    if budget is None:
+        return [Check("ok", "fit", f"device = {settings.device}: no card to plan for; `i2v-daemon plan --vram-gib N` "
+                                   "answers for one")]
+    weights = settings.model_weights()
+    presets = settings.all_presets()
+    out = []
+    for name, model in settings.model_choices().items():
+        folder = loader.config_folder(model)
+        key = "fit" if name == "default" else f"fit models.{name}"
+        if folder is None:
+            out.append(Check("ok", key, f"{model}: its configs are not here yet; planned when it is downloaded"))
+            continue
+        plans: dict[str, Any] = {}
+        said, short = [], []
+        for preset_name, preset in presets.items():
+            if preset.lora is None and preset_name in NEEDS_LORA:
+                continue  # not usable until it has its LoRA (`[presets.wan-turbo] lora = …`)
+            kind = preset.weights or weights[name].kind
+            try:
+                plans[preset_name] = planner.plan(
+                    str(folder), budget_bytes=budget, resolution=preset.resolution, num_frames=preset.num_frames,
+                    ladder=list(settings.resolution_ladder), dtype=settings.dtype, weights=kind,
+                    margin=settings.memory_margin, allow_fp8_fallback=settings.allow_fp8_fallback and kind == "auto")
+            except InputError as err:  # a size or frame count this family cannot honour: not this card's fault
+                said.append(f"{preset_name}: not for this model ({first_line(err)})")
+            except Exception as err:  # one preset the model cannot plan says so; the others are still shown
+                said.append(f"{preset_name}: cannot be planned ({first_line(err)})")
+                short.append(preset_name)
+        if plans:
+            # As the daemon does: one placement, planned at load for the largest preset, serves every job.
+            largest = max(plans.values(), key=lambda p: p.width * p.height * p.num_frames)
+            placed = largest.chosen or largest.predictions[-1]
+            head = f"placed {placed.name} (planned for {largest.width}x{largest.height}x{largest.num_frames})"
+            for preset_name, plan in plans.items():
+                size = f"{plan.width}x{plan.height}x{plan.num_frames}"
+                there = next(p for p in plan.predictions if p.name == placed.name)
+                if there.fits:
+                    said.append(f"{preset_name} {size} ({there.peak_bytes / GIB:.1f} GiB)")
+                    continue
+                short.append(preset_name)
+                heavier = next((p for p in plan.predictions if p.fits), None)
+                smaller = next((s for s in plan.smaller if s["chosen"]), None)
+                if heavier is not None:
+                    said.append(f"{preset_name} {size} only on the ladder's {heavier.name}")
+                elif smaller is not None:
+                    pick = smaller["chosen"]
+                    said.append(f"{preset_name} {size} does not fit, runs at {smaller['width']}x{smaller['height']} "
+                                f"({pick['placement']}{'+fp8' if pick['fp8'] else ''})")
+                else:
+                    said.append(f"{preset_name} {size} does not fit at any size of resolution_ladder")
+            said.insert(0, head)
+        message = f"{model} on a {budget / GIB:.3g} GiB card (predicted): " + "; ".join(said)
+        fix = (f"presets {', '.join(short)}: lower their resolution or num_frames, allow fp8 weights "
+               "(allow_fp8_fallback), or use a larger card" if short else "")
+        out.append(Check("warn" if short else "ok", key, message, fix))
     return out
 
 

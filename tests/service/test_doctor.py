@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -125,7 +126,27 @@ def test_doctor_on_a_good_set_up_finds_nothing_to_fix_and_exits_0(env: Env):
     assert "libx264" in by_name["ffmpeg"]["message"]
     assert "I2VGenXLPipeline" in by_name["model"]["message"]
     assert "queued 0" in by_name["database"]["message"]
+    assert "no card to plan for" in by_name["fit"]["message"]  # the CPU; with a card it says what fits
     assert "GiB free" in by_name["inbox_dir"]["message"]
+
+
+def test_doctor_says_which_presets_fit_the_card_from_the_models_configs(env: Env):
+    env.cli("migrate", check=True)
+    card = env.cli("doctor", "--json", "--min-free-gib", "0.001", env={"I2V_TEST_DEVICE_BUDGET_GIB": "2"})
+    assert card.returncode == 0, card.stdout + card.stderr
+    fit = {c["name"]: c for c in json.loads(card.stdout)["checks"]}["fit"]
+    assert fit["level"] == "ok", fit
+    head = f"{env.model_dir} on a 2 GiB card (predicted): placed gpu (planned for 1360x768x24); "
+    assert fit["message"].startswith(head), fit["message"]
+    for preset in ("fast", "standard", "high", "tiny"):
+        assert re.search(rf"; {preset} \d+x\d+x\d+ \(0\.\d GiB\)", fit["message"]), fit["message"]
+    assert "wan-turbo" not in fit["message"]  # not usable without its LoRA
+
+    tiny = env.cli("doctor", "--json", "--min-free-gib", "0.001", env={"I2V_TEST_DEVICE_BUDGET_GIB": "0.01"})
+    fit = {c["name"]: c for c in json.loads(tiny.stdout)["checks"]}["fit"]
+    assert tiny.returncode == 0 and fit["level"] == "warn"  # a warning: the daemon still serves what fits
+    assert "tiny 112x64x4 does not fit at any size of resolution_ladder" in fit["message"], fit["message"]
+    assert fit["fix"].startswith("presets fast, standard, high") and "allow_fp8_fallback" in fit["fix"]
 
 
 def test_doctor_names_each_broken_part_with_a_fix_and_exits_1(env: Env, tmp_path: Path):
