@@ -178,10 +178,16 @@ def build(args: argparse.Namespace, tiny_dir: Path | None) -> Any:
     return I2VGenXLModel("random-full-size-i2vgen-xl", device=args.device, dtype=args.dtype, pipeline=pipe)
 
 
-def fast_flags(on: bool) -> None:
-    """The process-wide flags the fast path sets, off again for plain diffusers' runs (the anchors' settings)."""
+def fast_flags(on: bool, device: str) -> None:
+    """The process-wide flags the fast path sets, off again for plain diffusers' runs (the anchors' settings).
+
+    Only where the daemon sets them (models/accelerate.py: on CUDA): inductor keys its compile cache on
+    the tf32 flag, so on the CPU a flag the daemon never sets would miss the graph the tests compiled.
+    """
     import torch
 
+    if not device.startswith("cuda"):
+        return
     torch.backends.cudnn.benchmark = on
     torch.backends.cuda.matmul.allow_tf32 = on
 
@@ -389,7 +395,7 @@ def run_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, image: 
     if not budget.allows(one):
         row["skipped"] = f"time budget: {budget.left():.0f} s left, about {one:.0f} s needed for plain diffusers"
         return row
-    fast_flags(False)
+    fast_flags(False, args.device)
     plain_job(base, image, case, 1)  # warm-up: cuDNN handles, lazy allocations
     row["plain"], plain_frames, _ = timed(lambda: plain_job(base, image, case, case.steps), args.repeats, device,
                                          base.resident)
@@ -411,7 +417,7 @@ def run_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, image: 
         row["fast"] = {"skipped": f"time budget: {budget.left():.0f} s left, about {one + cold:.0f} s needed "
                                   f"({cold:.0f} s of it compiling {'x'.join(map(str, key))} cold)"}
         return row
-    fast_flags(True)
+    fast_flags(True, args.device)
     memory = memory_model_for(fast, None, 0.10)
     t = time.perf_counter()
     hits = inductor_counters()
@@ -435,7 +441,7 @@ def run_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, image: 
         row["fast"]["broken"] = broken
     row["fast"]["speedup_vs_plain"] = round(row["plain"]["e2e_s"] / row["fast"]["e2e_s"], 2)
     row["fast"]["graphs"] = fast.accelerator.graphs
-    fast_flags(False)
+    fast_flags(False, args.device)
     return row
 
 
@@ -456,7 +462,7 @@ def capped_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, imag
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
-        fast_flags(False)
+        fast_flags(False, args.device)
         try:
             plain_job(base, image, case, 2)
             out["plain"] = "finished"
@@ -466,7 +472,7 @@ def capped_case(case: Case, args: argparse.Namespace, base: Any, fast: Any, imag
         gc.collect()
         torch.cuda.empty_cache()
         fast.unpark()
-        fast_flags(True)
+        fast_flags(True, args.device)
         memory = MemoryModel(budget_bytes=cap, resident_bytes=allocated(args.device))
         _, _, seconds, tries = daemon_job(fast, image, case, 2, memory=memory, ladder=[1024, 896, 768, 640, 512])
         out.update(seconds=round(seconds, 1), finished=tries[-1]["outcome"] == "succeeded",
@@ -491,7 +497,7 @@ def warm_child(args: argparse.Namespace) -> int:
     loaded = cache.load()
     t_cache = time.perf_counter() - T0
     fast.enable_acceleration(on_compiled=cache.save, cuda_graphs=args.cuda_graphs)
-    fast_flags(True)
+    fast_flags(True, args.device)
     from i2v_daemon.models.gpu import memory_model_for
 
     _, clock, seconds, tries = daemon_job(fast, image_for(), case, case.steps,
