@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import c2pa
@@ -14,7 +16,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from tests.conftest import Env, age, make_image, write_config
+from tests.conftest import Env, age, daemon_log, make_image, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -115,16 +117,26 @@ def test_a_crash_between_encoding_and_signing_is_finished_by_the_next_run_with_a
 def test_a_signing_failure_keeps_the_job_waiting_visibly_and_publishes_nothing_unsigned(env: Env) -> None:
     write_config(env.config, env.data, env.model_dir, c2pa_tsa_url="http://127.0.0.1:9/tsa")
     drop_json(env, "cat", {"prompt": "a cat", "seed": 1})
-    env.cli("run", "--once", check=True)
-    status = env.status()
-    [job] = status["jobs"]
-    assert job["status"] == "queued" and "could not sign" in job["error"] and "the job waits" in job["error"]
+    proc = env.start("run", "--once")  # it would wait out the backoffs (1+2+…+32 s); seen waiting, it is stopped
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, daemon_log(proc)
+            shown = env.cli("status", "--json")  # not there before the daemon made its database
+            jobs = json.loads(shown.stdout)["jobs"] if shown.returncode == 0 else []
+            if jobs and "could not sign" in (jobs[0]["error"] or ""):
+                break
+            time.sleep(0.3)
+        [job] = jobs
+        assert job["status"] == "queued" and "the job waits" in job["error"]
+        assert not (env.output / "cat").exists()  # nothing unsigned published while it waits
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
     assert not (env.output / "cat").exists()
     shown = json.loads(env.cli("show", str(job["id"]), "--json", check=True).stdout)
     assert "c2pa_tsa_url" in json.dumps(shown)
     write_config(env.config, env.data, env.model_dir)  # the operator fixes it
-    import time
-
     time.sleep(1.2)  # the wait's backoff (retry_backoff_seconds = 0: one second)
     env.cli("run", "--once", check=True)
     assert reader(env.output / "cat" / "cat.mp4").get_validation_state() == "Valid"
