@@ -84,6 +84,7 @@ class ComponentSize:
     dtype: str
     largest_block_bytes: int = 0  # denoisers: the largest repeated block (group offloading moves these)
     blocks: int = 0  # denoisers: how many repeated blocks
+    blocks_bytes: int = 0  # denoisers: all the repeated blocks together (blocks of two sizes: HunyuanVideo's)
     largest_leaf_bytes: int = 0  # the largest module with parameters of its own (leaf-level offloading)
     castable_bytes: int = 0  # denoisers: bytes layerwise casting would store in 1 byte (fp8)
 
@@ -178,9 +179,10 @@ def _size(name: str, role: str, module: torch.nn.Module) -> ComponentSize:
     params = sum(p.numel() for p in module.parameters())
     blocks = _blocks(module) if role == "denoiser" else []
     dtype = next((str(p.dtype).removeprefix("torch.") for p in module.parameters()), "float32")
+    block_bytes = [_bytes(b) for b in blocks]
     return ComponentSize(
         name=name, role=role, class_name=type(module).__name__, params=params, bytes=_bytes(module), dtype=dtype,
-        largest_block_bytes=max((_bytes(b) for b in blocks), default=0), blocks=len(blocks),
+        largest_block_bytes=max(block_bytes, default=0), blocks=len(blocks), blocks_bytes=sum(block_bytes),
         largest_leaf_bytes=_largest_leaf(module),
         castable_bytes=_castable_bytes(module) if role == "denoiser" else 0,
     )

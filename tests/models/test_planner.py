@@ -70,6 +70,11 @@ def test_every_model_has_a_placement_under_a_24_gib_budget_at_its_model_cards_si
     assert all(not p.fits for p in cheaper)  # the cheapest that fits, never a slower one
     if name.startswith(("wan", "skyreels")):  # 14 B parameters in bf16 are 26-31 GiB: the weights cannot all stay
         assert result.chosen.placement not in ("gpu", "encoders_offloaded")
+    denoiser = max((c for c in result.components.values() if c.role == "denoiser"), key=lambda c: c.bytes)
+    for p in result.predictions:  # what stays on the card while denoising: never less than what streams through
+        unit = denoiser.largest_leaf_bytes if p.placement == "group_offload_leaf" else denoiser.largest_block_bytes
+        assert unit <= p.resident_bytes <= p.peak_bytes, (p.name, p.resident_bytes)
+    assert denoiser.blocks_bytes <= denoiser.bytes  # blocks of two sizes (HunyuanVideo) counted one by one
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CARD_SIZES))
