@@ -47,6 +47,7 @@ def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from i2v_daemon.models import planner
+    from i2v_daemon.models.holder import resolve_accelerate
 
     if (args.width is None) != (args.height is None):
         raise ConfigError("plan: give --width and --height together (or neither, to plan from the preset)")
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         model, budget_bytes=budget, num_frames=args.num_frames or preset.num_frames, resolution=preset.resolution,
         width=args.width, height=args.height, ladder=list(settings.resolution_ladder), dtype=settings.dtype,
         weights=weights, allow_fp8_fallback=bool(getattr(settings, "allow_fp8_fallback", False)),
+        autotune=resolve_accelerate(settings.accelerate, "cuda"),  # planned for a GPU, as the daemon runs there
     )
     if args.json:
         print(terminal_json({**result.as_dict(), "preset": preset_name}))
@@ -109,7 +111,9 @@ def render(plan: Plan, preset: str) -> str:
     total = sum(c.bytes for c in plan.components.values())
     lines.append(f"  {'total':<15} {'':<34} {'':>8}  {_gib(total):>9}")
     lines += [
-        f"activations  one denoising step {_gib(plan.costs.denoise)}, decode {_gib(plan.costs.decode)}",
+        f"activations  one denoising step {_gib(plan.costs.denoise)}, decode {_gib(plan.costs.decode)}"
+        + (f", each with up to {_gib(plan.costs.workspace)} of cuDNN autotuning workspace" if plan.costs.workspace
+           else ""),
         "",
         "placement                  predicted peak  fits",
     ]

@@ -180,6 +180,31 @@ def configure_allocator() -> tuple[str, str] | None:
     return None
 
 
+#: cuDNN's autotuning (the fast path's `cudnn.benchmark`) tries each convolution's algorithms with
+#: workspaces as large as the free memory allows; PyTorch caps each at CUDNN_CONV_WSCAP_DBG MiB. The
+#: daemon sets this cap unless the environment names one, and the memory model counts it on top of the
+#: decode and the denoising step when autotuning is on.
+CUDNN_WORKSPACE_VAR = "CUDNN_CONV_WSCAP_DBG"
+CUDNN_WORKSPACE_MIB = 1024
+
+
+def configure_cudnn_workspace() -> str | None:
+    """Cap cuDNN's autotuning workspace for this process; None, or the user's own value, which is kept."""
+    if os.environ.get(CUDNN_WORKSPACE_VAR):
+        return os.environ[CUDNN_WORKSPACE_VAR]
+    os.environ[CUDNN_WORKSPACE_VAR] = str(CUDNN_WORKSPACE_MIB)
+    return None
+
+
+def cudnn_workspace_bytes() -> int:
+    """The cap on one cuDNN workspace in effect here: the environment's, else the daemon's."""
+    try:
+        mib = int(os.environ.get(CUDNN_WORKSPACE_VAR) or CUDNN_WORKSPACE_MIB)
+    except ValueError:  # PyTorch ignores a value it cannot read: the daemon's figure is the best guess
+        mib = CUDNN_WORKSPACE_MIB
+    return max(0, mib) * 2**20
+
+
 @dataclass(frozen=True)
 class GpuState:
     """What this machine's torch and NVIDIA driver offer now, asked without touching CUDA in this process."""

@@ -398,14 +398,19 @@ class ModelHolder:
             folder = loader.config_folder(model_id)
             if folder is None:
                 return None
+            device = loader.resolve_device("auto") if self.device == "auto" else self.device
             return planner.need(
                 str(folder), num_frames=params.num_frames, resolution=params.resolution, width=params.width,
                 height=params.height, image_size=image_size, ladder=ladder, dtype=self.dtype,
-                weights=weights.kind, margin=self.memory_margin,
+                weights=weights.kind, margin=self.memory_margin, autotune=self._autotunes(device),
             )
         except I2VError as err:  # an unplannable job is left to the ladder, never failed by the plan
             get_logger().warning("need_not_planned", model=model_id, error=str(err))
             return None
+
+    def _autotunes(self, device: str) -> bool:
+        """cuDNN autotuning runs where the job does: the fast path on a GPU (models/accelerate.py)."""
+        return device.startswith("cuda") and resolve_accelerate(self.accelerate, device)
 
     def _plan_placement(self, model_id: str, device: str, weights: Weights) -> dict[str, Any]:
         """Where the weights go, decided before they are loaded (models/planner.py), for the largest preset.
@@ -427,7 +432,8 @@ class ModelHolder:
             plan = planner.plan(str(folder), budget_bytes=budget, resolution=shape.resolution,
                                 num_frames=shape.num_frames, dtype=self.dtype if device.startswith("cuda") else
                                 "float32", margin=self.memory_margin, weights=weights.kind,
-                                allow_fp8_fallback=self.allow_fp8_fallback and weights.kind == "auto")
+                                allow_fp8_fallback=self.allow_fp8_fallback and weights.kind == "auto",
+                                autotune=self._autotunes(device))
         except I2VError as err:  # a plan that cannot be made costs the plan, never the model
             get_logger().warning("placement_not_planned", model=model_id, error=str(err))
             return {}

@@ -62,6 +62,9 @@ class Costs:
 
     denoise: int
     decode: int
+    #: cuDNN's autotuning workspace on top of each phase, up to the cap the daemon sets (models/gpu.py);
+    #: 0 where autotuning is off (accelerate off: plain diffusers' runs, the anchors' setting)
+    workspace: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def predict(placement: str, weights: Weights, costs: Costs, *, fp8: bool = False
     enc, vae = sum(weights.encoders), weights.vae
     biggest_enc = max(weights.encoders, default=0)
     active = max(weights.denoisers, default=0)  # two experts: only one is needed at a time
-    denoise, decode = costs.denoise + cast_overhead, costs.decode
+    denoise, decode = costs.denoise + cast_overhead + costs.workspace, costs.decode + costs.workspace
     if placement == "gpu":
         resident = enc + sum(weights.denoisers) + vae
         peak = resident + max(denoise, decode, ENCODE_ACTIVATION_BYTES)

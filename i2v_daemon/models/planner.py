@@ -9,13 +9,14 @@ no GPU: `i2v-daemon plan`, `doctor` and the worker all ask it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from i2v_daemon.errors import ConfigError, I2VError, first_line
-from i2v_daemon.models import loader, placement, sizing
+from i2v_daemon.models import gpu, loader, placement, sizing
 from i2v_daemon.models.memory import DEFAULT_MARGIN, GIB
 
 #: When no image is given, sizes are planned for a landscape 16:9 picture.
@@ -51,7 +52,8 @@ class Plan:
             "margin": self.margin, "width": self.width, "height": self.height, "num_frames": self.num_frames,
             "weights": {name: {"class": c.class_name, "params": c.params, "bytes": c.bytes, "dtype": c.dtype}
                         for name, c in self.components.items()},
-            "activation_bytes": {"denoise_step": self.costs.denoise, "decode": self.costs.decode},
+            "activation_bytes": {"denoise_step": self.costs.denoise, "decode": self.costs.decode,
+                                 "cudnn_workspace": self.costs.workspace},
             "placements": [p.as_dict() for p in self.predictions],
             "chosen": self.chosen.as_dict() if self.chosen else None,
             "smaller": self.smaller, "notes": self.notes,
@@ -89,6 +91,10 @@ def _costs(folder: str, dtype: str, width: int, height: int, num_frames: int) ->
     return placement.Costs(denoise=denoise, decode=decode)
 
 
+def _with_workspace(costs: placement.Costs, autotune: bool) -> placement.Costs:
+    return dataclasses.replace(costs, workspace=gpu.cudnn_workspace_bytes() if autotune else 0)
+
+
 def meta_model(model: str, dtype: str = "auto") -> tuple[Any, sizing.MetaPipeline, str]:
     """The family's adapter around a meta-device pipeline of `model` (a local folder), and the dtype used."""
     folder = loader.local_folder(model)
@@ -111,8 +117,13 @@ def plan(
     model: str, *, budget_bytes: int, num_frames: int, resolution: int = 512, width: int | None = None,
     height: int | None = None, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, ladder: list[int] | None = None,
     dtype: str = "auto", weights: str = "auto", allow_fp8_fallback: bool = False, margin: float = DEFAULT_MARGIN,
+    autotune: bool = False,
 ) -> Plan:
-    """The placement a job of this size would start with on a card of `budget_bytes`, and why."""
+    """The placement a job of this size would start with on a card of `budget_bytes`, and why.
+
+    `autotune`: cuDNN autotuning is on where the job runs (the fast path on a GPU): its workspace cap is
+    counted on top of the denoising step and the decode.
+    """
     view, meta, resolved = meta_model(model, dtype)
     size = view.plan_size(image_size, resolution, width, height)
     frames = view.plan_frames(num_frames)
@@ -122,7 +133,7 @@ def plan(
     limit = budget_bytes * (1 - margin)
 
     def at(w: int, h: int) -> tuple[placement.Costs, list[placement.Prediction]]:
-        costs = _costs(str(meta.folder), resolved, w, h, frames.num_frames)
+        costs = _with_workspace(_costs(str(meta.folder), resolved, w, h, frames.num_frames), autotune)
         return costs, placement.predictions(weights_, costs, limit, fp8=fp8)
 
     costs, preds = at(size.width, size.height)
@@ -169,7 +180,7 @@ class Need:
 def need(
     model: str, *, num_frames: int, resolution: int = 512, width: int | None = None, height: int | None = None,
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, ladder: list[int] | None = None, dtype: str = "auto",
-    weights: str = "auto", margin: float = DEFAULT_MARGIN,
+    weights: str = "auto", margin: float = DEFAULT_MARGIN, autotune: bool = False,
 ) -> Need:
     """The least a card must offer for this job to run at all, from the model's configs alone.
 
@@ -187,7 +198,7 @@ def need(
         step = view.plan_size((w, h), min(lower), None, None)
         w, h = step.width, step.height
     fp8 = "only" if weights == "fp8" else "no"
-    costs = _costs(str(meta.folder), resolved, w, h, frames)
+    costs = _with_workspace(_costs(str(meta.folder), resolved, w, h, frames), autotune)
     leanest = min(placement.predictions(weights_of(meta.components), costs, 0, fp8=fp8), key=lambda p: p.peak_bytes)
     return Need(budget_bytes=math.ceil(leanest.peak_bytes / (1 - margin)), placement=leanest.name,
                 peak_bytes=leanest.peak_bytes, width=w, height=h, num_frames=frames)

@@ -385,7 +385,7 @@ def check_fit(settings: Settings) -> list[Check]:
     plan for.
     """
     from i2v_daemon.models import loader, planner
-    from i2v_daemon.models.holder import ModelHolder
+    from i2v_daemon.models.holder import ModelHolder, resolve_accelerate
     from i2v_daemon.params import NEEDS_LORA
 
     budget = ModelHolder(settings.model, settings.device, settings.dtype,
@@ -412,7 +412,8 @@ def check_fit(settings: Settings) -> list[Check]:
                 plans[preset_name] = planner.plan(
                     str(folder), budget_bytes=budget, resolution=preset.resolution, num_frames=preset.num_frames,
                     ladder=list(settings.resolution_ladder), dtype=settings.dtype, weights=kind,
-                    margin=settings.memory_margin, allow_fp8_fallback=settings.allow_fp8_fallback and kind == "auto")
+                    margin=settings.memory_margin, allow_fp8_fallback=settings.allow_fp8_fallback and kind == "auto",
+                    autotune=resolve_accelerate(settings.accelerate, "cuda"))
             except InputError as err:  # a size or frame count this family cannot honour: not this card's fault
                 said.append(f"{preset_name}: not for this model ({first_line(err)})")
             except Exception as err:  # one preset the model cannot plan says so; the others are still shown

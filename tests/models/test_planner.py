@@ -104,6 +104,18 @@ def test_ltx_video_folders_published_for_the_condition_pipeline_are_planned_thro
     assert older.costs.denoise < condition.costs.denoise < older.costs.denoise * 1.1
 
 
+def test_with_cudnn_autotuning_each_phase_counts_the_workspace_cap_the_daemon_sets(monkeypatch):
+    plain = plan("i2vgen-xl", 24)
+    tuned = plan("i2vgen-xl", 24, autotune=True)
+    cap = 1024 * 2**20  # models/gpu.py CUDNN_WORKSPACE_MIB, set by `run` unless the environment has its own
+    assert tuned.costs.workspace == cap and plain.costs.workspace == 0
+    for before, after in zip(plain.predictions, tuned.predictions, strict=True):
+        assert after.peak_bytes == before.peak_bytes + cap, after.name  # the step or the decode sets each peak
+    assert tuned.as_dict()["activation_bytes"]["cudnn_workspace"] == cap
+    monkeypatch.setenv("CUDNN_CONV_WSCAP_DBG", "256")  # the user's cap is the one counted
+    assert plan("i2vgen-xl", 24, autotune=True).costs.workspace == 256 * 2**20
+
+
 def test_fp8_comes_after_every_exact_placement_and_stores_the_denoiser_in_half_the_bytes():
     exact = plan("wan2.1-i2v-14b-480p", 24)
     both = plan("wan2.1-i2v-14b-480p", 24, allow_fp8_fallback=True)
