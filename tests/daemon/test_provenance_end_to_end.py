@@ -117,7 +117,7 @@ def test_a_crash_between_encoding_and_signing_is_finished_by_the_next_run_with_a
 def test_a_signing_failure_keeps_the_job_waiting_visibly_and_publishes_nothing_unsigned(env: Env) -> None:
     write_config(env.config, env.data, env.model_dir, c2pa_tsa_url="http://127.0.0.1:9/tsa")
     drop_json(env, "cat", {"prompt": "a cat", "seed": 1})
-    proc = env.start("run", "--once")  # it would wait out the backoffs (1+2+…+32 s); seen waiting, it is stopped
+    proc = env.start("--once")  # it would wait out the backoffs (1+2+…+32 s); seen waiting, it is stopped
     try:
         deadline = time.monotonic() + 240
         while True:
