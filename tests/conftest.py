@@ -219,6 +219,14 @@ def write_config(path: Path, data: Path, model_dir: Path, presets_extra: dict[st
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _replay_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Kept meta-device replays (models/replay_cache.py) in this run's own folder, shared by its workers
+    and their subprocesses: never the user's ~/.cache, and a model planned once is not replayed again."""
+    base = tmp_path_factory.getbasetemp()
+    os.environ["I2V_REPLAY_CACHE"] = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "replays")
+
+
 @pytest.fixture(autouse=True)
 def _environment_put_back() -> Iterator[None]:
     """The process environment as it was before each test.

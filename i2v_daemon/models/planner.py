@@ -13,10 +13,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from i2v_daemon.errors import ConfigError, I2VError, first_line
-from i2v_daemon.models import gpu, loader, placement, sizing
+from i2v_daemon.models import gpu, loader, placement, replay_cache, sizing
 from i2v_daemon.models.memory import DEFAULT_MARGIN, GIB
 
 #: When no image is given, sizes are planned for a landscape 16:9 picture.
@@ -76,7 +77,13 @@ def weights_of(components: dict[str, sizing.ComponentSize]) -> placement.Weights
 
 @lru_cache(maxsize=64)
 def _costs(folder: str, dtype: str, width: int, height: int, num_frames: int) -> placement.Costs:
+    """One step's and the decode's activation peaks at this size: replayed on meta tensors, or as kept on disk."""
     adapter = loader.adapter_class(folder)
+    kept_as = replay_cache.key(Path(folder), family=adapter.__name__, dtype=dtype, width=width, height=height,
+                               num_frames=num_frames)
+    kept = replay_cache.get(kept_as)
+    if kept is not None and set(kept) == {"denoise", "decode"}:
+        return placement.Costs(denoise=kept["denoise"], decode=kept["decode"])
     meta = sizing.meta_pipeline(folder, dtype, adapter.float32_components)
     try:
         denoise = sizing.replay_peak(adapter.meta_step(meta.pipeline, width, height, num_frames))
@@ -88,6 +95,7 @@ def _costs(folder: str, dtype: str, width: int, height: int, num_frames: int) ->
             f"model {folder!r}: cannot work out the memory of a {width}x{height}, {num_frames}-frame job from its "
             f"configs ({first_line(err, with_type=True)}); please report it with the folder's config.json files"
         ) from None
+    replay_cache.put(kept_as, {"denoise": denoise, "decode": decode})
     return placement.Costs(denoise=denoise, decode=decode)
 
 
