@@ -150,7 +150,8 @@ def test_plan_answers_for_a_config_only_folder_in_text_and_json(tmp_path: Path):
     assert text.returncode == 0, text.stderr[-2000:]
     assert "chosen: group_offload" in text.stdout and "WanTransformer3DModel" in text.stdout
     assert "832x480, 81 frames" in text.stdout
-    js = cli("--model", folder, "--vram-gib", "24", "--json", cwd=tmp_path)
+    js = cli("--model", folder, "--vram-gib", "24", "--width", "832", "--height", "480", "--num-frames", "81",
+             "--json", cwd=tmp_path)  # the same question: its replays are read back (models/replay_cache.py)
     assert js.returncode == 0, js.stderr[-2000:]
     data = json.loads(js.stdout)
     assert data["chosen"]["placement"] == "group_offload" and data["preset"] == "standard"
