@@ -408,6 +408,15 @@ class ModelHolder:
             get_logger().warning("need_not_planned", model=model_id, error=str(err))
             return None
 
+    def autotunes(self) -> bool:
+        """Whether cuDNN autotunes where this worker's jobs run (its workspace then counts in each plan)."""
+        from i2v_daemon.models.loader import resolve_device
+
+        try:
+            return self._autotunes(resolve_device(self.device))
+        except I2VError:
+            return False
+
     def _autotunes(self, device: str) -> bool:
         """cuDNN autotuning runs where the job does: the fast path on a GPU (models/accelerate.py)."""
         return device.startswith("cuda") and resolve_accelerate(self.accelerate, device)

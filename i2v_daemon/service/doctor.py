@@ -385,11 +385,12 @@ def check_fit(settings: Settings) -> list[Check]:
     plan for.
     """
     from i2v_daemon.models import loader, planner
-    from i2v_daemon.models.holder import ModelHolder, resolve_accelerate
+    from i2v_daemon.models.holder import ModelHolder
     from i2v_daemon.params import NEEDS_LORA
 
-    budget = ModelHolder(settings.model, settings.device, settings.dtype,
-                         vram_budget_gib=settings.vram_budget_gib).card_budget()
+    holder = ModelHolder(settings.model, settings.device, settings.dtype, vram_budget_gib=settings.vram_budget_gib,
+                         accelerate=settings.accelerate)
+    budget = holder.card_budget()
     if budget is None:
         return [Check("ok", "fit", f"device = {settings.device}: no card to plan for; `i2v-daemon plan --vram-gib N` "
                                    "answers for one")]
@@ -413,7 +414,7 @@ def check_fit(settings: Settings) -> list[Check]:
                     str(folder), budget_bytes=budget, resolution=preset.resolution, num_frames=preset.num_frames,
                     ladder=list(settings.resolution_ladder), dtype=settings.dtype, weights=kind,
                     margin=settings.memory_margin, allow_fp8_fallback=settings.allow_fp8_fallback and kind == "auto",
-                    autotune=resolve_accelerate(settings.accelerate, "cuda"))
+                    autotune=holder.autotunes())  # as the worker plans: on a GPU with the fast path
             except InputError as err:  # a size or frame count this family cannot honour: not this card's fault
                 said.append(f"{preset_name}: not for this model ({first_line(err)})")
             except Exception as err:  # one preset the model cannot plan says so; the others are still shown
