@@ -45,7 +45,7 @@ from i2v_daemon.models.runtime import (
     seeded,
     watch_vae,
 )
-from i2v_daemon.models.sizing import ENCODERS
+from i2v_daemon.models.sizing import DECODERS, ENCODERS
 from i2v_daemon.weights import Weights
 
 #: The name our one LoRA adapter has inside a pipeline.
@@ -345,7 +345,7 @@ class DiffusersVideoModel:
         on the device. `model_offload`: one component at a time (diffusers' model CPU offload).
         `group_offload` / `group_offload_leaf`: the denoisers' and encoders' blocks (or single layers)
         stream through the device (diffusers' group offloading, with CUDA streams on a GPU); the VAE
-        stays on the device.
+        (with LTX-2's audio VAE and vocoder) stays on the device.
         """
         pipe = self.pipeline
         if placement == self.placement and placement == "gpu":
@@ -367,7 +367,7 @@ class DiffusersVideoModel:
             pipe.enable_group_offload(
                 onload_device=device, offload_device=torch.device("cpu"), offload_type=kind,
                 num_blocks_per_group=1 if kind == "block_level" else None, use_stream=device.type == "cuda",
-                exclude_modules=["vae"],
+                exclude_modules=[n for n in DECODERS if isinstance(getattr(pipe, n, None), torch.nn.Module)],
             )
         self.placement = placement
 
@@ -394,9 +394,10 @@ class DiffusersVideoModel:
         for i, denoiser in enumerate(denoisers):
             others = hooks + [h for j, h in enumerate(experts) if j != i]  # what must leave before it runs
             self._placement_hooks.append(denoiser.register_forward_pre_hook(_offloader(others)))
-        vae = getattr(pipe, "vae", None)
-        if isinstance(vae, torch.nn.Module):
-            vae.to(device)
+        for name in DECODERS:  # the VAE (and LTX-2's audio VAE and vocoder) stay, as the denoiser does
+            decoder = getattr(pipe, name, None)
+            if isinstance(decoder, torch.nn.Module):
+                decoder.to(device)
         pipe._all_hooks = [*hooks, *experts]  # remove_all_hooks() finds them there
 
     def _unplace(self) -> None:

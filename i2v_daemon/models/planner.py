@@ -65,10 +65,11 @@ def weights_of(components: dict[str, sizing.ComponentSize]) -> placement.Weights
         encoders=[c.bytes for c in components.values() if c.role == "encoder"],
         denoisers=[c.bytes for c in denoisers],
         vae=sum(c.bytes for c in components.values() if c.role == "vae"),
-        denoiser_rest=(biggest.bytes - biggest.largest_block_bytes * biggest.blocks) if biggest else 0,
+        denoiser_rest=(biggest.bytes - biggest.blocks_bytes) if biggest else 0,
         largest_block=max((c.largest_block_bytes for c in denoisers), default=0),
         largest_leaf=max((c.largest_leaf_bytes for c in denoisers), default=0),
         castable=[c.castable_bytes for c in denoisers],
+        encoder_leaf=max((c.largest_leaf_bytes for c in components.values() if c.role == "encoder"), default=0),
     )
 
 

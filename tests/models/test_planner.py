@@ -99,6 +99,18 @@ def test_ltx_video_folders_published_for_the_condition_pipeline_are_planned_thro
     assert older.costs.denoise < condition.costs.denoise < older.costs.denoise * 1.1
 
 
+def test_a_streamed_denoiser_keeps_its_whole_rest_and_its_encoder_streams_at_leaf_level():
+    result = plan("hunyuanvideo-i2v", 16)
+    transformer = result.components["transformer"]
+    # 20 double blocks and 40 lighter single ones: the largest block times 60 is more than the whole transformer
+    assert transformer.blocks == 60 and transformer.largest_block_bytes * transformer.blocks > transformer.bytes
+    assert planner.weights_of(result.components).denoiser_rest == transformer.bytes - transformer.blocks_bytes > 0
+    leaf = next(p for p in result.predictions if p.name == "group_offload_leaf")
+    assert leaf.peak_bytes > result.costs.denoise  # never below its own step's activations
+    # LLaVA-Llama-3 (15.6 GiB) moves whole at block level; at leaf level it streams too, and only that fits
+    assert result.chosen is not None and result.chosen.placement == "group_offload_leaf"
+
+
 def test_fp8_comes_after_every_exact_placement_and_stores_the_denoiser_in_half_the_bytes():
     exact = plan("wan2.1-i2v-14b-480p", 24)
     both = plan("wan2.1-i2v-14b-480p", 24, allow_fp8_fallback=True)
