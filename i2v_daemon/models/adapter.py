@@ -177,8 +177,8 @@ class DiffusersVideoModel:
         schedulers.check(name, info.scheduler, request.scheduler)
         if request.lora is not None and not info.lora:
             raise InputError(
-                f"{name} cannot apply a LoRA (its diffusers pipeline has no LoRA loader); remove 'lora', "
-                "or choose a model of a family that can (wan, skyreels-v2, ltx-video, hunyuanvideo-i2v, cogvideox)"
+                f"{name} cannot apply a LoRA (its diffusers pipeline has no LoRA loader); remove 'lora', or choose "
+                "a model of a family that can (wan, skyreels-v2, ltx-video, ltx-2, hunyuanvideo-i2v, cogvideox)"
             )
         if request.lora is not None and info.weights.kind != "auto":
             # PEFT makes the LoRA's layers in the dtype of the layer they wrap: float8 or quantized ones,
@@ -193,7 +193,7 @@ class DiffusersVideoModel:
                 + (f"it offers {', '.join(info.caches)}" if info.caches else
                    "its denoiser has none of diffusers' step caches (they hook transformer blocks)")
                 + '; set cache = "off" in the preset or the config, or choose a model of a transformer family '
-                "(wan, skyreels-v2, ltx-video, hunyuanvideo-i2v, cogvideox)"
+                "(wan, skyreels-v2, ltx-video, ltx-2, hunyuanvideo-i2v, cogvideox)"
             )
         values, notes = self._conditioning(request)
         if not info.takes_prompt and (request.prompt or request.negative_prompt):

@@ -33,6 +33,7 @@ MODEL_CARD_SIZES = {
     "cogvideox-5b-i2v": (720, 480, 49),
     "skyreels-v2-i2v-14b-540p": (960, 544, 97),  # its pipeline's defaults and the 540P model card
     "hunyuanvideo-i2v": (1280, 720, 129),  # its pipeline's defaults (720p, 129 frames, as Tencent's card)
+    "ltx-2": (768, 512, 121),  # its pipeline's defaults and diffusers' LTX-2 examples
 }
 
 
@@ -97,6 +98,24 @@ def test_ltx_video_folders_published_for_the_condition_pipeline_are_planned_thro
     assert condition.components.keys() == older.components.keys()  # the same weights
     # 256 text tokens where the image-to-video pipeline passes 128: a step costs a little more, never less.
     assert older.costs.denoise < condition.costs.denoise < older.costs.denoise * 1.1
+
+
+def test_ltx2_counts_its_audio_parts_and_streams_its_gemma_encoder_layer_by_layer_on_a_24_gib_card():
+    result = plan("ltx-2", 24)
+    roles = {name: c.role for name, c in result.components.items()}
+    assert roles == {"text_encoder": "encoder", "connectors": "encoder", "transformer": "denoiser", "vae": "vae",
+                     "audio_vae": "vae", "vocoder": "vae"}
+    weights = planner.weights_of(result.components)
+    c = result.components
+    assert weights.vae == c["vae"].bytes + c["audio_vae"].bytes + c["vocoder"].bytes  # they stay with the VAE
+    assert sorted(weights.encoders) == sorted([c["text_encoder"].bytes, c["connectors"].bytes])
+    assert sum(x.bytes for x in c.values()) / GIB == pytest.approx(63.0, abs=0.1)  # SOURCES.md's parameter counts
+    # Gemma-3-12B alone is 22.7 GiB: block-level offloading moves a transformers encoder whole, so only the
+    # leaf-level placement, which streams it layer by layer too, fits.
+    by_name = {p.name: p for p in result.predictions}
+    assert not by_name["group_offload"].fits and by_name["group_offload"].peak_bytes > c["text_encoder"].bytes
+    assert result.chosen is not None and result.chosen.placement == "group_offload_leaf"
+    assert weights.encoder_leaf < 2 * GIB  # its largest layer: the 262,144 × 3840 token embedding
 
 
 def test_a_streamed_denoiser_keeps_its_whole_rest_and_its_encoder_streams_at_leaf_level():
