@@ -193,7 +193,7 @@ class DiffusersVideoModel:
                 + (f"it offers {', '.join(info.caches)}" if info.caches else
                    "its denoiser has none of diffusers' step caches (they hook transformer blocks)")
                 + '; set cache = "off" in the preset or the config, or choose a model of a transformer family '
-                "(wan, skyreels-v2, ltx-video, ltx-2, hunyuanvideo-i2v, cogvideox)"
+                "(wan, skyreels-v2, ltx-video, ltx-2, hunyuanvideo-i2v, hunyuanvideo-1.5-i2v, cogvideox)"
             )
         values, notes = self._conditioning(request)
         if not info.takes_prompt and (request.prompt or request.negative_prompt):

@@ -37,6 +37,7 @@ FAMILIES: dict[str, str] = {
     # loads the very same components (as LTX-Video's do).
     "LTX2Pipeline": "ltx-2",
     "LTX2ImageToVideoPipeline": "ltx-2",
+    "HunyuanVideo15ImageToVideoPipeline": "hunyuanvideo-1.5-i2v",
 }
 
 #: family name -> "module:Class" of its adapter; imported only when that family is loaded.
@@ -49,6 +50,7 @@ ADAPTERS: dict[str, str] = {
     "skyreels-v2": "i2v_daemon.models.skyreels:SkyReelsV2Model",
     "hunyuanvideo-i2v": "i2v_daemon.models.hunyuan_video:HunyuanVideoI2VModel",
     "ltx-2": "i2v_daemon.models.ltx2:LTX2Model",
+    "hunyuanvideo-1.5-i2v": "i2v_daemon.models.hunyuan_video15:HunyuanVideo15I2VModel",
 }
 
 #: `_class_name` -> "module:Class" of the adapter that runs it, where not its family's own (same limits, another call).
@@ -60,6 +62,9 @@ HALF_DTYPES: dict[str, str] = {
     "wan": "bfloat16", "ltx-video": "bfloat16", "cogvideox": "bfloat16", "skyreels-v2": "bfloat16",
     "hunyuanvideo-i2v": "bfloat16",  # its Llama-3 encoder too; the model card's example loads them in fp16
     "ltx-2": "bfloat16",  # its Gemma-3 encoder too, as diffusers' LTX-2 examples load it
+    # Tencent's own generate.py runs the transformer in bf16 (its Qwen2.5-VL encoder too); the diffusers
+    # example loads the pipeline in fp16.
+    "hunyuanvideo-1.5-i2v": "bfloat16",
 }
 
 DTYPES = ("float16", "bfloat16", "float32")

@@ -34,6 +34,8 @@ MODEL_CARD_SIZES = {
     "skyreels-v2-i2v-14b-540p": (960, 544, 97),  # its pipeline's defaults and the 540P model card
     "hunyuanvideo-i2v": (1280, 720, 129),  # its pipeline's defaults (720p, 129 frames, as Tencent's card)
     "ltx-2": (768, 512, 121),  # its pipeline's defaults and diffusers' LTX-2 examples
+    # 121 frames: its pipeline's default; 848×480: the 480p bucket its pipeline picks for a 16:9 image
+    "hunyuanvideo-1.5-i2v": (848, 480, 121),
 }
 
 
@@ -130,6 +132,16 @@ def test_a_streamed_denoiser_keeps_its_whole_rest_and_its_encoder_streams_at_lea
     assert result.chosen is not None and result.chosen.placement == "group_offload_leaf"
 
 
+def test_hunyuanvideo_15_is_planned_at_its_own_bucket_and_refuses_a_size_it_does_not_make():
+    from i2v_daemon.errors import InputError
+
+    result = planner.plan(str(CONFIGS / "hunyuanvideo-1.5-i2v"), budget_bytes=24 * GIB, num_frames=121)
+    assert (result.width, result.height) == (848, 480)  # for the default 16:9 image, whatever the resolution
+    assert any("resolution 512 was not used" in n for n in result.notes)
+    with pytest.raises(InputError, match="makes only the sizes of its 640×640-pixel buckets"):
+        plan("hunyuanvideo-1.5-i2v", 24, width=832, height=480)
+
+
 def test_fp8_comes_after_every_exact_placement_and_stores_the_denoiser_in_half_the_bytes():
     exact = plan("wan2.1-i2v-14b-480p", 24)
     both = plan("wan2.1-i2v-14b-480p", 24, allow_fp8_fallback=True)
@@ -184,3 +196,8 @@ def test_plan_exits_1_when_nothing_fits_and_78_for_a_question_it_cannot_answer(t
     assert no_card.returncode == 78 and "--vram-gib" in no_card.stderr
     missing = cli("--model", str(tmp_path / "nope"), "--vram-gib", "24", cwd=tmp_path)
     assert missing.returncode == 78 and "does not exist" in missing.stderr
+    # A size the model never makes is what a job would be refused with, said before any replay
+    other = cli("--model", str(CONFIGS / "hunyuanvideo-1.5-i2v"), "--vram-gib", "24", "--width", "832", "--height",
+                "480", cwd=tmp_path)
+    assert other.returncode == 78, other.stderr[-2000:]
+    assert "picks itself: not 832×480; remove 'width' and 'height', or set them to 848 and 480" in other.stderr

@@ -239,6 +239,12 @@ def _tiny_ltx2() -> Any:
     return tiny_ltx2()
 
 
+def _tiny_hunyuan_video15_i2v() -> Any:
+    from i2v_daemon.models.testing.tiny_hunyuan import tiny_hunyuan_video15_i2v
+
+    return tiny_hunyuan_video15_i2v()
+
+
 #: family -> its tiny pipeline's builder (keyword options change its down-sampling, for planning tests).
 TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "svd": _tiny_svd,
@@ -248,4 +254,5 @@ TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "skyreels-v2": _tiny_skyreels_v2,
     "hunyuanvideo-i2v": _tiny_hunyuan_video_i2v,
     "ltx-2": _tiny_ltx2,
+    "hunyuanvideo-1.5-i2v": _tiny_hunyuan_video15_i2v,
 }
