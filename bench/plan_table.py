@@ -26,6 +26,8 @@ MODELS = {  # folder -> (label, width, height, frames) as the model card makes t
     "wan2.2-i2v-a14b": ("Wan 2.2 I2V A14B", 1280, 720, 81),
     "skyreels-v2-i2v-14b-540p": ("SkyReels-V2 I2V 14B 540P", 960, 544, 97),
     "hunyuanvideo-i2v": ("HunyuanVideo-I2V", 1280, 720, 129),
+    "ltx-2": ("LTX-2 (19B)", 768, 512, 121),
+    "hunyuanvideo-1.5-i2v": ("HunyuanVideo 1.5 I2V 480p", 848, 480, 121),
 }
 CARDS = (16, 24, 80)
 

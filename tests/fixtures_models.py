@@ -37,7 +37,8 @@ def tiny_model(tiny_i2vgen_dir: Path) -> Iterator[VideoModel]:
 
 
 #: The families besides I2VGen-XL, each with a tiny random build (i2v_daemon/models/tiny_families.py).
-TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v")
+TINY_FAMILIES = ("svd", "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v", "ltx-2",
+                 "hunyuanvideo-1.5-i2v")
 #: Tiny builds beside one per family, by name: (family, the builder's options).
 TINY_VARIANTS = {
     "wan2.2": ("wan", {"experts": 2}),  # Wan 2.2 A14B: two experts, switched at boundary_ratio

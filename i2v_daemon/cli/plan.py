@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from i2v_daemon.errors import ConfigError
+from i2v_daemon.errors import ConfigError, InputError
 from i2v_daemon.logs import terminal_json, terminal_safe
 
 if TYPE_CHECKING:
@@ -59,12 +59,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     model = _model(settings, args.model)
     budget = _budget(settings, args.vram_gib)
     weights = str(getattr(settings, "weights", "auto") or "auto")
-    result = planner.plan(
-        model, budget_bytes=budget, num_frames=args.num_frames or preset.num_frames, resolution=preset.resolution,
-        width=args.width, height=args.height, ladder=list(settings.resolution_ladder), dtype=settings.dtype,
-        weights=weights, allow_fp8_fallback=bool(getattr(settings, "allow_fp8_fallback", False)),
-        autotune=resolve_accelerate(settings.accelerate, "cuda"),  # planned for a GPU, as the daemon runs there
-    )
+    try:
+        result = planner.plan(
+            model, budget_bytes=budget, num_frames=args.num_frames or preset.num_frames,
+            resolution=preset.resolution, width=args.width, height=args.height,
+            ladder=list(settings.resolution_ladder), dtype=settings.dtype, weights=weights,
+            allow_fp8_fallback=bool(getattr(settings, "allow_fp8_fallback", False)),
+            autotune=resolve_accelerate(settings.accelerate, "cuda"),  # planned for a GPU, as the daemon runs there
+        )
+    except InputError as err:  # a size or length the model never makes: what a job would be refused with
+        raise ConfigError(f"plan: {err}") from err
     if args.json:
         print(terminal_json({**result.as_dict(), "preset": preset_name}))
     else:

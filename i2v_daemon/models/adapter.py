@@ -45,7 +45,7 @@ from i2v_daemon.models.runtime import (
     seeded,
     watch_vae,
 )
-from i2v_daemon.models.sizing import ENCODERS
+from i2v_daemon.models.sizing import DECODERS, ENCODERS
 from i2v_daemon.weights import Weights
 
 #: The name our one LoRA adapter has inside a pipeline.
@@ -177,8 +177,8 @@ class DiffusersVideoModel:
         schedulers.check(name, info.scheduler, request.scheduler)
         if request.lora is not None and not info.lora:
             raise InputError(
-                f"{name} cannot apply a LoRA (its diffusers pipeline has no LoRA loader); remove 'lora', "
-                "or choose a model of a family that can (wan, skyreels-v2, ltx-video, hunyuanvideo-i2v, cogvideox)"
+                f"{name} cannot apply a LoRA (its diffusers pipeline has no LoRA loader); remove 'lora', or choose "
+                "a model of a family that can (wan, skyreels-v2, ltx-video, ltx-2, hunyuanvideo-i2v, cogvideox)"
             )
         if request.lora is not None and info.weights.kind != "auto":
             # PEFT makes the LoRA's layers in the dtype of the layer they wrap: float8 or quantized ones,
@@ -193,7 +193,7 @@ class DiffusersVideoModel:
                 + (f"it offers {', '.join(info.caches)}" if info.caches else
                    "its denoiser has none of diffusers' step caches (they hook transformer blocks)")
                 + '; set cache = "off" in the preset or the config, or choose a model of a transformer family '
-                "(wan, skyreels-v2, ltx-video, hunyuanvideo-i2v, cogvideox)"
+                "(wan, skyreels-v2, ltx-video, ltx-2, hunyuanvideo-i2v, hunyuanvideo-1.5-i2v, cogvideox)"
             )
         values, notes = self._conditioning(request)
         if not info.takes_prompt and (request.prompt or request.negative_prompt):
@@ -345,7 +345,7 @@ class DiffusersVideoModel:
         on the device. `model_offload`: one component at a time (diffusers' model CPU offload).
         `group_offload` / `group_offload_leaf`: the denoisers' and encoders' blocks (or single layers)
         stream through the device (diffusers' group offloading, with CUDA streams on a GPU); the VAE
-        stays on the device.
+        (with LTX-2's audio VAE and vocoder) stays on the device.
         """
         pipe = self.pipeline
         if placement == self.placement and placement == "gpu":
@@ -367,7 +367,7 @@ class DiffusersVideoModel:
             pipe.enable_group_offload(
                 onload_device=device, offload_device=torch.device("cpu"), offload_type=kind,
                 num_blocks_per_group=1 if kind == "block_level" else None, use_stream=device.type == "cuda",
-                exclude_modules=["vae"],
+                exclude_modules=[n for n in DECODERS if isinstance(getattr(pipe, n, None), torch.nn.Module)],
             )
         self.placement = placement
 
@@ -394,9 +394,10 @@ class DiffusersVideoModel:
         for i, denoiser in enumerate(denoisers):
             others = hooks + [h for j, h in enumerate(experts) if j != i]  # what must leave before it runs
             self._placement_hooks.append(denoiser.register_forward_pre_hook(_offloader(others)))
-        vae = getattr(pipe, "vae", None)
-        if isinstance(vae, torch.nn.Module):
-            vae.to(device)
+        for name in DECODERS:  # the VAE (and LTX-2's audio VAE and vocoder) stay, as the denoiser does
+            decoder = getattr(pipe, name, None)
+            if isinstance(decoder, torch.nn.Module):
+                decoder.to(device)
         pipe._all_hooks = [*hooks, *experts]  # remove_all_hooks() finds them there
 
     def _unplace(self) -> None:

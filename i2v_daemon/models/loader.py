@@ -33,6 +33,11 @@ FAMILIES: dict[str, str] = {
     "CogVideoXImageToVideoPipeline": "cogvideox",
     "SkyReelsV2ImageToVideoPipeline": "skyreels-v2",
     "HunyuanVideoImageToVideoPipeline": "hunyuanvideo-i2v",
+    # LTX-2's diffusers folders are published as its text-to-video pipeline; its image-to-video pipeline
+    # loads the very same components (as LTX-Video's do).
+    "LTX2Pipeline": "ltx-2",
+    "LTX2ImageToVideoPipeline": "ltx-2",
+    "HunyuanVideo15ImageToVideoPipeline": "hunyuanvideo-1.5-i2v",
 }
 
 #: family name -> "module:Class" of its adapter; imported only when that family is loaded.
@@ -44,6 +49,8 @@ ADAPTERS: dict[str, str] = {
     "cogvideox": "i2v_daemon.models.cogvideox:CogVideoXModel",
     "skyreels-v2": "i2v_daemon.models.skyreels:SkyReelsV2Model",
     "hunyuanvideo-i2v": "i2v_daemon.models.hunyuan_video:HunyuanVideoI2VModel",
+    "ltx-2": "i2v_daemon.models.ltx2:LTX2Model",
+    "hunyuanvideo-1.5-i2v": "i2v_daemon.models.hunyuan_video15:HunyuanVideo15I2VModel",
 }
 
 #: `_class_name` -> "module:Class" of the adapter that runs it, where not its family's own (same limits, another call).
@@ -54,6 +61,10 @@ PIPELINE_ADAPTERS: dict[str, str] = {"LTXConditionPipeline": "i2v_daemon.models.
 HALF_DTYPES: dict[str, str] = {
     "wan": "bfloat16", "ltx-video": "bfloat16", "cogvideox": "bfloat16", "skyreels-v2": "bfloat16",
     "hunyuanvideo-i2v": "bfloat16",  # its Llama-3 encoder too; the model card's example loads them in fp16
+    "ltx-2": "bfloat16",  # its Gemma-3 encoder too, as diffusers' LTX-2 examples load it
+    # Tencent's own generate.py runs the transformer in bf16 (its Qwen2.5-VL encoder too); the diffusers
+    # example loads the pipeline in fp16.
+    "hunyuanvideo-1.5-i2v": "bfloat16",
 }
 
 DTYPES = ("float16", "bfloat16", "float32")

@@ -11,7 +11,8 @@ is slower than the one before it; none changes a pixel of the video):
 - `group_offload`: the denoiser's blocks stream through the GPU one at a time, the next one copied
   while the current one runs (diffusers' block-level group offloading, CUDA streams, pinned memory);
   every other component as in `model_offload`.
-- `group_offload_leaf`: the same at the level of single layers: the smallest footprint, the slowest.
+- `group_offload_leaf`: the same at the level of single layers, the encoders' too: the smallest footprint,
+  the slowest.
 
 Then, where the user allows it (`weights = "fp8"`, or `allow_fp8_fallback`), the same list again with
 the denoiser stored in fp8 (diffusers' layerwise casting; computed in bf16/fp16): the output
@@ -50,6 +51,9 @@ class Weights:
     largest_block: int  # the largest repeated block of any denoiser
     largest_leaf: int  # the largest single layer of any denoiser
     castable: list[int] = field(default_factory=list)  # per denoiser: bytes layerwise casting stores in fp8
+    #: The largest single layer of any encoder: leaf-level group offloading streams the encoders layer by layer
+    #: too (block-level moves a transformers encoder whole: it has no block list at its top). 0: unknown.
+    encoder_leaf: int = 0
 
     @property
     def total(self) -> int:
@@ -96,7 +100,7 @@ def _fp8(weights: Weights) -> Weights:
     return Weights(
         encoders=weights.encoders, denoisers=halved, vae=weights.vae,
         denoiser_rest=int(weights.denoiser_rest * ratio), largest_block=int(weights.largest_block * ratio),
-        largest_leaf=weights.largest_leaf // 2, castable=[0] * len(halved),
+        largest_leaf=weights.largest_leaf // 2, castable=[0] * len(halved), encoder_leaf=weights.encoder_leaf,
     )
 
 
@@ -124,7 +128,10 @@ def predict(placement: str, weights: Weights, costs: Costs, *, fp8: bool = False
     if placement in ("group_offload", "group_offload_leaf"):
         unit = weights.largest_block if placement == "group_offload" else weights.largest_leaf
         streamed = weights.denoiser_rest + GROUP_BLOCKS_RESIDENT * unit
-        peak = max(biggest_enc + ENCODE_ACTIVATION_BYTES, streamed + denoise, vae + decode)
+        encoding = biggest_enc
+        if placement == "group_offload_leaf" and weights.encoder_leaf:  # the encoders stream layer by layer too
+            encoding = min(biggest_enc, GROUP_BLOCKS_RESIDENT * weights.encoder_leaf)
+        peak = max(encoding + ENCODE_ACTIVATION_BYTES, streamed + denoise, vae + decode)
         return peak, streamed, weights.total
     raise ValueError(f"unknown placement {placement!r}")
 

@@ -72,6 +72,7 @@ def weights_of(components: dict[str, sizing.ComponentSize]) -> placement.Weights
         largest_block=max((c.largest_block_bytes for c in denoisers), default=0),
         largest_leaf=max((c.largest_leaf_bytes for c in denoisers), default=0),
         castable=[c.castable_bytes for c in denoisers],
+        encoder_leaf=max((c.largest_leaf_bytes for c in components.values() if c.role == "encoder"), default=0),
     )
 
 

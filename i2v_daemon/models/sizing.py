@@ -29,8 +29,13 @@ from i2v_daemon.errors import ConfigError, first_line
 from i2v_daemon.models.loader import read_model_index
 from i2v_daemon.models.precision import DENOISERS
 
-#: Components that run once per job, before denoising.
-ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder")
+#: Components that run once per job, before denoising (LTX-2's `connectors` turn its Gemma-3 hidden states
+#: into the transformer's prompt tokens, once per job, right after the text encoder).
+ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder", "connectors")
+#: Components that run once per job, after denoising: the VAE, and LTX-2's audio VAE and vocoder (it
+#: always decodes the audio it denoised alongside the video; the daemon keeps only the frames). They
+#: stay on the device as the VAE does, and count as the VAE's bytes.
+DECODERS = ("vae", "audio_vae", "vocoder")
 #: Submodule lists that hold a denoiser's repeated blocks (what group offloading moves one at a time).
 BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks", "down_blocks", "up_blocks", "mid_block")
 
@@ -110,7 +115,7 @@ def _role(name: str) -> str | None:
         return "denoiser"
     if name in ENCODERS:
         return "encoder"
-    if name == "vae":
+    if name in DECODERS:
         return "vae"
     return None
 
@@ -134,8 +139,16 @@ def _build(library: str, class_name: str, sub: Path, dtype: torch.dtype) -> Any:
         config = transformers.AutoConfig.from_pretrained(sub)
         with torch.device("meta"):
             module = cls._from_config(config)
-    else:
-        raise ConfigError(f"{sub}: a component from {library!r}, which i2v-daemon cannot size")
+    else:  # a module of a diffusers pipeline package ("ltx2": LTX-2's connectors and vocoder)
+        try:
+            package = importlib.import_module(f"diffusers.pipelines.{library}")
+        except ImportError:
+            package = None
+        cls = getattr(package, class_name, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ConfigError(f"{sub}: a component from {library!r}, which i2v-daemon cannot size")
+        with torch.device("meta"):
+            module = cls.from_config(cls.load_config(sub))
     # A few parameters are made with legacy constructors that ignore the default device (SVD's
     # mix_factor): moved too, so every tensor of the replay is on meta.
     return module.to(device="meta", dtype=dtype).eval()
@@ -196,7 +209,7 @@ def _scheduler(library: str, class_name: str, sub: Path) -> Any:
     return cls.from_config(cls.load_config(sub))
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=16)  # meta tensors hold no storage: every model a test run or a doctor plans, kept
 def _meta_pipeline(folder: str, dtype: str, float32: tuple[str, ...]) -> MetaPipeline:
     import diffusers
 

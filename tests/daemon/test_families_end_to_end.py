@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 #: The config's names for the tiny models -> their families.
 MODELS = {"svd": "svd", "wan": "wan", "ltx": "ltx-video", "cog": "cogvideox", "sky": "skyreels-v2",
-          "ltxc": "ltx-video", "hy": "hunyuanvideo-i2v"}
+          "ltxc": "ltx-video", "hy": "hunyuanvideo-i2v", "ltx2": "ltx-2", "hy15": "hunyuanvideo-1.5-i2v"}
 #: Names whose tiny build is not their family's first one (tests/fixtures_models.py TINY_VARIANTS).
 BUILDS = {"ltxc": "ltx-condition"}
 
@@ -50,15 +50,18 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
         "fox": {"prompt": "a fox runs", "model": "sky", "num_frames": 6},
         "elk": {"prompt": "an elk turns", "model": "ltxc", "fps": 12},
         "bee": {"prompt": "a bee lands", "model": "hy", "width": 100, "height": 70},
+        "ant": {"prompt": "an ant walks", "model": "ltx2", "fps": 12},
+        "yak": {"prompt": "a yak turns", "model": "hy15", "resolution": 128},
     }
     for stem, doc in jobs.items():
-        drop(stem, (".json", json.dumps(doc)))
+        drop(stem, (".json", json.dumps(doc)), size=(64, 96) if stem == "yak" else (96, 64))  # a portrait one
 
     family_env.cli("run", "--once", check=True)
 
     expected = {  # (width, height, frames, fps) the video has; the tiny preset asks for 4 frames at 4 fps
         "calm": (96, 64, 4, 4), "cat": (96, 64, 5, 4), "dog": (96, 64, 9, 8), "owl": (96, 64, 9, 4),
-        "fox": (96, 64, 5, 4), "elk": (96, 64, 9, 12), "bee": (96, 64, 5, 4),
+        "fox": (96, 64, 5, 4), "elk": (96, 64, 9, 12), "bee": (96, 64, 5, 4), "ant": (96, 64, 9, 12),
+        "yak": (64, 96, 5, 4),
     }
     docs = {}
     for stem, (w, h, frames, fps) in expected.items():
@@ -96,6 +99,12 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
     assert bee["effective"]["conditioning"]["true_cfg_scale"] == 1.0  # guidance embedded
     elk = docs["elk"]["effective"]["conditioning"]
     assert (elk["frame_rate"], elk["max_sequence_length"], elk["image_cond_noise_scale"]) == (12, 256, 0.025)
+    ant = docs["ant"]
+    assert ant["effective"]["conditioning"]["frame_rate"] == 12 and ant["effective"]["conditioning"]["stg_scale"] == 0
+    assert "ltx-2 also generates an audio track with the video; it was not kept (the video is silent)" in ant["notes"]
+    assert "hunyuanvideo-1.5-i2v makes the sizes of its 80×80-pixel buckets: 64×96 for this image; resolution 128 " \
+           "was not used" in docs["yak"]["notes"]
+    assert docs["yak"]["effective"]["conditioning"] == {"guidance_scale": 2.0}  # the tiny preset's, in its guider
     by_name = {j["name"]: j for j in family_env.status()["jobs"]}
     assert {n: by_name[n]["num_frames"] for n in expected} == {n: e[2] for n, e in expected.items()}
 
@@ -103,10 +112,12 @@ def test_each_family_makes_its_video_with_its_own_frame_count_and_size_and_notes
 def test_requests_a_family_cannot_honour_fail_with_what_to_ask_for_and_the_daemon_keeps_serving(family_env, drop):
     jobs = {
         "cogsize": ({"model": "cog", "width": 128, "height": 128}, "cogvideox makes only 96×64 videos"),
+        "hysize": ({"model": "hy15", "width": 128, "height": 128},
+                   "hunyuanvideo-1.5-i2v makes only the sizes of its 80×80-pixel buckets"),
         "coglong": ({"model": "cog", "num_frames": 20}, "num_frames 20 is more than cogvideox can make (at most 9)"),
         "svdlora": ({"model": "svd", "lora": "style"}, "svd cannot apply a LoRA"),
-        "nomodel": ({"model": "nope"},
-                    "model 'nope' is not one the config allows; use one of cog, default, hy, ltx, ltxc, sky, svd, wan"),
+        "nomodel": ({"model": "nope"}, "model 'nope' is not one the config allows; use one of cog, default, hy, hy15, "
+                                       "ltx, ltx2, ltxc, sky, svd, wan"),
         "escape": ({"model": "wan", "lora": "evil"}, "evil.safetensors is a link that leads outside"),
         "absent": ({"model": "wan", "lora": "other"}, "there is no other.safetensors in"),
     }

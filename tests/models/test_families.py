@@ -20,7 +20,8 @@ from i2v_daemon.work.generate import plan_rungs
 from tests.fixtures_models import TINY_FAMILIES, TINY_PIPELINES
 
 #: What each tiny family makes when asked for 4 frames at resolution 64 from a 96×64 image.
-PLANNED_FRAMES = {"svd": 4, "wan": 5, "ltx-video": 9, "cogvideox": 9, "skyreels-v2": 5, "hunyuanvideo-i2v": 5}
+PLANNED_FRAMES = {"svd": 4, "wan": 5, "ltx-video": 9, "cogvideox": 9, "skyreels-v2": 5, "hunyuanvideo-i2v": 5,
+                  "ltx-2": 9, "hunyuanvideo-1.5-i2v": 5}
 
 
 def request_for(model, **changes: object) -> GenerationRequest:
@@ -53,9 +54,10 @@ def test_each_family_is_detected_from_the_class_name_in_its_model_index(family, 
 
 
 def test_auto_dtype_on_a_gpu_is_bfloat16_for_the_t5_families_and_float16_for_the_unet_ones():
-    families = ("i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v")
+    families = ("i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v", "ltx-2",
+                "hunyuanvideo-1.5-i2v")
     assert [resolve_dtype("auto", "cuda", f) for f in families] == [
-        "float16", "float16", "bfloat16", "bfloat16", "bfloat16", "bfloat16", "bfloat16"]
+        "float16", "float16", "bfloat16", "bfloat16", "bfloat16", "bfloat16", "bfloat16", "bfloat16", "bfloat16"]
     assert resolve_dtype("auto", "cpu", "wan") == "float32"
 
 
@@ -77,16 +79,20 @@ def test_more_frames_than_a_family_can_make_is_refused_rather_than_cut():
 def test_each_tiny_family_reports_the_limits_of_its_released_architecture(tiny_family_models):
     infos = {f: tiny_family_models(f).info for f in TINY_FAMILIES}
     assert {f: i.size_multiple for f, i in infos.items()} == {
-        "svd": 16, "wan": 16, "ltx-video": 32, "cogvideox": 16, "skyreels-v2": 16, "hunyuanvideo-i2v": 16}
+        "svd": 16, "wan": 16, "ltx-video": 32, "cogvideox": 16, "skyreels-v2": 16, "hunyuanvideo-i2v": 16,
+        "ltx-2": 32, "hunyuanvideo-1.5-i2v": 16}
     assert {f: i.frame_step for f, i in infos.items()} == {
-        "svd": 1, "wan": 4, "ltx-video": 8, "cogvideox": 8, "skyreels-v2": 4, "hunyuanvideo-i2v": 4}
+        "svd": 1, "wan": 4, "ltx-video": 8, "cogvideox": 8, "skyreels-v2": 4, "hunyuanvideo-i2v": 4, "ltx-2": 8,
+        "hunyuanvideo-1.5-i2v": 4}
     assert {f: i.max_prompt_tokens for f, i in infos.items()} == {
-        "svd": None, "wan": 512, "ltx-video": 128, "cogvideox": 16, "skyreels-v2": 512, "hunyuanvideo-i2v": 256}
+        "svd": None, "wan": 512, "ltx-video": 128, "cogvideox": 16, "skyreels-v2": 512, "hunyuanvideo-i2v": 256,
+        "ltx-2": 1024, "hunyuanvideo-1.5-i2v": 1000}
     assert {f: i.native_fps for f, i in infos.items() if i.native_fps} == {
-        "wan": 16, "cogvideox": 8, "skyreels-v2": 24, "hunyuanvideo-i2v": 24}
+        "wan": 16, "cogvideox": 8, "skyreels-v2": 24, "hunyuanvideo-i2v": 24, "hunyuanvideo-1.5-i2v": 24}
+    assert [f for f, i in infos.items() if i.fps_conditioning] == ["svd", "ltx-video", "ltx-2"]
     assert not infos["svd"].takes_prompt and infos["svd"].motion
     assert [f for f, i in infos.items() if i.lora] == [
-        "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v"]
+        "wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v", "ltx-2"]
     assert infos["cogvideox"].fixed_size == (96, 64) and infos["cogvideox"].max_frames == 9
     assert infos["svd"].savers == ("vae_slicing", "forward_chunking")  # its VAE "slices" by decoding fewer frames
 
@@ -130,7 +136,8 @@ def test_svd_maps_motion_onto_its_buckets_takes_no_prompt_and_ramps_guidance(tin
     assert not np.array_equal(calm, lively)  # the bucket reaches the UNet
 
 
-@pytest.mark.parametrize("family", ["wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v"])
+@pytest.mark.parametrize("family", ["wan", "ltx-video", "cogvideox", "skyreels-v2", "hunyuanvideo-i2v", "ltx-2",
+                                    "hunyuanvideo-1.5-i2v"])
 def test_families_without_a_motion_knob_say_that_motion_was_not_used(family, tiny_family_models):
     model = tiny_family_models(family)
     notes = model.plan_conditioning(request_for(model, motion=0.7)).notes
@@ -189,7 +196,8 @@ def test_each_familys_savers_apply_for_one_call_and_are_undone_after(family_mode
     assert savers and "cpu_offload" not in family_model.info.savers  # only useful on a GPU
     pipe = family_model.pipeline
     own = (getattr(pipe.vae, "use_slicing", False), getattr(pipe.vae, "use_tiling", False))
-    assert own == (False, family_model.info.family == "hunyuanvideo-i2v")  # its model card decodes tiled
+    tiled = family_model.info.family in ("hunyuanvideo-i2v", "hunyuanvideo-1.5-i2v")  # their model cards decode so
+    assert own == (False, tiled)
     frames = family_model.generate(request_for(family_model, savers=savers), _ignore)
     assert frames.shape[0] == PLANNED_FRAMES[family_model.info.family]
     assert (getattr(pipe.vae, "use_slicing", False), getattr(pipe.vae, "use_tiling", False)) == own
@@ -443,6 +451,125 @@ def test_hunyuanvideo_i2v_33ch_runs_true_guidance_and_makes_the_planned_frames(t
     assert frames.shape == (5, 64, 96, 3)
 
 
+def test_ltx2_denoises_an_audio_track_with_the_video_and_keeps_only_the_frames(tiny_family_models):
+    from i2v_daemon.models.ltx2 import AUDIO_NOTE, NO_AV_NOTE, have_pyav
+
+    ltx2 = tiny_family_models("ltx-2")
+    pipe = ltx2.pipeline
+    plan = ltx2.plan_conditioning(request_for(ltx2, fps=12, guidance_scale=4.0))
+    values = plan.values
+    assert (values["frame_rate"], values["guidance_scale"], values["audio_guidance_scale"]) == (12, 4.0, 4.0)
+    # LTX-2.0's recipe: guidance alone (no spatio-temporal or modality pass), each modality's own sigma
+    assert (values["stg_scale"], values["modality_scale"], values["use_cross_timestep"]) == (0.0, 1.0, False)
+    assert AUDIO_NOTE in plan.notes
+    assert (NO_AV_NOTE in plan.notes) == (values.get("image_crf") == 0) == (not have_pyav())
+    calls: list = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: calls.append((kwargs["hidden_states"].shape[0], kwargs["audio_hidden_states"].shape,
+                                             kwargs["timestep"].clone(), kwargs["fps"])), with_kwargs=True)
+    waveforms: list = []
+    vocoder = pipe.vocoder.register_forward_hook(lambda _m, _a, out: waveforms.append(out.shape))
+    try:
+        frames = ltx2.generate(request_for(ltx2, steps=3, fps=12, guidance_scale=4.0), _ignore)
+    finally:
+        hook.remove()
+        vocoder.remove()
+    assert frames.shape == (9, 64, 96, 3)
+    assert [batch for batch, *_ in calls] == [2, 2, 2]  # one pass a step, the unconditional half batched in
+    # 9 frames at 12 fps are 0.75 s of audio: 19 latent audio frames (16 kHz, hop 160, 4× compressed), denoised too
+    assert all(audio[:2] == (2, 19) for _, audio, _, _ in calls)
+    first = (64 // 32) * (96 // 32)  # tokens of the first latent frame: the image's, clean at every step
+    assert all((t[:, :first] == 0).all() and (t[:, first:] > 0).all() for _, _, t, _ in calls)
+    assert {fps for *_, fps in calls} == {12.0}  # the frame rate reaches its positions
+    assert len(waveforms) == 1  # the pipeline made the waveform; the daemon took the frames only
+    darker = request_for(ltx2, image=Image.fromarray((np.asarray(request_for(ltx2).image) // 2).astype(np.uint8)))
+    assert not np.array_equal(ltx2.generate(replace(darker, steps=3, fps=12, guidance_scale=4.0), _ignore), frames)
+
+
+def test_ltx2_published_as_its_text_to_video_pipeline_runs_as_image_to_video(tiny_family_dirs, tmp_path: Path):
+    import json
+    import shutil
+
+    from i2v_daemon.models.loader import load_model
+
+    folder = shutil.copytree(tiny_family_dirs("ltx-2"), tmp_path / "ltx-2")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "LTX2Pipeline"}))  # as released
+    assert detect_family(str(folder)) == "ltx-2"
+    ltx2 = load_model(str(folder), device="cpu", dtype="float32")
+    try:
+        assert type(ltx2.pipeline).__name__ == "LTX2ImageToVideoPipeline"
+        assert ltx2.generate(request_for(ltx2), _ignore).shape == (9, 64, 96, 3)
+    finally:
+        ltx2.close()
+
+
+def test_a_lora_reaches_ltx2s_transformer_at_its_scale_and_is_off_for_the_next_job(tiny_family_dirs, tmp_path: Path):
+    from i2v_daemon.models.loader import load_model
+    from i2v_daemon.models.testing.tiny import build_tiny_lora
+
+    path = build_tiny_lora(tiny_family_dirs("ltx-2"), tmp_path / "style.safetensors")
+    ltx2 = load_model(str(tiny_family_dirs("ltx-2")), device="cpu", dtype="float32")
+    try:
+        lora = LoraChoice("style", str(path), 1.0)
+        plain = ltx2.generate(request_for(ltx2), _ignore)
+        assert not np.array_equal(ltx2.generate(request_for(ltx2, lora=lora), _ignore), plain)
+        assert np.array_equal(ltx2.generate(request_for(ltx2, lora=replace(lora, scale=0.0)), _ignore), plain)
+        assert np.array_equal(ltx2.generate(request_for(ltx2), _ignore), plain)
+    finally:
+        ltx2.close()
+
+
+def test_hunyuanvideo_15_makes_the_size_its_pipeline_picks_for_the_images_shape(tiny_family_models):
+    hy = tiny_family_models("hunyuanvideo-1.5-i2v")
+    assert hy.pipeline.target_size == 80  # the tiny build's buckets hold about 80×80 pixels (the 480p release: 640)
+    square = hy.plan_size((100, 100), 64, None, None)
+    assert (square.width, square.height) == (80, 80)
+    assert square.notes == ("hunyuanvideo-1.5-i2v makes the sizes of its 80×80-pixel buckets: 80×80 for this image; "
+                            "resolution 64 was not used",)
+    wide = hy.plan_size((160, 90), 64, None, None)
+    assert (wide.width, wide.height) == (96, 64)
+    assert wide.notes == ("the image (160×90) will be center-cropped to fit 96×64",)
+    assert hy.plan_size((96, 64), 64, 96, 64).notes == ()  # one of its sizes, asked for
+    with pytest.raises(InputError, match=r"makes only the sizes of its 80×80-pixel buckets, one for each image shape, "
+                                         r"which its pipeline picks itself: not 128×128; remove 'width' and 'height', "
+                                         r"or set them to 96 and 64"):
+        hy.plan_size((96, 64), 64, 128, 128)
+    assert {(r.width, r.height) for r in plan_rungs(hy, 96, 64, [48, 32])} == {(96, 64)}  # no smaller size to step to
+    portrait = hy.plan_size((64, 96), 64, None, None)
+    assert (portrait.width, portrait.height) == (64, 96)
+    tall = Image.fromarray(np.linspace(0, 255, 96 * 64 * 3).reshape(96, 64, 3).astype(np.uint8))
+    frames = hy.generate(request_for(hy, image=tall, width=64, height=96), _ignore)
+    assert frames.shape == (5, 96, 64, 3)  # the pipeline kept the planned size
+    with pytest.raises(ValueError, match=r"is not a size hunyuanvideo-1\.5-i2v makes; use plan_size"):
+        hy.generate(request_for(hy, width=128, height=64), _ignore)
+
+
+def test_hunyuanvideo_15_guides_at_the_jobs_scale_and_reads_quoted_text_with_byt5(tiny_family_models):
+    hy = tiny_family_models("hunyuanvideo-1.5-i2v")
+    pipe = hy.pipeline
+    texts: list = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: texts.append(kwargs["encoder_hidden_states"].shape), with_kwargs=True)
+    glyphs: list = []
+    byt5 = pipe.text_encoder_2.register_forward_hook(lambda *_: glyphs.append(1))
+    try:
+        guided = hy.generate(request_for(hy, steps=2, guidance_scale=4.0), _ignore)
+        assert len(texts) == 4 and glyphs == []  # a conditional and an unconditional pass a step; nothing quoted
+        assert texts[0][1] == 1000  # Qwen2.5-VL's 1000 tokens after the system message the pipeline cuts off
+        texts.clear()
+        plain = hy.generate(request_for(hy, steps=2, guidance_scale=1.0), _ignore)
+        assert len(texts) == 2  # guidance 1: one pass a step
+        hy.generate(request_for(hy, steps=2, prompt='a cat turns its head to a sign saying "hello"'), _ignore)
+    finally:
+        hook.remove()
+        byt5.remove()
+    assert glyphs == [1]  # the quoted text, read by byT5 once (the negative prompt quotes nothing)
+    assert not np.array_equal(guided, plain)
+    assert pipe.guider.guidance_scale == 6.0  # the released scale is back in its guider
+    assert hy.prompt_tokens("a cat") == 2 + 5  # the words, and the template's closing tokens the model reads
+
+
 def test_skyreels_v2_in_half_precision_keeps_its_vae_in_float32_and_runs(tiny_family_dirs):
     import torch
 
@@ -499,7 +626,8 @@ def test_each_family_offers_the_schedulers_its_noise_schedule_supports(tiny_fami
     offered = {f: tiny_family_models(f).info.schedulers for f in TINY_FAMILIES}
     assert offered == {"svd": ("euler",), "wan": ("dpm++", "unipc"), "ltx-video": ("flow-match-euler",),
                        "cogvideox": ("ddim", "dpm++"), "skyreels-v2": ("dpm++", "unipc"),
-                       "hunyuanvideo-i2v": ("flow-match-euler",)}
+                       "hunyuanvideo-i2v": ("flow-match-euler",), "ltx-2": ("flow-match-euler",),
+                       "hunyuanvideo-1.5-i2v": ("flow-match-euler",)}
     for family in ("wan", "cogvideox", "skyreels-v2"):
         model = tiny_family_models(family)
         default = model.generate(request_for(model), _ignore)

@@ -33,6 +33,9 @@ MODEL_CARD_SIZES = {
     "cogvideox-5b-i2v": (720, 480, 49),
     "skyreels-v2-i2v-14b-540p": (960, 544, 97),  # its pipeline's defaults and the 540P model card
     "hunyuanvideo-i2v": (1280, 720, 129),  # its pipeline's defaults (720p, 129 frames, as Tencent's card)
+    "ltx-2": (768, 512, 121),  # its pipeline's defaults and diffusers' LTX-2 examples
+    # 121 frames: its pipeline's default; 848×480: the 480p bucket its pipeline picks for a 16:9 image
+    "hunyuanvideo-1.5-i2v": (848, 480, 121),
 }
 
 
@@ -116,6 +119,46 @@ def test_with_cudnn_autotuning_each_phase_counts_the_workspace_cap_the_daemon_se
     assert plan("i2vgen-xl", 24, autotune=True).costs.workspace == 256 * 2**20
 
 
+def test_ltx2_counts_its_audio_parts_and_streams_its_gemma_encoder_layer_by_layer_on_a_24_gib_card():
+    result = plan("ltx-2", 24)
+    roles = {name: c.role for name, c in result.components.items()}
+    assert roles == {"text_encoder": "encoder", "connectors": "encoder", "transformer": "denoiser", "vae": "vae",
+                     "audio_vae": "vae", "vocoder": "vae"}
+    weights = planner.weights_of(result.components)
+    c = result.components
+    assert weights.vae == c["vae"].bytes + c["audio_vae"].bytes + c["vocoder"].bytes  # they stay with the VAE
+    assert sorted(weights.encoders) == sorted([c["text_encoder"].bytes, c["connectors"].bytes])
+    assert sum(x.bytes for x in c.values()) / GIB == pytest.approx(63.0, abs=0.1)  # SOURCES.md's parameter counts
+    # Gemma-3-12B alone is 22.7 GiB: block-level offloading moves a transformers encoder whole, so only the
+    # leaf-level placement, which streams it layer by layer too, fits.
+    by_name = {p.name: p for p in result.predictions}
+    assert not by_name["group_offload"].fits and by_name["group_offload"].peak_bytes > c["text_encoder"].bytes
+    assert result.chosen is not None and result.chosen.placement == "group_offload_leaf"
+    assert weights.encoder_leaf < 2 * GIB  # its largest layer: the 262,144 × 3840 token embedding
+
+
+def test_a_streamed_denoiser_keeps_its_whole_rest_and_its_encoder_streams_at_leaf_level():
+    result = plan("hunyuanvideo-i2v", 16)
+    transformer = result.components["transformer"]
+    # 20 double blocks and 40 lighter single ones: the largest block times 60 is more than the whole transformer
+    assert transformer.blocks == 60 and transformer.largest_block_bytes * transformer.blocks > transformer.bytes
+    assert planner.weights_of(result.components).denoiser_rest == transformer.bytes - transformer.blocks_bytes > 0
+    leaf = next(p for p in result.predictions if p.name == "group_offload_leaf")
+    assert leaf.peak_bytes > result.costs.denoise  # never below its own step's activations
+    # LLaVA-Llama-3 (15.6 GiB) moves whole at block level; at leaf level it streams too, and only that fits
+    assert result.chosen is not None and result.chosen.placement == "group_offload_leaf"
+
+
+def test_hunyuanvideo_15_is_planned_at_its_own_bucket_and_refuses_a_size_it_does_not_make():
+    from i2v_daemon.errors import InputError
+
+    result = planner.plan(str(CONFIGS / "hunyuanvideo-1.5-i2v"), budget_bytes=24 * GIB, num_frames=121)
+    assert (result.width, result.height) == (848, 480)  # for the default 16:9 image, whatever the resolution
+    assert any("resolution 512 was not used" in n for n in result.notes)
+    with pytest.raises(InputError, match="makes only the sizes of its 640×640-pixel buckets"):
+        plan("hunyuanvideo-1.5-i2v", 24, width=832, height=480)
+
+
 def test_fp8_comes_after_every_exact_placement_and_stores_the_denoiser_in_half_the_bytes():
     exact = plan("wan2.1-i2v-14b-480p", 24)
     both = plan("wan2.1-i2v-14b-480p", 24, allow_fp8_fallback=True)
@@ -171,3 +214,8 @@ def test_plan_exits_1_when_nothing_fits_and_78_for_a_question_it_cannot_answer(t
     assert no_card.returncode == 78 and "--vram-gib" in no_card.stderr
     missing = cli("--model", str(tmp_path / "nope"), "--vram-gib", "24", cwd=tmp_path)
     assert missing.returncode == 78 and "does not exist" in missing.stderr
+    # A size the model never makes is what a job would be refused with, said before any replay
+    other = cli("--model", str(CONFIGS / "hunyuanvideo-1.5-i2v"), "--vram-gib", "24", "--width", "832", "--height",
+                "480", cwd=tmp_path)
+    assert other.returncode == 78, other.stderr[-2000:]
+    assert "picks itself: not 832×480; remove 'width' and 'height', or set them to 848 and 480" in other.stderr

@@ -1,10 +1,12 @@
 """Planned sizes, frames and steps are ones each family's own pipeline accepts: planned, then really called.
 
 Each diffusers pipeline checks height and width against a fixed multiple in its check_inputs
-(8 for I2VGen-XL, SVD and CogVideoX, 16 for Wan, 32 for LTX-Video) whatever its config says, so
-a build whose VAE and patches give a smaller step (the two variants below) used to plan sizes
-the pipeline refused with a ValueError. Every call here runs the real pipeline for one step
-(two for LTX-Video, whose scheduler cannot take one).
+(8 for I2VGen-XL, SVD and CogVideoX, 16 for Wan, 32 for LTX-Video and LTX-2) whatever its config
+says, so a build whose VAE and patches give a smaller step (the two variants below) used to plan
+sizes the pipeline refused with a ValueError. (HunyuanVideo 1.5's pipeline takes no size: it picks
+a bucket from the image, and a planned size it did not keep would fail the shape check here.) Every
+call here runs the real pipeline for one step (two for LTX-Video and LTX-2, whose scheduler cannot
+take one).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ IMAGES = [(96, 64), (64, 96), (100, 100), (160, 90), (300, 100)]
 RESOLUTIONS = [48, 80]
 #: What the pipelines' own check_inputs demand.
 PIPELINE_MULTIPLE = {"i2vgen-xl": 8, "svd": 8, "wan": 16, "ltx-video": 32, "cogvideox": 8, "skyreels-v2": 16,
-                     "hunyuanvideo-i2v": 16}
+                     "hunyuanvideo-i2v": 16, "ltx-2": 32, "hunyuanvideo-1.5-i2v": 16}
 
 #: Builds whose config-derived size step is finer than their pipeline accepts.
 VARIANTS = {
@@ -81,7 +83,7 @@ def _run_planned(model, image_size: tuple[int, int], resolution: int, num_frames
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["i2vgen-xl", "svd", "wan", "ltx-video", "cogvideox", "skyreels-v2",
-                                  "hunyuanvideo-i2v", *VARIANTS])
+                                  "hunyuanvideo-i2v", "ltx-2", "hunyuanvideo-1.5-i2v", *VARIANTS])
 def test_every_planned_size_is_one_the_familys_pipeline_accepts(name, tiny_model, tiny_family_models,
                                                                   variant_models):
     model = _model(name, tiny_model, tiny_family_models, variant_models)

@@ -1,4 +1,4 @@
-"""Tiny random SVD, Wan, LTX-Video, CogVideoX and SkyReels-V2 pipelines, built in code for tests (see tiny.py).
+"""Tiny random pipelines of every family but I2VGen-XL, built in code for tests (see tiny.py).
 
 Each keeps its released model's down-sampling (so sizes and frame counts round as they do on the
 real weights) with a handful of channels, so a 96×64, 9-frame, 2-step job takes well under a
@@ -233,6 +233,18 @@ def _tiny_hunyuan_video_i2v(latent_concat: bool = False) -> Any:
     return tiny_hunyuan_video_i2v(latent_concat)
 
 
+def _tiny_ltx2() -> Any:
+    from i2v_daemon.models.testing.tiny_ltx2 import tiny_ltx2
+
+    return tiny_ltx2()
+
+
+def _tiny_hunyuan_video15_i2v() -> Any:
+    from i2v_daemon.models.testing.tiny_hunyuan import tiny_hunyuan_video15_i2v
+
+    return tiny_hunyuan_video15_i2v()
+
+
 #: family -> its tiny pipeline's builder (keyword options change its down-sampling, for planning tests).
 TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "svd": _tiny_svd,
@@ -241,4 +253,6 @@ TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "cogvideox": _tiny_cogvideox,
     "skyreels-v2": _tiny_skyreels_v2,
     "hunyuanvideo-i2v": _tiny_hunyuan_video_i2v,
+    "ltx-2": _tiny_ltx2,
+    "hunyuanvideo-1.5-i2v": _tiny_hunyuan_video15_i2v,
 }
