@@ -197,9 +197,11 @@ def _adopt_existing_loggers() -> None:
 
 #: Library warnings nobody running the daemon can act on, logged as the library's chatter (debug): a
 #: notice that a class we chose is deprecated upstream, or that a library uses the backend it has
-#: instead of one we do not need (torchvision).
+#: instead of one we do not need (torchvision), or diffusers' note on a cast with no module to keep in
+#: float32 (an empty list: nothing to act on; the meta-device plans cast every component).
 CHATTER = re.compile(
-    r"\bdeprecated\b|\bdeprecation\b|will be removed in|requires torchvision \(not installed\); falling back",
+    r"\bdeprecated\b|\bdeprecation\b|will be removed in|requires torchvision \(not installed\); falling back"
+    r"|that should be kept in float32: \[\]",
     re.IGNORECASE,
 )
 #: Python warning categories that are the same kind of notice.

@@ -284,14 +284,21 @@ logging.getLogger("transformers.utils.import_utils").warning(
     "compatibility. Install torchvision to use the default backend, or import `CLIPImageProcessorPil` directly to "
     "silence this warning.")
 warnings.warn("`resume_download` is deprecated", FutureWarning)
+logging.getLogger("diffusers.models.modeling_utils").warning(
+    "There are modules in AutoencoderKLHunyuanVideo15 that should be kept in float32: []. Casting directly with "
+    "`to()` can lead to inconsistent results; set `torch_dtype` in `from_pretrained()` instead to keep these "
+    "modules in float32.")
+logging.getLogger("diffusers.models.modeling_utils").warning(
+    "There are modules in AutoencoderKLWan that should be kept in float32: ['norm']. Casting directly with `to()`")
 logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
 """
 
 
 @pytest.mark.parametrize(("level", "expected"), [
-    ("info", [("Retrying in 1s [Retry 1/5].", "warning")]),
+    ("info", [("There are modules in AutoencoderKLWan", "warning"), ("Retrying in 1s [Retry 1/5].", "warning")]),
     ("debug", [("The I2VGenXLPipeline", "debug"), ("`CLIPImageProcessor` requires", "debug"),
-               ("`resume_download` is", "debug"), ("Retrying in 1s [Retry 1/5].", "warning")]),
+               ("`resume_download` is", "debug"), ("There are modules in AutoencoderKLHunyuanVideo15", "debug"),
+               ("There are modules in AutoencoderKLWan", "warning"), ("Retrying in 1s [Retry 1/5].", "warning")]),
 ])
 def test_a_librarys_deprecation_notices_and_fallbacks_it_is_fine_with_are_its_chatter_not_warnings(
     tmp_path: Path, level: str, expected: list[tuple[str, str]],
