@@ -65,7 +65,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             resolution=preset.resolution, width=args.width, height=args.height,
             ladder=list(settings.resolution_ladder), dtype=settings.dtype, weights=weights,
             allow_fp8_fallback=bool(getattr(settings, "allow_fp8_fallback", False)),
-            autotune=resolve_accelerate(settings.accelerate, "cuda"),  # planned for a GPU, as the daemon runs there
+            # planned for a GPU, as the daemon runs there; the fast path takes only the dtype's own weights
+            autotune=resolve_accelerate(settings.accelerate, "cuda") and weights == "auto",
         )
     except InputError as err:  # a size or length the model never makes: what a job would be refused with
         raise ConfigError(f"plan: {err}") from err

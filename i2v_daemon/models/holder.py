@@ -402,24 +402,25 @@ class ModelHolder:
             return planner.need(
                 str(folder), num_frames=params.num_frames, resolution=params.resolution, width=params.width,
                 height=params.height, image_size=image_size, ladder=ladder, dtype=self.dtype,
-                weights=weights.kind, margin=self.memory_margin, autotune=self._autotunes(device),
+                weights=weights.kind, margin=self.memory_margin, autotune=self._autotunes(device, weights.kind),
             )
         except I2VError as err:  # an unplannable job is left to the ladder, never failed by the plan
             get_logger().warning("need_not_planned", model=model_id, error=str(err))
             return None
 
-    def autotunes(self) -> bool:
+    def autotunes(self, weights: str = "auto") -> bool:
         """Whether cuDNN autotunes where this worker's jobs run (its workspace then counts in each plan)."""
         from i2v_daemon.models.loader import resolve_device
 
         try:
-            return self._autotunes(resolve_device(self.device))
+            return self._autotunes(resolve_device(self.device), weights)
         except I2VError:
             return False
 
-    def _autotunes(self, device: str) -> bool:
-        """cuDNN autotuning runs where the job does: the fast path on a GPU (models/accelerate.py)."""
-        return device.startswith("cuda") and resolve_accelerate(self.accelerate, device)
+    def _autotunes(self, device: str, weights: str) -> bool:
+        """cuDNN autotuning runs where the job does: the fast path on a GPU (models/accelerate.py), which
+        only a model with its own dtype's weights takes (adapter.enable_acceleration)."""
+        return device.startswith("cuda") and resolve_accelerate(self.accelerate, device) and weights == "auto"
 
     def _plan_placement(self, model_id: str, device: str, weights: Weights) -> dict[str, Any]:
         """Where the weights go, decided before they are loaded (models/planner.py), for the largest preset.
@@ -442,7 +443,7 @@ class ModelHolder:
                                 num_frames=shape.num_frames, dtype=self.dtype if device.startswith("cuda") else
                                 "float32", margin=self.memory_margin, weights=weights.kind,
                                 allow_fp8_fallback=self.allow_fp8_fallback and weights.kind == "auto",
-                                autotune=self._autotunes(device))
+                                autotune=self._autotunes(device, weights.kind))
         except I2VError as err:  # a plan that cannot be made costs the plan, never the model
             get_logger().warning("placement_not_planned", model=model_id, error=str(err))
             return {}

@@ -131,8 +131,10 @@ def predict(placement: str, weights: Weights, costs: Costs, *, fp8: bool = False
         encoding = biggest_enc
         if placement == "group_offload_leaf" and weights.encoder_leaf:  # the encoders stream layer by layer too
             encoding = min(biggest_enc, GROUP_BLOCKS_RESIDENT * weights.encoder_leaf)
-        peak = max(encoding + ENCODE_ACTIVATION_BYTES, streamed + denoise, vae + decode)
-        return peak, streamed, weights.total
+        # The decoders are left out of the streaming (adapter.DECODERS): diffusers keeps what it leaves
+        # out on the GPU for the whole job, so the VAE's weights are under every phase.
+        peak = vae + max(encoding + ENCODE_ACTIVATION_BYTES, streamed + denoise, decode)
+        return peak, streamed + vae, weights.total
     raise ValueError(f"unknown placement {placement!r}")
 
 

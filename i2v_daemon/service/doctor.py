@@ -414,7 +414,7 @@ def check_fit(settings: Settings) -> list[Check]:
                     str(folder), budget_bytes=budget, resolution=preset.resolution, num_frames=preset.num_frames,
                     ladder=list(settings.resolution_ladder), dtype=settings.dtype, weights=kind,
                     margin=settings.memory_margin, allow_fp8_fallback=settings.allow_fp8_fallback and kind == "auto",
-                    autotune=holder.autotunes())  # as the worker plans: on a GPU with the fast path
+                    autotune=holder.autotunes(kind))  # as the worker plans: on a GPU with the fast path
             except InputError as err:  # a size or frame count this family cannot honour: not this card's fault
                 said.append(f"{preset_name}: not for this model ({first_line(err)})")
             except Exception as err:  # one preset the model cannot plan says so; the others are still shown

@@ -219,3 +219,21 @@ def test_plan_exits_1_when_nothing_fits_and_78_for_a_question_it_cannot_answer(t
                 "480", cwd=tmp_path)
     assert other.returncode == 78, other.stderr[-2000:]
     assert "picks itself: not 832×480; remove 'width' and 'height', or set them to 848 and 480" in other.stderr
+
+
+def test_under_group_offloading_the_decoders_left_on_the_card_count_in_every_phase():
+    # diffusers keeps the modules group offloading leaves out (the VAE: adapter.DECODERS) on the GPU all job long
+    w = placement.Weights(encoders=[4 * GIB], denoisers=[10 * GIB], vae=3 * GIB, denoiser_rest=1 * GIB,
+                          largest_block=GIB // 2, largest_leaf=GIB // 8)
+    peak, resident, _ = placement.predict("group_offload", w, placement.Costs(denoise=6 * GIB, decode=GIB))
+    assert resident == 1 * GIB + 2 * (GIB // 2) + 3 * GIB  # the rest, two blocks in flight, the VAE
+    assert peak == resident + 6 * GIB  # the step runs with the VAE's weights beside it
+
+
+def test_weights_the_fast_path_does_not_take_are_planned_without_the_cudnn_workspace(tmp_path, monkeypatch):
+    from i2v_daemon.models.holder import ModelHolder
+
+    holder = ModelHolder(str(tmp_path), "cpu", "float32", accelerate="on")
+    assert holder._autotunes("cuda", "auto") and not holder._autotunes("cuda", "fp8")
+    assert not holder._autotunes("cuda", "gguf") and not holder._autotunes("cpu", "auto")
+    assert not ModelHolder(str(tmp_path), "cpu", "float32", accelerate="off")._autotunes("cuda", "auto")
