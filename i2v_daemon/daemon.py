@@ -24,7 +24,13 @@ from i2v_daemon.errors import ConfigError, DatabaseGone, EnvironmentProblem, Sto
 from i2v_daemon.intake.inbox import NETWORK_FS, ScanResult, Watcher, filesystem_type
 from i2v_daemon.intake.staging import Intake
 from i2v_daemon.logs import get_logger
-from i2v_daemon.models.gpu import ALLOC_CONF, CUDNN_WORKSPACE_VAR, configure_allocator, configure_cudnn_workspace
+from i2v_daemon.models.gpu import (
+    ALLOC_CONF,
+    CUDNN_WORKSPACE_MIB,
+    CUDNN_WORKSPACE_VAR,
+    configure_allocator,
+    configure_cudnn_workspace,
+)
 from i2v_daemon.models.holder import ModelHolder
 from i2v_daemon.models.loader import check_never_loads, check_weights
 from i2v_daemon.params import BUILTIN_PRESETS, NEEDS_LORA
@@ -131,9 +137,13 @@ def start(settings: Settings, *, once: bool = False) -> int:
         log.info("allocator_setting_kept", variable=theirs[0], value=theirs[1], instead_of=ALLOC_CONF,
                  why="the environment sets PyTorch's allocator, so the daemon leaves it as it is")
     cap = configure_cudnn_workspace()
-    if cap is not None:
+    if cap is not None and cap.strip().isdigit():
         log.info("cudnn_workspace_cap_kept", variable=CUDNN_WORKSPACE_VAR, value=cap,
                  why="the environment caps cuDNN's workspace, so the daemon counts that cap instead of its own")
+    elif cap is not None:
+        log.warning("cudnn_workspace_cap_unreadable", variable=CUDNN_WORKSPACE_VAR, value=cap,
+                    counted_mib=CUDNN_WORKSPACE_MIB,
+                    fix=f"set {CUDNN_WORKSPACE_VAR} to a whole number of MiB, or unset it")
     built: list[Daemon] = []
 
     def build() -> None:

@@ -198,11 +198,9 @@ def configure_cudnn_workspace() -> str | None:
 
 def cudnn_workspace_bytes() -> int:
     """The cap on one cuDNN workspace in effect here: the environment's, else the daemon's."""
-    try:
-        mib = int(os.environ.get(CUDNN_WORKSPACE_VAR) or CUDNN_WORKSPACE_MIB)
-    except ValueError:  # PyTorch ignores a value it cannot read: the daemon's figure is the best guess
-        mib = CUDNN_WORKSPACE_MIB
-    return max(0, mib) * 2**20
+    value = os.environ.get(CUDNN_WORKSPACE_VAR, "").strip()
+    # A value that is not a whole number of MiB (`run` warns of it): the daemon's own figure is the best guess.
+    return (int(value) if value.isdigit() else CUDNN_WORKSPACE_MIB) * 2**20
 
 
 @dataclass(frozen=True)

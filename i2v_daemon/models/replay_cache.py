@@ -15,14 +15,15 @@ costs only the speed: the replay runs as before, and the log says so at debug le
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from i2v_daemon.files import write_atomic
 from i2v_daemon.logs import get_logger
 
 CACHE_VAR = "I2V_REPLAY_CACHE"
@@ -37,7 +38,15 @@ def folder() -> Path | None:
         return None
     if chosen:
         return Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:  # a user without a home (HOME unset, no passwd entry): keep nothing rather than fail
+            home = Path.home()
+        except (RuntimeError, KeyError):
+            return None
+        if not home.is_absolute():
+            return None
+        base = str(home / ".cache")
     return Path(base) / "i2v-daemon" / "replays"
 
 
@@ -88,8 +97,14 @@ def put(cache_key: str, peaks: dict[str, int]) -> None:
     where = folder()
     if where is None:
         return
+    # A temp name of this writer's own: two processes (or threads) keeping the same answer never share one.
+    # No fsync: a file torn by a crash reads as damaged and is replayed.
+    tmp = where / f".{cache_key}.{os.getpid()}.{threading.get_ident()}.part"
     try:
         where.mkdir(parents=True, exist_ok=True)
-        write_atomic(where / f"{cache_key}.json", json.dumps(peaks).encode())
+        tmp.write_text(json.dumps(peaks))
+        os.replace(tmp, where / f"{cache_key}.json")
     except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         get_logger().debug("replay_not_kept", folder=str(where), error=str(err))

@@ -62,3 +62,16 @@ def test_the_default_folder_is_the_users_cache(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.delenv("I2V_REPLAY_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert replay_cache.folder() == tmp_path / "i2v-daemon" / "replays"
+
+
+def test_a_user_without_a_home_keeps_nothing_and_still_gets_an_answer(monkeypatch: pytest.MonkeyPatch,
+                                                                      tiny_i2vgen_dir: Path):
+    monkeypatch.delenv("I2V_REPLAY_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")  # Python 3.12+, HOME unset, no passwd entry
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert replay_cache.folder() is None
+    assert min(costs(tiny_i2vgen_dir)) > 0
